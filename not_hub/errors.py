@@ -1,0 +1,68 @@
+"""Every exception and warning not_hub raises.
+
+Each error subclasses both `NotHubError` (catch everything from this library) and the builtin a caller would
+naturally catch (`ValueError`, `FileNotFoundError`, ...), as huggingface_hub's `errors.py` does.
+Messages say what was passed, what is allowed, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .compatibility import CompatibilityReport
+
+
+class NotHubError(Exception):
+    """Base class of every error raised by not_hub."""
+
+
+class UnsupportedArchitectureError(NotHubError, ValueError):
+    """The model is not a decoder-only causal LM whose layer stack not_hub can find."""
+
+
+class InvalidLayerRangeError(NotHubError, ValueError):
+    """`layer_range=(start, stop)` does not fit the donor's layer stack."""
+
+
+class InvalidPositionError(NotHubError, ValueError):
+    """A transplant `position` is out of range or overlaps an organ already transplanted."""
+
+
+class InvalidModeError(NotHubError, ValueError):
+    """A transplant `mode` is not one of the supported modes."""
+
+
+class IncompatibleOrganError(NotHubError, ValueError):
+    """The organ's structural signature does not match the recipient's.
+
+    The full `CompatibilityReport` is available as `.report`.
+    """
+
+    def __init__(self, message: str, report: CompatibilityReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class CheckpointFormatError(NotHubError, ValueError):
+    """An organ checkpoint is malformed, of a newer format version, or not an organ at all."""
+
+
+class IntegrityError(NotHubError, ValueError):
+    """An organ checkpoint's bytes do not match the sha256 recorded when it was saved."""
+
+
+class OrganNotFoundError(NotHubError, FileNotFoundError):
+    """No organ checkpoint could be found at the given path, repo id or revision."""
+
+
+class TransplantStateError(NotHubError, RuntimeError):
+    """A transplant record was used in a state that does not allow it (e.g. explanted twice)."""
+
+
+class NotHubWarning(UserWarning):
+    """Base class of every warning emitted by not_hub."""
+
+
+class UnknownConfigKeyWarning(NotHubWarning):
+    """An organ config holds keys this version does not know (written by a newer not_hub); they are dropped."""

@@ -1,0 +1,102 @@
+"""Cutting an organ (k contiguous decoder layers) out of a donor causal LM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architectures import get_layer_stack, parameter_device_dtype, resolve_architecture
+from .compatibility import structural_signature
+from .configuration_organ import OrganConfig
+from .errors import InvalidLayerRangeError
+from .modeling_organ import OrganModel
+
+DEFAULT_ORGAN_LAYERS = 3
+
+
+def default_layer_range(num_layers: int, k: int = DEFAULT_ORGAN_LAYERS) -> tuple[int, int]:
+    """The paper's default organ: k layers starting at floor(L / 3)."""
+    start = num_layers // 3
+    return start, start + k
+
+
+def check_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
+    """Validate a half-open `(start, stop)` range against a stack of `num_layers` layers."""
+    try:
+        start, stop = (int(x) for x in layer_range)
+    except (TypeError, ValueError):
+        raise InvalidLayerRangeError(
+            f"layer_range={layer_range!r} is not a pair of integers; pass layer_range=(start, stop)"
+        ) from None
+    if not 0 <= start < stop <= num_layers:
+        raise InvalidLayerRangeError(
+            f"layer_range=({start}, {stop}) does not fit a {num_layers}-layer model; expected "
+            f"0 <= start < stop <= {num_layers} (half-open: layers start .. stop-1)"
+        )
+    return start, stop
+
+
+@torch.no_grad()
+def extract_organ(
+    model: nn.Module,
+    layer_range: tuple[int, int] | None = None,
+    *,
+    base_model: str | None = None,
+    revision: str | None = None,
+) -> OrganModel:
+    """Cut decoder layers `[start, stop)` out of a causal LM as an `OrganModel`.
+
+    The donor is left untouched: the organ is built with the donor family's own layer class and owns copies of
+    the weights, in the donor's dtype, on the CPU.
+
+    Args:
+        model: the donor, a transformers decoder-only causal LM (`AutoModelForCausalLM`).
+        layer_range: half-open `(start, stop)`; default 3 layers from floor(L/3) (the paper's default).
+        base_model: the donor's Hub repo id or path recorded in the organ (default: `model.name_or_path`).
+        revision: the donor's revision recorded in the organ.
+
+    Returns:
+        The organ, in eval mode.
+
+    Raises:
+        UnsupportedArchitectureError: the donor is not a decoder-only causal LM.
+        InvalidLayerRangeError: the range does not fit the donor.
+
+    Example:
+        ```python
+        >>> organ = not_hub.extract_organ(model, layer_range=(10, 13))
+        >>> organ.config.layer_range
+        (10, 13)
+        ```
+    """
+    spec = resolve_architecture(model)
+    stack = get_layer_stack(model, spec)
+    if layer_range is None:
+        if len(stack) < DEFAULT_ORGAN_LAYERS:
+            raise InvalidLayerRangeError(
+                f"the donor has {len(stack)} layers, fewer than the default organ's {DEFAULT_ORGAN_LAYERS}; "
+                "pass layer_range=(start, stop)"
+            )
+        layer_range = default_layer_range(len(stack))
+    start, stop = check_layer_range(layer_range, len(stack))
+    donor_config = model.config
+    _, dtype = parameter_device_dtype(stack[start])
+    config_dict = donor_config.to_dict()
+    config_dict.pop("transplants", None)  # an organ is the donor's own layers, whatever was grafted elsewhere
+    config_dict.pop("quantization_config", None)  # weights are stored dequantized
+    config = OrganConfig(
+        base_model=base_model or getattr(model, "name_or_path", None) or None,
+        base_model_revision=revision,
+        donor_model_type=donor_config.model_type,
+        donor_architectures=list(donor_config.architectures or [type(model).__name__]),
+        donor_config=config_dict,
+        donor_num_hidden_layers=len(stack),
+        layer_range=(start, stop),
+        architecture=spec.to_dict(),
+        signature=structural_signature(donor_config, stack[start]),
+    )
+    organ = OrganModel(config).to(dtype)
+    for i, index in enumerate(range(start, stop)):
+        state = {k: v.detach().to("cpu", copy=True) for k, v in stack[index].state_dict().items()}
+        organ.layers[i].load_state_dict(state, strict=True)
+    return organ.eval()

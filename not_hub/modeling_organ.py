@@ -1,0 +1,287 @@
+"""`OrganModel`: an organ's decoder layers as a transformers `PreTrainedModel`, saved as safetensors.
+
+A checkpoint is exactly three files: `config.json` (an `OrganConfig`), `model.safetensors` and `README.md` (the
+model card). Integrity is end to end: the config records a sha256 per tensor, and the safetensors header records
+the sha256 of the config, so a flipped byte in either file is caught on load, before any weight is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from .architectures import build_decoder_layer, import_decoder_layer_class
+from .configuration_organ import OrganConfig
+from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError
+from .integrity import config_sha256, tensor_sha256
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+# Key of the safetensors header entry holding the config's sha256.
+_CONFIG_HASH_KEY = "not_hub.config_sha256"
+
+
+class OrganModel(PreTrainedModel):
+    r"""k contiguous decoder layers of a donor model, built from the donor family's own layer class.
+
+    The layers keep their donor indices (`layer_idx = start .. stop-1`), so per-layer choices a family makes at
+    build time (e.g. Gemma's sliding/full attention alternation) are those of the donor's layers.
+
+    Create one with `not_hub.extract_organ(model)`, load one with `OrganModel.from_pretrained(path_or_repo_id)`,
+    and graft it with `organ.transplant_into(recipient)`.
+
+    Example:
+        ```python
+        >>> from transformers import AutoModelForCausalLM
+        >>> import not_hub
+        >>> donor = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        >>> organ = not_hub.extract_organ(donor)  # layers [10, 13)
+        >>> organ.save_pretrained("smollm2-organ")
+        >>> organ = not_hub.OrganModel.from_pretrained("smollm2-organ")
+        >>> record = organ.transplant_into(donor, position=4)
+        >>> record.explant()
+        ```
+    """
+
+    config_class = OrganConfig
+    base_model_prefix = "organ"
+    main_input_name = "hidden_states"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: OrganConfig):
+        super().__init__(config)
+        if config.layer_range is None or not config.signature:
+            raise CheckpointFormatError(
+                "OrganConfig has no layer_range or signature; create organs with not_hub.extract_organ(model) "
+                "or load them with OrganModel.from_pretrained(...)"
+            )
+        donor_config = config.donor_layer_config()
+        layer_cls = import_decoder_layer_class(config.signature["decoder_layer_class"])
+        start, stop = config.layer_range
+        self.layers = nn.ModuleList(build_decoder_layer(layer_cls, donor_config, i) for i in range(start, stop))
+        self._no_split_modules = [layer_cls.__name__]
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # An organ's weights always come from a donor or a checkpoint; nothing to initialise.
+        pass
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return tuple(self.config.layer_range)
+
+    def forward(self, hidden_states: torch.Tensor, *layer_args: Any, **layer_kwargs: Any) -> torch.Tensor:
+        """Run the organ's layers in order on `hidden_states` (B, T, C).
+
+        `layer_args` / `layer_kwargs` are what the donor family passes to each decoder layer (attention mask,
+        position embeddings, ...); `not_hub.capture_layer_inputs` records them from a host model.
+        """
+        for layer in self.layers:
+            out = layer(hidden_states, *layer_args, **layer_kwargs)
+            # Most families return the hidden states; a few (bloom, falcon) still return a tuple.
+            hidden_states = out[0] if isinstance(out, tuple) else out
+        return hidden_states
+
+    def check_compatibility(self, recipient: nn.Module):
+        """Compare this organ's structural signature with a recipient's, field by field.
+
+        Args:
+            recipient: a transformers causal LM (`AutoModelForCausalLM`).
+
+        Returns:
+            `CompatibilityReport`: every signature field with donor and recipient values and whether it blocks.
+            `report.compatible` is True when nothing blocks.
+
+        Raises:
+            UnsupportedArchitectureError: the recipient is not a decoder-only causal LM.
+        """
+        from .transplant import check_compatibility
+
+        return check_compatibility(self, recipient)
+
+    def transplant_into(self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
+        """Graft this organ into `recipient` in place; see `not_hub.transplant.transplant_into`."""
+        from .transplant import transplant_into
+
+        return transplant_into(self, recipient, position=position, mode=mode)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite_card: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Write `config.json`, `model.safetensors` and `README.md` into `save_directory`.
+
+        The per-tensor sha256 and the config's sha256 are recomputed on every save, and the card is regenerated
+        from the config (no stale numbers). A hand-written `README.md` (one without not_hub's marker) is kept
+        unless `overwrite_card=True`.
+
+        Args:
+            save_directory: folder to write into (created if needed).
+            overwrite_card: replace an existing hand-written README.md.
+
+        Returns:
+            The paths written.
+        """
+        if kwargs.pop("push_to_hub", False):
+            raise TypeError("use organ.push_to_hub(repo_id) to upload an organ")
+        for ignored in ("safe_serialization", "max_shard_size", "is_main_process", "state_dict"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
+        from .cards import CARD_MARKER, render_card
+
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        self.config.tensor_sha256 = {name: tensor_sha256(t) for name, t in sorted(state.items())}
+        self.config.dtype = next(iter(state.values())).dtype
+        config_text = self.config.to_json_string(use_diff=False)
+        config_hash = config_sha256(json.loads(config_text))
+
+        written = []
+        # Write to temporary names first, then rename: a crash never leaves a half-written checkpoint.
+        with tempfile.TemporaryDirectory(dir=save_directory) as tmp:
+            tmp = Path(tmp)
+            (tmp / CONFIG_NAME).write_text(config_text)
+            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", _CONFIG_HASH_KEY: config_hash})
+            names = [CONFIG_NAME, WEIGHTS_NAME]
+            card_path = save_directory / CARD_NAME
+            if overwrite_card or not card_path.exists() or CARD_MARKER in card_path.read_text(errors="replace"):
+                (tmp / CARD_NAME).write_text(render_card(self.config))
+                names.append(CARD_NAME)
+            else:
+                logger.info("keeping the hand-written %s (pass overwrite_card=True to regenerate it)", card_path)
+            for name in names:
+                os.replace(tmp / name, save_directory / name)
+                written.append(str(save_directory / name))
+        return written
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        verify_integrity: bool = True,
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> OrganModel:
+        """Load an organ from a local folder or a Hub repo id, strictly and with its integrity checked.
+
+        Args:
+            pretrained_model_name_or_path: a folder holding the three checkpoint files, or a Hub `repo_id`.
+            revision: the organ repo's branch, tag or commit sha (not the donor's revision, which the config
+                records as `base_model_revision`).
+            cache_dir: Hub cache folder (default: the huggingface_hub cache).
+            local_files_only: never touch the network; load from the cache.
+            token: Hub token for private repos.
+            verify_integrity: check every tensor's and the config's sha256 (default True).
+            dtype: cast the loaded weights (default: as saved).
+
+        Returns:
+            The `OrganModel`, in eval mode.
+
+        Raises:
+            OrganNotFoundError: no such folder, repo, revision or file (or offline without a cached copy).
+            CheckpointFormatError: not an organ, a newer format, missing or unexpected tensors.
+            IntegrityError: a tensor's or the config's bytes differ from what was saved.
+        """
+        for ignored in ("config", "_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_hash"):
+            kwargs.pop(ignored, None)
+        if model_args or kwargs:
+            raise TypeError(f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}")
+        from .hub import resolve_checkpoint
+
+        folder = resolve_checkpoint(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise OrganNotFoundError(
+                    f"{pretrained_model_name_or_path!s} has no {path.name}; an organ checkpoint holds "
+                    f"{', '.join(CHECKPOINT_FILES)} (written by OrganModel.save_pretrained)"
+                )
+        try:
+            raw_config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointFormatError(f"{config_path} is not valid JSON ({err})") from None
+        if raw_config.get("model_type") != OrganConfig.model_type:
+            raise CheckpointFormatError(
+                f"{pretrained_model_name_or_path!s} is not an organ: its config.json has "
+                f"model_type={raw_config.get('model_type')!r}, expected {OrganConfig.model_type!r}. Load models "
+                "with AutoModelForCausalLM and cut organs from them with not_hub.extract_organ(model)"
+            )
+        try:
+            with safe_open(weights_path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
+
+        config = OrganConfig.from_dict(raw_config)
+        expected = set(config.tensor_sha256)
+        if set(tensors) != expected:
+            missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise CheckpointFormatError(
+                f"{weights_path} does not hold the tensors its config lists: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        if verify_integrity:
+            recorded = metadata.get(_CONFIG_HASH_KEY)
+            if recorded != config_sha256(raw_config):
+                raise IntegrityError(
+                    f"{config_path} does not match the config saved with {weights_path.name} (sha256 "
+                    f"{recorded!s:.12}...): it was edited after saving. Re-save with OrganModel.save_pretrained, "
+                    "or pass verify_integrity=False to load it anyway"
+                )
+            for name, tensor in tensors.items():
+                if tensor_sha256(tensor) != config.tensor_sha256[name]:
+                    raise IntegrityError(
+                        f"tensor {name!r} in {weights_path} does not match its recorded sha256: the file was "
+                        "altered or corrupted. Download it again (or pass verify_integrity=False to load anyway)"
+                    )
+
+        model = cls(config)
+        result = model.load_state_dict(tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointFormatError(
+                f"{weights_path} does not fit the layers its config describes: missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys}"
+            )
+        if dtype is not None:
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        else:
+            model.to(next(iter(tensors.values())).dtype)
+        model.name_or_path = str(pretrained_model_name_or_path)
+        model.config.name_or_path = str(pretrained_model_name_or_path)
+        model.organ_revision = revision
+        return model.eval()

@@ -1,0 +1,29 @@
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over every tensor's name, shape, dtype and bytes, plus the config: "unchanged" means bit-identical."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(model.config.to_json_string().encode())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def hash_state():
+    return state_hash
