@@ -84,13 +84,24 @@ class OrganModel(PreTrainedModel):
     def layer_range(self) -> tuple[int, int]:
         return tuple(self.config.layer_range)
 
-    def forward(self, hidden_states: torch.Tensor, *layer_args: Any, **layer_kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *layer_args: Any,
+        layer_inputs: list[tuple[tuple, dict]] | None = None,
+        **layer_kwargs: Any,
+    ) -> torch.Tensor:
         """Run the organ's layers in order on `hidden_states` (B, T, C).
 
-        `layer_args` / `layer_kwargs` are what the donor family passes to each decoder layer (attention mask,
-        position embeddings, ...); `not_hub.capture_layer_inputs` records them from a host model.
+        The layers need what the donor family passes to each decoder layer besides the hidden state (attention
+        mask, position embeddings, ...): either the same `layer_args` / `layer_kwargs` for every layer, or one
+        `(args, kwargs)` per layer in `layer_inputs`, as recorded by `not_hub.capture_layer_inputs`.
         """
-        for layer in self.layers:
+        if layer_inputs is not None and len(layer_inputs) != len(self.layers):
+            raise ValueError(f"layer_inputs has {len(layer_inputs)} entries for an organ of {len(self.layers)} layers")
+        for i, layer in enumerate(self.layers):
+            if layer_inputs is not None:
+                layer_args, layer_kwargs = layer_inputs[i]
             out = layer(hidden_states, *layer_args, **layer_kwargs)
             # Most families return the hidden states; a few (bloom, falcon) still return a tuple.
             hidden_states = out[0] if isinstance(out, tuple) else out

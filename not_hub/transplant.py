@@ -328,24 +328,34 @@ def _attach_device_hook(layer: nn.Module, device: torch.device) -> None:
     add_hook_to_module(layer, AlignDevicesHook(execution_device=device, io_same_device=False))
 
 
-def capture_layer_inputs(model: nn.Module, layer_index: int, *model_args: Any, **model_kwargs: Any):
-    """Run `model` once and return `(hidden_states, args, kwargs)` passed to decoder layer `layer_index`.
+def capture_layer_inputs(model: nn.Module, layer_range: tuple[int, int], *model_args: Any, **model_kwargs: Any):
+    """Run `model` once and record what its decoder layers `[start, stop)` receive.
 
-    Useful to run an organ on a donor's hidden state: `organ(h, *args, **kwargs)`. The hidden state *output* of
-    layer i equals the input of layer i+1; for the last layer use `output_hidden_states=True`.
+    Returns `(hidden_states, layer_inputs)`: the hidden state entering layer `start` (B, T, C), and for each layer
+    of the range the `(args, kwargs)` the family passed besides the hidden state (attention mask, position
+    embeddings, ...). Layers of one model may get different inputs (Gemma's sliding and full attention layers get
+    different masks), hence one entry per layer. Run an organ on them with `organ(h, layer_inputs=layer_inputs)`.
+    The model runs without a KV cache.
     """
+    start, stop = layer_range
     stack = get_layer_stack(model)
-    captured = {}
+    captured: dict[int, tuple] = {}
+    # Without a cache: a cache object captured here would already hold this pass's keys and values.
+    model_kwargs.setdefault("use_cache", False)
 
-    def hook(module, args, kwargs):
-        captured["hidden_states"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["args"] = args[1:]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured[index] = (hidden, (tuple(args[1:]), kwargs))
 
-    handle = stack[layer_index].register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [stack[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in range(start, stop)]
     try:
         with torch.no_grad():
             model(*model_args, **model_kwargs)
     finally:
-        handle.remove()
-    return captured["hidden_states"], captured["args"], captured["kwargs"]
+        for handle in handles:
+            handle.remove()
+    return captured[start][0], [captured[i][1] for i in range(start, stop)]
