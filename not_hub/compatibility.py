@@ -72,7 +72,7 @@ def structural_signature(config: PreTrainedConfig, layer: nn.Module) -> dict[str
         signature["num_key_value_heads"] = signature["num_attention_heads"]
     signature["norm_type"] = sorted({type(m).__name__ for m in layer.modules() if "norm" in type(m).__name__.lower()})
     signature["decoder_layer_class"] = decoder_layer_class_path(layer)
-    signature["parameter_shapes"] = {name: list(p.shape) for name, p in layer.named_parameters()}
+    signature["parameter_shapes"] = {name: list(p.shape) for name, p in sorted(layer.named_parameters())}
     signature["model_type"] = config.model_type
     return signature
 

