@@ -37,8 +37,10 @@ def _model(args, name: str):
 
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=getattr(args, "revision", None))
-    print(f"loaded {model.name_or_path} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
-          f"in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"loaded {model.name_or_path} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     return model, tokenizer
 
 
@@ -47,8 +49,9 @@ def cmd_extract(args) -> int:
     from .extraction import extract_organ
 
     donor, _ = _model(args, args.model)
-    organ = extract_organ(donor, layer_range=tuple(args.layer_range) if args.layer_range else None,
-                          revision=args.revision)
+    organ = extract_organ(
+        donor, layer_range=tuple(args.layer_range) if args.layer_range else None, revision=args.revision
+    )
     organ.save_pretrained(args.out)
     print(f"saved organ layers {organ.config.layer_range} of {organ.config.base_model} to {args.out}")
     return 0
@@ -90,7 +93,7 @@ def _nll(model, ids: torch.Tensor) -> float:
 def _greedy(model, tokenizer, prompt: str, n: int = 16) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def cmd_transplant(args) -> int:
@@ -112,51 +115,70 @@ def cmd_transplant(args) -> int:
         organ = extract_organ(recipient)
         organ_path = Path(args.work_dir) / f"organ-{organ.config.layer_range[0]}-{organ.config.layer_range[1]}"
         organ.save_pretrained(organ_path)
-        print(f"extracted layers {organ.config.layer_range} and saved them to {organ_path} "
-              f"in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"extracted layers {organ.config.layer_range} and saved them to {organ_path} "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
     t0 = time.perf_counter()
     organ = OrganModel.from_pretrained(organ_path, revision=args.revision)
-    print(f"loaded organ {organ_path} (sha256 of {len(organ.config.tensor_sha256)} tensors verified) "
-          f"in {time.perf_counter() - t0:.2f}s")
+    print(
+        f"loaded organ {organ_path} (sha256 of {len(organ.config.tensor_sha256)} tensors verified) "
+        f"in {time.perf_counter() - t0:.2f}s"
+    )
     print(organ.check_compatibility(recipient))
 
     t0 = time.perf_counter()
     record = organ.transplant_into(recipient, position=args.position, mode=args.mode)
-    print(f"\ntransplanted: {record} in {1000 * (time.perf_counter() - t0):.1f} ms; recipient now has "
-          f"{recipient.config.num_hidden_layers} layers, organ at {record.layer_indices}")
+    print(
+        f"\ntransplanted: {record} in {1000 * (time.perf_counter() - t0):.1f} ms; recipient now has "
+        f"{recipient.config.num_hidden_layers} layers, organ at {record.layer_indices}"
+    )
     logits_after = recipient(ids).logits
     nll_after = _nll(recipient, ids)
     print(f"max |logits after - logits before| = {(logits_after - logits_before).abs().max().item():.3g}")
-    print(f"sample perplexity: untouched {torch.exp(torch.tensor(nll_before)):.2f} -> "
-          f"transplanted {torch.exp(torch.tensor(nll_after)):.2f}")
-    print(f"greedy '{args.prompt}':\n  untouched:    {text_before!r}\n  transplanted: "
-          f"{_greedy(recipient, tokenizer, args.prompt)!r}")
+    print(
+        f"sample perplexity: untouched {torch.exp(torch.tensor(nll_before)):.2f} -> "
+        f"transplanted {torch.exp(torch.tensor(nll_after)):.2f}"
+    )
+    print(
+        f"greedy '{args.prompt}':\n  untouched:    {text_before!r}\n  transplanted: "
+        f"{_greedy(recipient, tokenizer, args.prompt)!r}"
+    )
     if args.save_to:
         recipient.save_pretrained(args.save_to)
         tokenizer.save_pretrained(args.save_to)
         print(f"saved the transplanted recipient to {args.save_to} (loads with plain transformers)")
     record.explant()
     restored = recipient.state_dict()
-    exact = restored.keys() == state_before.keys() and all(torch.equal(restored[k], v) for k, v in state_before.items())
+    exact = restored.keys() == state_before.keys() and all(
+        torch.equal(restored[k], v) for k, v in state_before.items()
+    )
     print(f"explanted: recipient restored bit-exactly: {exact}")
     return 0 if exact else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="not-hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="not-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p):
-        p.add_argument("--gguf-file", default=None,
-                       help="GGUF file name inside the model folder or repo (converted once, cached)")
+        p.add_argument(
+            "--gguf-file", default=None, help="GGUF file name inside the model folder or repo (converted once, cached)"
+        )
         p.add_argument("--revision", default=None, help="branch, tag or commit sha of the model or organ repo")
 
     p = sub.add_parser("extract", help=cmd_extract.__doc__)
     p.add_argument("model", help="donor: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
-    p.add_argument("--layer-range", type=int, nargs=2, metavar=("START", "STOP"),
-                   help="half-open range of donor layers (default: 3 layers from floor(L/3))")
+    p.add_argument(
+        "--layer-range",
+        type=int,
+        nargs=2,
+        metavar=("START", "STOP"),
+        help="half-open range of donor layers (default: 3 layers from floor(L/3))",
+    )
     p.add_argument("--out", required=True, help="folder to save the organ into")
     model_options(p)
     p.set_defaults(func=cmd_extract)
@@ -168,14 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("transplant", help=cmd_transplant.__doc__)
-    p.add_argument("--organ", default=None,
-                   help="organ folder or Hub repo id (default: cut the default organ from the recipient itself)")
-    p.add_argument("--recipient", default="smollm2",
-                   help="Hub id, folder, .gguf file, or 'smollm2' (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--position", type=int, default=None,
-                   help="0-based index of the first recipient layer the organ occupies (default: its donor start)")
-    p.add_argument("--mode", choices=["replace", "insert"], default="replace",
-                   help="replace layers [position, position+k) or insert before position (default: replace)")
+    p.add_argument(
+        "--organ",
+        default=None,
+        help="organ folder or Hub repo id (default: cut the default organ from the recipient itself)",
+    )
+    p.add_argument(
+        "--recipient",
+        default="smollm2",
+        help="Hub id, folder, .gguf file, or 'smollm2' (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--position",
+        type=int,
+        default=None,
+        help="0-based index of the first recipient layer the organ occupies (default: its donor start)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["replace", "insert"],
+        default="replace",
+        help="replace layers [position, position+k) or insert before position (default: replace)",
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after greedy generation")
     p.add_argument("--save-to", default=None, help="save the transplanted recipient (plain transformers model)")
     p.add_argument("--work-dir", default="organs", help="where the demo saves the organ it extracts")

@@ -120,7 +120,9 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, **({"revision": revision, "token": token} if folder == name else {}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, **({"revision": revision, "token": token} if folder == name else {})
+    )
     if hub_id:
         model.name_or_path = hub_id
         model.config.name_or_path = hub_id

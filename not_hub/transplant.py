@@ -263,9 +263,7 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
         "mode": mode,
         "num_layers": k,
     }
-    donor_per_layer = {
-        name: organ.config.donor_config.get(name) for name in spec.per_layer_config
-    }
+    donor_per_layer = {name: organ.config.donor_config.get(name) for name in spec.per_layer_config}
     start, stop = organ.config.layer_range
 
     with _rollback_on_error(recipient, spec):

@@ -167,3 +167,20 @@ def test_organ_keeps_its_donor_layer_kinds(donor):
     if original:
         assert donor.config.layer_types[0:2] == original[RANGE[0] : RANGE[1]]
         assert donor.config.layer_types[2:] == original[2:]
+
+
+def test_architecture_file_points_at_real_modules(donor):
+    """Each family's data file names modules that exist: embeddings, final norm, LM head, rotary embedding."""
+    from not_hub.architectures import optional_submodule
+
+    spec = not_hub.resolve_architecture(donor)
+    assert not spec.inferred
+    stack = donor.get_submodule(spec.layers)
+    assert len(stack) == donor.config.num_hidden_layers
+    assert donor.get_submodule(spec.embeddings[0]) is donor.get_input_embeddings()
+    assert donor.get_submodule(spec.lm_head) is donor.get_output_embeddings()
+    assert "norm" in type(donor.get_submodule(spec.final_norm)).__name__.lower()
+    if spec.rotary_emb is not None:
+        assert "rotary" in type(donor.get_submodule(spec.rotary_emb)).__name__.lower()
+    for path in spec.embeddings[1:] + spec.head_extras:
+        optional_submodule(donor, path)  # optional parts may be absent, but a path must not be malformed

@@ -8,8 +8,15 @@ import pytest
 import torch
 from tiny_models import tiny_input_ids, tiny_model
 from torch.testing import assert_close
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config
-from transformers import T5ForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import not_hub
 from not_hub import transplant as transplant_module
@@ -58,7 +65,10 @@ def test_config_records_donor_signature_and_hashes(llama):
     assert config.donor_num_hidden_layers == 6
     sig = config.signature
     assert (sig["hidden_size"], sig["num_attention_heads"], sig["num_key_value_heads"], sig["head_dim"]) == (
-        32, 4, 2, 8
+        32,
+        4,
+        2,
+        8,
     )
     assert sig["intermediate_size"] == 64 and sig["activation"] == "silu" and sig["attention_bias"] is False
     assert sig["norm_type"] == ["LlamaRMSNorm"] and sig["norm_eps"] == llama.config.rms_norm_eps
@@ -161,8 +171,19 @@ def test_compatibility_report_lists_every_field(llama):
     organ = not_hub.extract_organ(llama, layer_range=(2, 4))
     report = organ.check_compatibility(tiny_model("llama", num_hidden_layers=4, vocab_size=256))
     fields = {row.field: row for row in report.rows}
-    for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                 "norm_type", "norm_eps", "activation", "rotary", "attention_bias", "decoder_layer_class"):
+    for name in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "norm_type",
+        "norm_eps",
+        "activation",
+        "rotary",
+        "attention_bias",
+        "decoder_layer_class",
+    ):
         assert fields[name].matches and not fields[name].blocking
     assert fields["num_hidden_layers"].donor == 6 and fields["num_hidden_layers"].recipient == 4
     assert report.compatible  # depth and vocabulary never block
@@ -170,12 +191,12 @@ def test_compatibility_report_lists_every_field(llama):
 
 
 def test_encoder_models_are_refused():
-    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, vocab_size=64))
+    bert = BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64)
+    )
     with pytest.raises(UnsupportedArchitectureError, match="encoder-only"):
         not_hub.extract_organ(bert, layer_range=(0, 1))
-    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
-                                             vocab_size=64))
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=64))
     with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):
         not_hub.extract_organ(t5, layer_range=(0, 1))
 
@@ -187,9 +208,16 @@ def test_bare_base_model_is_refused_with_the_fix(llama):
 
 def test_family_without_a_file_is_discovered_and_flagged(tmp_path):
     assert "starcoder2" not in not_hub.SUPPORTED_MODEL_TYPES
-    config = AutoConfig.for_model("starcoder2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                  max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        "starcoder2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     donor = AutoModelForCausalLM.from_config(config).eval()
@@ -259,10 +287,16 @@ def test_transplant_casts_to_recipient_dtype(llama):
 
 def test_device_mapped_recipient_keeps_working(llama, tmp_path):
     llama.save_pretrained(tmp_path)
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    recipient = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map,
-                                                     attn_implementation="eager").eval()
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    recipient = AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map=device_map, attn_implementation="eager"
+    ).eval()
     ids = tiny_input_ids()
     expected = recipient(ids).logits
     organ = not_hub.extract_organ(recipient, layer_range=(2, 4))
@@ -283,8 +317,14 @@ def test_transplant_record_in_config(llama, saved_organ):
 def test_errors_are_also_builtins():
     from not_hub import errors
 
-    for name in ("UnsupportedArchitectureError", "InvalidLayerRangeError", "InvalidPositionError",
-                 "IncompatibleOrganError", "CheckpointFormatError", "IntegrityError"):
+    for name in (
+        "UnsupportedArchitectureError",
+        "InvalidLayerRangeError",
+        "InvalidPositionError",
+        "IncompatibleOrganError",
+        "CheckpointFormatError",
+        "IntegrityError",
+    ):
         assert issubclass(getattr(errors, name), ValueError) and issubclass(getattr(errors, name), NotHubError)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -19,7 +19,7 @@ import importlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -168,12 +168,14 @@ def _discover(model: PreTrainedModel) -> ArchitectureSpec:
     parent_path = layers_path.rpartition(".")[0]
     parent = model.get_submodule(parent_path) if parent_path else model
     final_norm = next(
-        (f"{parent_path}.{n}".lstrip(".") for n in _FINAL_NORM_NAMES if isinstance(getattr(parent, n, None), nn.Module)),
+        (
+            f"{parent_path}.{n}".lstrip(".")
+            for n in _FINAL_NORM_NAMES
+            if isinstance(getattr(parent, n, None), nn.Module)
+        ),
         None,
     )
-    rotary = next(
-        (f"{parent_path}.{n}".lstrip(".") for n, _ in parent.named_children() if "rotary" in n), None
-    )
+    rotary = next((f"{parent_path}.{n}".lstrip(".") for n, _ in parent.named_children() if "rotary" in n), None)
     embed = _path_of(model, model.get_input_embeddings())
     head = _path_of(model, model.get_output_embeddings())
     if embed is None or head is None:
