@@ -329,3 +329,28 @@ def test_errors_are_also_builtins():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert issubclass(errors.UnknownConfigKeyWarning, UserWarning)
+
+
+def test_transplanted_checkpoint_loads_in_a_process_without_not_hub(llama, tmp_path):
+    """The saved recipient is a plain transformers checkpoint: a fresh process that never imports not_hub loads it."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    ids = tiny_input_ids()
+    organ = not_hub.extract_organ(tiny_model("llama", seed=5), layer_range=(1, 3))
+    organ.transplant_into(llama, position=3, mode="insert")
+    llama.save_pretrained(tmp_path / "model")
+    save_file({"ids": ids, "logits": llama(ids).logits.detach()}, tmp_path / "expected.safetensors")
+    script = (
+        "import sys, torch; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, attn_implementation='eager')\n"
+        f"e = load_file({str(tmp_path / 'expected.safetensors')!r})\n"
+        "assert 'not_hub' not in sys.modules\n"
+        "torch.testing.assert_close(m.eval()(e['ids']).logits, e['logits'], rtol=0, atol=0)\n"
+        "print(m.config.num_hidden_layers, m.config.transplants[0]['position'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["8", "3"]
