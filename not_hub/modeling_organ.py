@@ -186,6 +186,53 @@ class OrganModel(PreTrainedModel):
                 written.append(str(save_directory / name))
         return written
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the organ as one commit holding `config.json`, `model.safetensors` and `README.md`.
+
+        Creates the repo if needed (and the branch `revision`, from main, if it does not exist).
+
+        Args:
+            repo_id: `"namespace/name"` of the organ repo.
+            revision: branch to commit to (default: main).
+            private: visibility of a newly created repo.
+            commit_message: default `"Upload organ layers [start, stop) of <base_model>"`.
+            token: Hub token.
+            create_pr: open a pull request instead of committing to the branch.
+
+        Returns:
+            The commit URL (or the pull request URL with `create_pr=True`).
+        """
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        if kwargs:
+            raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        start, stop = self.config.layer_range
+        message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, overwrite_card=True)
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name))
+                for name in CHECKPOINT_FILES
+            ]
+            info = api.create_commit(
+                repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
+            )
+        return info.pr_url if create_pr else info.commit_url
+
     # ------------------------------------------------------------------ loading
 
     @classmethod
