@@ -32,11 +32,11 @@ SAMPLE_TEXT = (
 DEFAULT_PROMPT = "The capital of France is"
 
 
-def _model(args, name: str):
+def _model(args, name: str, revision: str | None = None):
     from .loading import load_causal_lm
 
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=getattr(args, "revision", None))
+    model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=revision)
     print(
         f"loaded {model.name_or_path} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
         f"in {time.perf_counter() - t0:.1f}s"
@@ -48,7 +48,7 @@ def cmd_extract(args) -> int:
     """Cut an organ out of a donor and save it."""
     from .extraction import extract_organ
 
-    donor, _ = _model(args, args.model)
+    donor, _ = _model(args, args.model, args.revision)
     organ = extract_organ(
         donor, layer_range=tuple(args.layer_range) if args.layer_range else None, revision=args.revision
     )
@@ -79,7 +79,7 @@ def cmd_inspect(args) -> int:
     }
     print(json.dumps(info, indent=2, default=str))
     if args.recipient:
-        recipient, _ = _model(args, args.recipient)
+        recipient, _ = _model(args, args.recipient, args.recipient_revision)
         print(organ.check_compatibility(recipient))
     return 0
 
@@ -101,7 +101,7 @@ def cmd_transplant(args) -> int:
     from .extraction import extract_organ
     from .modeling_organ import OrganModel
 
-    recipient, tokenizer = _model(args, args.recipient)
+    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
     ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
     logits_before = recipient(ids).logits
     nll_before = _nll(recipient, ids)
@@ -164,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(p):
+    def model_options(p, revision_help: str, recipient: bool = False):
         p.add_argument(
             "--gguf-file", default=None, help="GGUF file name inside the model folder or repo (converted once, cached)"
         )
-        p.add_argument("--revision", default=None, help="branch, tag or commit sha of the model or organ repo")
+        p.add_argument("--revision", default=None, help=revision_help)
+        if recipient:
+            p.add_argument(
+                "--recipient-revision", default=None, help="branch, tag or commit sha of the recipient model repo"
+            )
 
     p = sub.add_parser("extract", help=cmd_extract.__doc__)
     p.add_argument("model", help="donor: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
@@ -180,13 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="half-open range of donor layers (default: 3 layers from floor(L/3))",
     )
     p.add_argument("--out", required=True, help="folder to save the organ into")
-    model_options(p)
+    model_options(p, "branch, tag or commit sha of the donor model repo (recorded in the organ)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("organ", help="organ folder or Hub repo id")
     p.add_argument("--recipient", default=None, help="also print the compatibility report with this model")
-    model_options(p)
+    model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("transplant", help=cmd_transplant.__doc__)
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after greedy generation")
     p.add_argument("--save-to", default=None, help="save the transplanted recipient (plain transformers model)")
     p.add_argument("--work-dir", default="organs", help="where the demo saves the organ it extracts")
-    model_options(p)
+    model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
     p.set_defaults(func=cmd_transplant)
     return parser
 

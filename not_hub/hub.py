@@ -59,11 +59,15 @@ def resolve_checkpoint(
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} has no revision {revision!r}; pass an existing branch, tag or commit sha"
         ) from None
-    except (LocalEntryNotFoundError, EntryNotFoundError):
+    except LocalEntryNotFoundError:
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} (revision {revision or 'main'!r}) is not in the local Hub cache and the Hub "
             "cannot be reached (offline, HF_HUB_OFFLINE=1 or local_files_only=True); download it once online with "
             f"`not-hub pull {repo_id}` or pass a local folder"
+        ) from None
+    except EntryNotFoundError:
+        raise OrganNotFoundError(
+            f"organ repo {repo_id!r} has no organ checkpoint files ({', '.join(_ALLOW)})"
         ) from None
     except HfHubHTTPError as err:
         raise OrganNotFoundError(f"could not download organ repo {repo_id!r}: {err}") from None
