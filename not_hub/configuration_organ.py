@@ -38,6 +38,7 @@ _ORGAN_FIELDS = (
     "tensor_sha256",
     "training",
     "evaluation",
+    "license",
 )
 
 
@@ -60,7 +61,10 @@ class OrganConfig(PreTrainedConfig):
             type and eps, activation, rotary settings, attention bias, decoder-layer class, ...).
         tensor_sha256 (`dict[str, str]`): sha256 of every tensor's bytes, checked on load.
         training (`dict`, *optional*): training metadata (data, steps, tokens, lr, losses, wall-clock).
-        evaluation (`dict`, *optional*): evaluation results (perplexities beside the untouched model's).
+        evaluation (`dict`, *optional*): evaluation results, `{"results": [{"dataset", "dataset_type", "split",
+            "metric", "value", "baseline", "position", "mode"}, ...], "best_position": int}`; `baseline` is the
+            untouched model's figure on the same data. Rendered in the card and its `model-index`.
+        license (`str`, *optional*): the organ's licence, inherited from the donor when known.
 
     Example:
         ```python
@@ -91,6 +95,7 @@ class OrganConfig(PreTrainedConfig):
         tensor_sha256: dict[str, str] | None = None,
         training: dict | None = None,
         evaluation: dict | None = None,
+        license: str | None = None,
         **kwargs: Any,
     ):
         _check_format_version(format_version)
@@ -118,6 +123,7 @@ class OrganConfig(PreTrainedConfig):
         self.tensor_sha256 = tensor_sha256 or {}
         self.training = training
         self.evaluation = evaluation
+        self.license = license
         super().__init__(**kwargs)
 
     @property

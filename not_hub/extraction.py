@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -36,6 +38,25 @@ def check_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[in
     return start, stop
 
 
+def donor_license(base_model: str | None) -> str | None:
+    """The donor's licence from its model card, if one is at hand offline (a local folder or the Hub cache)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    from .loading import KNOWN_LICENSES
+
+    if not base_model:
+        return None
+    card_path = Path(base_model) / "README.md"
+    if not card_path.is_file() and base_model.count("/") == 1 and not base_model.startswith((".", "/")):
+        cached = try_to_load_from_cache(base_model, "README.md")
+        card_path = Path(cached) if isinstance(cached, str) else None
+    if card_path is not None and card_path.is_file():
+        license = ModelCard.load(card_path).data.license
+        if license:
+            return license
+    return KNOWN_LICENSES.get(base_model)
+
+
 @torch.no_grad()
 def extract_organ(
     model: nn.Module,
@@ -43,6 +64,7 @@ def extract_organ(
     *,
     base_model: str | None = None,
     revision: str | None = None,
+    license: str | None = None,
 ) -> OrganModel:
     """Cut decoder layers `[start, stop)` out of a causal LM as an `OrganModel`.
 
@@ -54,6 +76,7 @@ def extract_organ(
         layer_range: half-open `(start, stop)`; default 3 layers from floor(L/3) (the paper's default).
         base_model: the donor's Hub repo id or path recorded in the organ (default: `model.name_or_path`).
         revision: the donor's revision recorded in the organ.
+        license: the organ's licence (default: the donor's, read from its model card when one is at hand).
 
     Returns:
         The organ, in eval mode.
@@ -84,8 +107,10 @@ def extract_organ(
     config_dict = donor_config.to_dict()
     config_dict.pop("transplants", None)  # an organ is the donor's own layers, whatever was grafted elsewhere
     config_dict.pop("quantization_config", None)  # weights are stored dequantized
+    base_model = base_model or getattr(model, "name_or_path", None) or None
     config = OrganConfig(
-        base_model=base_model or getattr(model, "name_or_path", None) or None,
+        base_model=base_model,
+        license=license or donor_license(base_model),
         base_model_revision=revision,
         donor_model_type=donor_config.model_type,
         donor_architectures=list(donor_config.architectures or [type(model).__name__]),

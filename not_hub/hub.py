@@ -1,11 +1,16 @@
-"""Hub I/O for organs: resolving a repo id or folder to local checkpoint files through the Hub cache."""
+"""Hub I/O: resolving organ repo ids through the Hub cache, discovering organs, pushing transplanted models.
+
+Organs themselves are pushed with `OrganModel.push_to_hub` and loaded with `OrganModel.from_pretrained`.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -14,7 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import OrganNotFoundError
+from .errors import OrganNotFoundError, TransplantStateError
 
 _ALLOW = ["config.json", "model.safetensors", "README.md"]
 
@@ -26,22 +31,22 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
-) -> Path:
-    """Return a local folder holding the organ's files: the folder itself, or a Hub cache snapshot.
+) -> tuple[Path, bool]:
+    """Return `(folder, from_hub)`: a local folder holding the organ's files, or its Hub cache snapshot.
 
     Raises:
         OrganNotFoundError: the path does not exist and the repo id, revision or cached copy cannot be found.
     """
     path = Path(name_or_path)
     if path.is_dir():
-        return path
+        return path, False
     repo_id = str(name_or_path)
     if path.exists() or repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
         raise OrganNotFoundError(
             f"{repo_id!r} is neither a folder holding an organ nor a Hub repo id of the form 'namespace/name'"
         )
     try:
-        return Path(
+        folder = Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
@@ -51,6 +56,7 @@ def resolve_checkpoint(
                 allow_patterns=_ALLOW,
             )
         )
+        return folder, True
     except RepositoryNotFoundError:
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} was not found on the Hub (or is private: pass token=...)"
@@ -71,3 +77,110 @@ def resolve_checkpoint(
         ) from None
     except HfHubHTTPError as err:
         raise OrganNotFoundError(f"could not download organ repo {repo_id!r}: {err}") from None
+
+
+def evict_snapshot(folder: Path) -> None:
+    """Delete a Hub cache snapshot's files and the blobs they point to (after a failed integrity check)."""
+    for link in folder.iterdir():
+        target = link.resolve()
+        link.unlink(missing_ok=True)
+        if target != link and target.exists():
+            target.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class OrganInfo:
+    """An organ repo found on the Hub by `list_organs`."""
+
+    repo_id: str
+    base_model: str | list[str] | None
+    tags: tuple[str, ...]
+    sha: str | None
+    last_modified: str | None
+
+
+def list_organs(
+    base_model: str | None = None,
+    *,
+    author: str | None = None,
+    search: str | None = None,
+    limit: int | None = None,
+    token: str | bool | None = None,
+) -> list[OrganInfo]:
+    """Find organ repos on the Hub by the tags their cards carry (`not_hub`, `organ`, `base_model:<id>`).
+
+    Args:
+        base_model: only organs cut from this donor (Hub repo id).
+        author: only repos of this user or organisation.
+        search: a substring of the repo name.
+        limit: at most this many results.
+        token: Hub token (to see private repos).
+
+    Returns:
+        One `OrganInfo` per repo, in the Hub's order.
+
+    Example:
+        ```python
+        >>> [o.repo_id for o in not_hub.list_organs("HuggingFaceTB/SmolLM2-135M-Instruct")]
+        ['someone/smollm2-code-organ']
+        ```
+    """
+    from .cards import LIBRARY_TAG, ORGAN_TAG
+
+    tags = [LIBRARY_TAG, ORGAN_TAG] + ([f"base_model:{base_model}"] if base_model else [])
+    models = HfApi(token=token).list_models(filter=tags, author=author, search=search, limit=limit, cardData=True)
+    found = []
+    for info in models:
+        card = info.card_data
+        found.append(
+            OrganInfo(
+                repo_id=info.id,
+                base_model=getattr(card, "base_model", None) if card is not None else None,
+                tags=tuple(info.tags or ()),
+                sha=info.sha,
+                last_modified=str(info.last_modified) if info.last_modified else None,
+            )
+        )
+    return found
+
+
+def push_recipient(
+    recipient,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Push a transplanted recipient as a plain transformers model repo whose card records its transplants.
+
+    The repo loads with `AutoModelForCausalLM.from_pretrained(repo_id)`, without not_hub. The card's metadata has
+    the recipient's `base_model`; its body lists each organ repo and revision, donor layers, position and mode.
+
+    Returns:
+        The commit URL (or the pull request URL with `create_pr=True`).
+    """
+    from .cards import render_recipient_card
+
+    if not getattr(recipient.config, "transplants", None):
+        raise TransplantStateError("this model carries no transplant; push it with model.push_to_hub(repo_id) instead")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipient.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "README.md").write_text(render_recipient_card(recipient, repo_id))
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            revision=revision,
+            commit_message=commit_message or f"Upload transplanted {recipient.config.model_type} model",
+            create_pr=create_pr,
+        )
+    return info.pr_url if create_pr else info.commit_url

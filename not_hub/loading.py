@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Licences of models whose card is not at hand offline (the embedded model comes without its Hub card).
+KNOWN_LICENSES = {EMBEDDED_REPO_ID: "apache-2.0"}
 
 
 def cache_root() -> Path:

@@ -137,6 +137,7 @@ class OrganModel(PreTrainedModel):
         save_directory: str | os.PathLike,
         *,
         overwrite_card: bool = False,
+        repo_id: str | None = None,
         **kwargs: Any,
     ) -> list[str]:
         """Write `config.json`, `model.safetensors` and `README.md` into `save_directory`.
@@ -148,6 +149,7 @@ class OrganModel(PreTrainedModel):
         Args:
             save_directory: folder to write into (created if needed).
             overwrite_card: replace an existing hand-written README.md.
+            repo_id: the Hub repo the organ is meant for, used in the card's usage snippet and model-index.
 
         Returns:
             The paths written.
@@ -177,7 +179,7 @@ class OrganModel(PreTrainedModel):
             names = [CONFIG_NAME, WEIGHTS_NAME]
             card_path = save_directory / CARD_NAME
             if overwrite_card or not card_path.exists() or CARD_MARKER in card_path.read_text(errors="replace"):
-                (tmp / CARD_NAME).write_text(render_card(self.config))
+                (tmp / CARD_NAME).write_text(render_card(self.config, repo_id))
                 names.append(CARD_NAME)
             else:
                 logger.info("keeping the hand-written %s (pass overwrite_card=True to regenerate it)", card_path)
@@ -223,7 +225,7 @@ class OrganModel(PreTrainedModel):
         start, stop = self.config.layer_range
         message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, overwrite_card=True)
+            self.save_pretrained(tmp, overwrite_card=True, repo_id=repo_id)
             operations = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name))
                 for name in CHECKPOINT_FILES
@@ -274,65 +276,28 @@ class OrganModel(PreTrainedModel):
             raise TypeError(f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}")
         from .hub import resolve_checkpoint
 
-        folder = resolve_checkpoint(
+        folder, from_hub = resolve_checkpoint(
             pretrained_model_name_or_path,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
         )
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise OrganNotFoundError(
-                    f"{pretrained_model_name_or_path!s} has no {path.name}; an organ checkpoint holds "
-                    f"{', '.join(CHECKPOINT_FILES)} (written by OrganModel.save_pretrained)"
-                )
         try:
-            raw_config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointFormatError(f"{config_path} is not valid JSON ({err})") from None
-        if raw_config.get("model_type") != OrganConfig.model_type:
-            raise CheckpointFormatError(
-                f"{pretrained_model_name_or_path!s} is not an organ: its config.json has "
-                f"model_type={raw_config.get('model_type')!r}, expected {OrganConfig.model_type!r}. Load models "
-                "with AutoModelForCausalLM and cut organs from them with not_hub.extract_organ(model)"
-            )
-        try:
-            with safe_open(weights_path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
+            config, tensors = _read_checkpoint(folder, str(pretrained_model_name_or_path), verify_integrity)
+        except IntegrityError:
+            if from_hub:
+                # Drop the bad download from the Hub cache, so a retry downloads it again instead of failing the same
+                # way (or, worse, loading it later with verify_integrity=False by mistake).
+                from .hub import evict_snapshot
 
-        config = OrganConfig.from_dict(raw_config)
-        expected = set(config.tensor_sha256)
-        if set(tensors) != expected:
-            missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise CheckpointFormatError(
-                f"{weights_path} does not hold the tensors its config lists: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        if verify_integrity:
-            recorded = metadata.get(_CONFIG_HASH_KEY)
-            if recorded != config_sha256(raw_config):
-                raise IntegrityError(
-                    f"{config_path} does not match the config saved with {weights_path.name} (sha256 "
-                    f"{recorded!s:.12}...): it was edited after saving. Re-save with OrganModel.save_pretrained, "
-                    "or pass verify_integrity=False to load it anyway"
-                )
-            for name, tensor in tensors.items():
-                if tensor_sha256(tensor) != config.tensor_sha256[name]:
-                    raise IntegrityError(
-                        f"tensor {name!r} in {weights_path} does not match its recorded sha256: the file was "
-                        "altered or corrupted. Download it again (or pass verify_integrity=False to load anyway)"
-                    )
-
+                evict_snapshot(folder)
+            raise
         model = cls(config)
         result = model.load_state_dict(tensors, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointFormatError(
-                f"{weights_path} does not fit the layers its config describes: missing {result.missing_keys}, "
+                f"{folder / WEIGHTS_NAME} does not fit the layers its config describes: missing {result.missing_keys}, "
                 f"unexpected {result.unexpected_keys}"
             )
         if dtype is not None:
@@ -343,3 +308,54 @@ class OrganModel(PreTrainedModel):
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.organ_revision = revision
         return model.eval()
+
+
+def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[OrganConfig, dict[str, torch.Tensor]]:
+    """Read and check an organ checkpoint folder: organ config first, then tensors, then every sha256."""
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise OrganNotFoundError(
+            f"{name} has no {CONFIG_NAME}; an organ checkpoint holds {', '.join(CHECKPOINT_FILES)} "
+            "(written by OrganModel.save_pretrained)"
+        )
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointFormatError(f"{config_path} is not valid JSON ({err})") from None
+    if raw_config.get("model_type") != OrganConfig.model_type:
+        raise CheckpointFormatError(
+            f"{name} is not an organ: its config.json has model_type={raw_config.get('model_type')!r}, expected "
+            f"{OrganConfig.model_type!r}. Load models with AutoModelForCausalLM and cut organs from them with "
+            "not_hub.extract_organ(model)"
+        )
+    if not weights_path.is_file():
+        raise OrganNotFoundError(f"{name} has no {WEIGHTS_NAME}; the organ checkpoint is incomplete")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
+
+    config = OrganConfig.from_dict(raw_config)
+    expected = set(config.tensor_sha256)
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointFormatError(
+            f"{weights_path} does not hold the tensors its config lists: missing {missing}, unexpected {unexpected}"
+        )
+    if verify_integrity:
+        recorded = metadata.get(_CONFIG_HASH_KEY)
+        if recorded != config_sha256(raw_config):
+            raise IntegrityError(
+                f"{config_path} does not match the config saved with {weights_path.name} (sha256 {recorded!s:.12}...): "
+                "it was edited after saving. Re-save with OrganModel.save_pretrained, or pass "
+                "verify_integrity=False to load it anyway"
+            )
+        for key, tensor in tensors.items():
+            if tensor_sha256(tensor) != config.tensor_sha256[key]:
+                raise IntegrityError(
+                    f"tensor {key!r} in {weights_path} does not match its recorded sha256: the file was altered or "
+                    "corrupted. Download it again (or pass verify_integrity=False to load anyway)"
+                )
+    return config, tensors

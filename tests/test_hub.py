@@ -28,7 +28,17 @@ def hub(request):
     server.stop()
 
 
-def run_scenario(hub, tmp_path: Path, code: str, *, xet: bool = False, offline: bool = False) -> str:
+@pytest.fixture
+def local_hub():
+    server = LocalHub().start()
+    yield server
+    server.stop()
+
+
+def run_scenario(
+    hub, tmp_path: Path, code: str, *, xet: bool = False, offline: bool = False, prelude: bool = True
+) -> str:
+    """Run `code` in a fresh Python process against `hub`; with `prelude=False` not_hub is never imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(
         HF_ENDPOINT=hub.endpoint,
@@ -42,7 +52,9 @@ def run_scenario(hub, tmp_path: Path, code: str, *, xet: bool = False, offline: 
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     fixtures = str(Path(__file__).parent / "fixtures")
-    script = SCENARIO_PRELUDE.format(fixtures=fixtures) + textwrap.dedent(code)
+    script = (SCENARIO_PRELUDE.format(fixtures=fixtures) if prelude else "") + textwrap.dedent(code)
+    if not prelude:
+        script += "\nassert 'not_hub' not in __import__('sys').modules\n"
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
@@ -95,7 +107,8 @@ def test_push_then_load_by_repo_id_revision_and_offline(hub, tmp_path):
     assert "OFFLINE-OK" in out
 
 
-def test_unknown_repo_revision_and_tampered_download(hub, tmp_path):
+def test_unknown_repo_revision_and_tampered_download(local_hub, tmp_path):
+    hub = local_hub
     run_scenario(
         hub,
         tmp_path,
@@ -125,5 +138,107 @@ def test_unknown_repo_revision_and_tampered_download(hub, tmp_path):
         except IntegrityError as err:
             assert "sha256" in str(err), err
         print("OK")
+    """,
+    )
+    # The bad download was evicted from the cache: once the server serves the right bytes, a retry loads.
+    hub.state.tamper.clear()
+    run_scenario(
+        hub,
+        tmp_path,
+        """
+        organ = not_hub.OrganModel.from_pretrained("user/organ")
+        assert organ.config.layer_range == (1, 3)
+    """,
+    )
+
+
+def test_list_organs_cli_search_and_pull_and_non_organ_repo(local_hub, tmp_path):
+    out = run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        from not_hub.cli import main
+        from not_hub.errors import CheckpointFormatError
+        a = tiny_model("llama")
+        not_hub.extract_organ(a, layer_range=(1, 3), base_model="org/model-a").push_to_hub("user/organ-a")
+        not_hub.extract_organ(a, layer_range=(2, 4), base_model="org/model-b").push_to_hub("team/organ-b")
+        a.push_to_hub("user/plain-llama")  # a normal transformers repo: not an organ
+        assert sorted(o.repo_id for o in not_hub.list_organs()) == ["team/organ-b", "user/organ-a"]
+        (found,) = not_hub.list_organs("org/model-a")
+        assert found.repo_id == "user/organ-a" and found.base_model == "org/model-a", found
+        assert [o.repo_id for o in not_hub.list_organs(author="team")] == ["team/organ-b"]
+        try:
+            not_hub.OrganModel.from_pretrained("user/plain-llama")
+            raise SystemExit("a non-organ repo loaded")
+        except CheckpointFormatError as err:
+            assert "model_type='llama'" in str(err), err
+        assert main(["search", "--base-model", "org/model-b"]) == 0
+        assert main(["pull", "user/organ-a"]) == 0
+        assert main(["pull", "user/nothing-here"]) == 2
+    """,
+    )
+    assert "team/organ-b\tbase_model=org/model-b" in out
+    assert "user/organ-a: layers [1, 3) of org/model-a" in out
+
+
+def test_transplanted_recipient_push_reloads_without_not_hub(local_hub, tmp_path):
+    run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        from safetensors.torch import save_file
+        from huggingface_hub import ModelCard
+        recipient = tiny_model("llama")
+        organ = not_hub.extract_organ(tiny_model("llama", seed=4), layer_range=(1, 3), base_model="org/donor")
+        organ.push_to_hub("user/donor-organ")
+        organ = not_hub.OrganModel.from_pretrained("user/donor-organ")
+        recipient.name_or_path = "org/recipient"
+        organ.transplant_into(recipient, position=2, mode="insert")
+        not_hub.push_recipient(recipient, "user/transplanted")
+        ids = tiny_input_ids()
+        save_file({"ids": ids, "logits": recipient(ids).logits.detach()}, "expected.safetensors")
+        card = ModelCard.load("user/transplanted")
+        assert card.data.base_model == "org/recipient" and "not_hub" in card.data.tags, card.data
+        assert "| user/donor-organ |" in card.text and "| 2 | insert |" in card.text, card.text
+    """,
+    )
+    out = run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("user/transplanted", attn_implementation="eager").eval()
+        expected = load_file("expected.safetensors")
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
+        print("layers", model.config.num_hidden_layers, model.config.transplants[0]["organ"])
+    """,
+        prelude=False,
+    )
+    assert "layers 8 user/donor-organ" in out
+
+
+def test_server_gone_uses_the_cache_or_says_what_to_do(local_hub, tmp_path):
+    run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub("user/organ")
+        not_hub.OrganModel.from_pretrained("user/organ")  # fills the cache
+    """,
+    )
+    local_hub.stop()
+    run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        from not_hub.errors import OrganNotFoundError
+        assert not_hub.OrganModel.from_pretrained("user/organ").config.layer_range == (1, 3)
+        try:
+            not_hub.OrganModel.from_pretrained("user/other")
+            raise SystemExit("loaded without server or cache")
+        except OrganNotFoundError as err:
+            assert "user/other" in str(err), err
     """,
     )
