@@ -14,6 +14,7 @@ nowhere else in the package:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -292,3 +293,46 @@ def point_layer_config(layer: nn.Module, config) -> None:
 def parameter_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(module.parameters())
     return param.device, param.dtype
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every parameter, buffer and child with `module`, but with its own child table."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def build_shell(model: nn.Module, layers: list[nn.Module], per_layer_values: dict[str, list] | None = None):
+    """A causal LM that runs `layers` between `model`'s own embeddings and its final norm + LM head.
+
+    This is the NOT training wrapper, made from the family's own forward (masks, rotary or alibi positions, ...):
+    every module on the path from the top model to the layer stack is shallow-copied and the stack is replaced by
+    `layers`, so the donor's embeddings, final norm and LM head are *shared*, not copied, and the donor object
+    itself is left as it was. The shell has its own config (a copy) with `num_hidden_layers = len(layers)` and the
+    given per-layer lists (e.g. the organ's `layer_types`).
+    """
+    spec = resolve_architecture(model)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(layers)
+    # The layers keep their own `layer_idx` (e.g. donor indices 10..12), which a KV cache of len(layers) slots would
+    # not fit; the shell is for training and scoring, which need no cache.
+    config.use_cache = False
+    for name, values in (per_layer_values or {}).items():
+        if values is not None:
+            setattr(config, name, list(values))
+    if hasattr(config, "transplants"):
+        delattr(config, "transplants")
+    shell = _shallow_copy(model)
+    shell.config = config
+    *parents, leaf = spec.layers.split(".")
+    parent = shell
+    for name in parents:
+        child = _shallow_copy(parent._modules[name])
+        if isinstance(getattr(child, "config", None), type(config)):
+            child.config = config
+        parent._modules[name] = child
+        parent = child
+    parent._modules[leaf] = nn.ModuleList(layers)
+    return shell

@@ -1,0 +1,166 @@
+"""Text for training and evaluation: load documents, split them by document, tokenise and pack into blocks.
+
+Documents come from a Hub dataset id, a local text / jsonl / json file or folder, or a list of strings, always
+through `datasets`. Splits are made **by document** (seeded, reproducible), so no held-out document is ever seen in
+training; blocks are packed *within* a split only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".java", ".cs", ".py")
+
+
+def load_documents(
+    source: str | os.PathLike | list[str],
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    unit: str | None = None,
+    limit: int | None = None,
+    revision: str | None = None,
+) -> list[str]:
+    """Load documents as a list of strings.
+
+    Args:
+        source: a list of strings; a local file (`.txt`-like, `.jsonl`, `.json`); a local folder (every text file
+            is one document, or one per line/paragraph with `unit`); or a Hub dataset id.
+        text_field: the column holding the text (json/jsonl files and Hub datasets).
+        split: the split of a Hub dataset.
+        unit: how a text file is cut into documents: "file" (the whole file), "line" (one per non-empty line, e.g.
+            one function per line) or "paragraph" (blank-line separated). Default: "file" inside folders,
+            "paragraph" for a single file.
+        limit: keep at most this many documents (the first ones).
+        revision: the Hub dataset's revision.
+
+    Returns:
+        Non-empty documents, in source order.
+    """
+    if isinstance(source, (list, tuple)):
+        docs = [str(d) for d in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise FileNotFoundError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
+            docs = _cut(ds["text"], unit or "file")
+        elif path.is_file() and path.suffix in (".json", ".jsonl"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            if text_field not in ds.column_names:
+                raise ValueError(f"{path} has no field {text_field!r}; its fields are {ds.column_names}")
+            docs = [str(t) for t in ds[text_field]]
+        elif path.is_file():
+            ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+            docs = _cut(ds["text"], unit or "paragraph")
+        elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+            ds = datasets.load_dataset(str(source), split=split, revision=revision)
+            docs = [str(t) for t in ds[text_field]]
+        else:
+            raise FileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id")
+    docs = [d.strip() for d in docs if d and d.strip()]
+    return docs[:limit] if limit is not None else docs
+
+
+def _cut(texts: list[str], unit: str) -> list[str]:
+    if unit == "file":
+        return list(texts)
+    if unit == "line":
+        return [line for text in texts for line in text.splitlines()]
+    if unit == "paragraph":
+        return [p for text in texts for p in text.replace("\r\n", "\n").split("\n\n")]
+    raise ValueError(f"unit={unit!r} is not one of 'file', 'line', 'paragraph'")
+
+
+@dataclass
+class DocumentSplits:
+    """Train / validation / test documents, disjoint by document, with a description for the organ's metadata."""
+
+    train: list[str]
+    validation: list[str]
+    test: list[str]
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        overlap = (set(self.train) & set(self.validation)) | (set(self.train) & set(self.test))
+        if overlap:
+            # Exact duplicates across splits would leak held-out text into training.
+            self.validation = [d for d in self.validation if d not in set(self.train)]
+            self.test = [d for d in self.test if d not in set(self.train)]
+        self.description.setdefault("documents", {k: len(getattr(self, k)) for k in ("train", "validation", "test")})
+        self.description["removed_cross_split_duplicates"] = len(overlap)
+
+
+def split_documents(
+    docs: list[str],
+    *,
+    validation: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    description: dict | None = None,
+) -> DocumentSplits:
+    """Shuffle documents with `seed` and cut them into train / validation / test by document.
+
+    The result depends only on the documents and the seed (not on their order): each document is ranked by a seeded
+    hash of its text.
+    """
+    if not 0 <= validation < 1 or not 0 <= test < 1 or validation + test >= 1:
+        raise ValueError(f"validation={validation}, test={test}: fractions must be in [0, 1) and sum to < 1")
+    unique = sorted(set(docs), key=lambda d: hashlib.sha256(f"{seed}|{d}".encode()).hexdigest())
+    n_val, n_test = round(len(unique) * validation), round(len(unique) * test)
+    if (validation and not n_val) or (test and not n_test) or len(unique) - n_val - n_test < 1:
+        raise ValueError(f"{len(unique)} distinct documents are too few for validation={validation}, test={test}")
+    return DocumentSplits(
+        train=unique[n_val + n_test :],
+        validation=unique[:n_val],
+        test=unique[n_val : n_val + n_test],
+        description={"seed": seed, "validation_fraction": validation, "test_fraction": test, **(description or {})},
+    )
+
+
+def pack_blocks(
+    docs: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    shuffle_seed: int | None = None,
+) -> datasets.Dataset:
+    """Tokenise documents (EOS after each) and pack the token stream into `block_size` blocks.
+
+    Returns a `datasets.Dataset` with an `input_ids` column of equal-length blocks; the tail that does not fill a
+    block is dropped. With `shuffle_seed`, documents are shuffled before packing (training data).
+    """
+    if shuffle_seed is not None:
+        docs = list(docs)
+        random.Random(shuffle_seed).shuffle(docs)
+    eos = tokenizer.eos_token_id
+    ds = datasets.Dataset.from_dict({"text": list(docs)})
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + ([eos] if eos is not None else []) for x in ids]}
+
+    def pack(batch):
+        stream = [t for ids in batch["input_ids"] for t in ids]
+        n = len(stream) // block_size
+        return {"input_ids": [stream[i * block_size : (i + 1) * block_size] for i in range(n)]}
+
+    ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenising")
+    # One packing batch over everything: blocks may span documents (standard causal-LM packing) but never splits.
+    ds = ds.map(pack, batched=True, batch_size=None, desc="packing")
+    return ds.with_format("torch")
+
+
+def tokenize_documents(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each document (no special tokens), for evaluation that respects document boundaries."""
+    return tokenizer(list(docs), add_special_tokens=False)["input_ids"]
