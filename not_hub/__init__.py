@@ -23,7 +23,14 @@ from .configuration_organ import OrganConfig
 from .extraction import default_layer_range, extract_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
-from .transplant import Transplant, capture_layer_inputs, check_compatibility, transplant_into, transplants_of
+from .transplant import (
+    Transplant,
+    capture_layer_inputs,
+    check_compatibility,
+    standalone_shell,
+    transplant_into,
+    transplants_of,
+)
 from .version import __version__
 
 AutoConfig.register(OrganConfig.model_type, OrganConfig, exist_ok=True)
@@ -46,6 +53,7 @@ __all__ = [
     "list_organs",
     "push_recipient",
     "resolve_architecture",
+    "standalone_shell",
     "transplant_into",
     "transplants_of",
 ]

@@ -39,6 +39,7 @@ _ORGAN_FIELDS = (
     "training",
     "evaluation",
     "license",
+    "bridges",
 )
 
 
@@ -65,6 +66,8 @@ class OrganConfig(PreTrainedConfig):
             "metric", "value", "baseline", "position", "mode"}, ...], "best_position": int}`; `baseline` is the
             untouched model's figure on the same data. Rendered in the card and its `model-index`.
         license (`str`, *optional*): the organ's licence, inherited from the donor when known.
+        bridges (`bool`): the checkpoint also holds trained linear bridges (`bridge_in`, `bridge_out`) used by
+            `transplant_into(..., mode="bridge")`.
 
     Example:
         ```python
@@ -96,6 +99,7 @@ class OrganConfig(PreTrainedConfig):
         training: dict | None = None,
         evaluation: dict | None = None,
         license: str | None = None,
+        bridges: bool = False,
         **kwargs: Any,
     ):
         _check_format_version(format_version)
@@ -124,6 +128,7 @@ class OrganConfig(PreTrainedConfig):
         self.training = training
         self.evaluation = evaluation
         self.license = license
+        self.bridges = bool(bridges)
         super().__init__(**kwargs)
 
     @property

@@ -164,3 +164,41 @@ def pack_blocks(
 def tokenize_documents(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Token ids of each document (no special tokens), for evaluation that respects document boundaries."""
     return tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class BlockData:
+    """Packed token blocks for training (`train`) and validation (`validation`), with a description."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        return len(self.train[0]["input_ids"])
+
+
+def make_blocks(
+    splits: DocumentSplits, tokenizer: PreTrainedTokenizerBase, block_size: int = 256, *, seed: int = 0
+) -> BlockData:
+    """Pack a split's train and validation documents into blocks (train documents shuffled with `seed`)."""
+    train = pack_blocks(splits.train, tokenizer, block_size, shuffle_seed=seed)
+    if len(train) == 0:
+        raise ValueError(
+            f"the training documents hold fewer than block_size={block_size} tokens; pass more text or a smaller "
+            "block_size"
+        )
+    validation = pack_blocks(splits.validation, tokenizer, block_size) if splits.validation else None
+    description = {
+        **splits.description,
+        "block_size": block_size,
+        "train_blocks": len(train),
+        "validation_blocks": len(validation) if validation is not None else 0,
+        "train_tokens": len(train) * block_size,
+    }
+    return BlockData(
+        train=train,
+        validation=validation if validation is not None and len(validation) else None,
+        description=description,
+    )

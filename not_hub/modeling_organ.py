@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import build_decoder_layer, import_decoder_layer_class
+from .bridges import identity_bridge
 from .configuration_organ import OrganConfig
 from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError
 from .integrity import config_sha256, tensor_sha256
@@ -73,8 +74,19 @@ class OrganModel(PreTrainedModel):
         layer_cls = import_decoder_layer_class(config.signature["decoder_layer_class"])
         start, stop = config.layer_range
         self.layers = nn.ModuleList(build_decoder_layer(layer_cls, donor_config, i) for i in range(start, stop))
+        if config.bridges:
+            self.bridge_in = identity_bridge(config.signature["hidden_size"])
+            self.bridge_out = identity_bridge(config.signature["hidden_size"])
         self._no_split_modules = [layer_cls.__name__]
         self.post_init()
+
+    def add_bridges(self) -> None:
+        """Give the organ identity-initialised bridges (saved with it; used by `mode="bridge"` transplants)."""
+        if not self.config.bridges:
+            dtype = next(self.parameters()).dtype
+            self.bridge_in = identity_bridge(self.config.signature["hidden_size"], dtype=dtype)
+            self.bridge_out = identity_bridge(self.config.signature["hidden_size"], dtype=dtype)
+            self.config.bridges = True
 
     def _init_weights(self, module: nn.Module) -> None:
         # An organ's weights always come from a donor or a checkpoint; nothing to initialise.
@@ -125,7 +137,10 @@ class OrganModel(PreTrainedModel):
         return check_compatibility(self, recipient)
 
     def transplant_into(self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
-        """Graft this organ into `recipient` in place; see `not_hub.transplant.transplant_into`."""
+        """Graft this organ into `recipient` in place ("replace", "insert" or "bridge").
+
+        See `not_hub.transplant.transplant_into` for the arguments; returns a `Transplant` with `.explant()`.
+        """
         from .transplant import transplant_into
 
         return transplant_into(self, recipient, position=position, mode=mode)

@@ -9,6 +9,8 @@ Index arithmetic, with k = organ size and L = recipient depth before the transpl
 - `mode="replace"`: the organ occupies recipient layers [position, position + k); 0 <= position <= L - k.
 - `mode="insert"`: the organ is placed before recipient layer `position` (after layer position - 1), so it
   occupies [position, position + k) of the new, L + k deep stack; 0 <= position <= L.
+- `mode="bridge"`: as insert, with a trainable linear bridge before the organ's first layer and after its last
+  (identity-initialised, or the organ's own trained bridges), held in `BridgedLayer` wrappers.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from torch import nn
 
 from .architectures import (
     ArchitectureSpec,
+    build_shell,
     get_layer_stack,
     parameter_device_dtype,
     point_layer_config,
     renumber_layer_idx,
     resolve_architecture,
 )
+from .bridges import BridgedLayer, identity_bridge, unwrap
 from .compatibility import CompatibilityReport, compare
 from .errors import IncompatibleOrganError, InvalidModeError, InvalidPositionError, TransplantStateError
 
 logger = logging.getLogger(__name__)
 
-MODES = ("replace", "insert")
+MODES = ("replace", "insert", "bridge")
 # Live transplant records are kept on the recipient under this attribute, oldest first.
 _REGISTRY_ATTR = "_not_hub_transplants"
 
@@ -65,9 +69,57 @@ class Transplant:
     layers: list[nn.Module]
     record: dict[str, Any]
     _spec: ArchitectureSpec
+    _organ_config: Any = None
     _replaced: list[nn.Module] = field(default_factory=list)
     _replaced_per_layer: dict[str, list] = field(default_factory=dict)
+    # Recipient layers changed by recovery (module -> state before), restored on explant.
+    _neighbour_backup: list[tuple[nn.Module, dict]] = field(default_factory=list)
     active: bool = True
+
+    @property
+    def bridges(self) -> list[nn.Module]:
+        """The trainable bridges of a `mode="bridge"` transplant (empty otherwise): [bridge_in, bridge_out]."""
+        if self.mode != "bridge":
+            return []
+        return [self.layers[0].bridge_in, self.layers[-1].bridge_out]
+
+    def neighbour_layers(self, radius: int) -> list[nn.Module]:
+        """Up to `radius` recipient layers on each side of the organ (fewer at the ends of the stack)."""
+        stack = get_layer_stack(self.recipient, self._spec)
+        indices = self.layer_indices
+        lo, hi = max(0, indices[0] - radius), min(len(stack), indices[-1] + 1 + radius)
+        return [stack[i] for i in range(lo, indices[0])] + [stack[i] for i in range(indices[-1] + 1, hi)]
+
+    def backup_neighbours(self, layers: list[nn.Module]) -> None:
+        """Remember recipient layers' weights before recovery changes them, so `explant()` can restore them."""
+        known = {id(m) for m, _ in self._neighbour_backup}
+        for layer in layers:
+            if id(layer) not in known:
+                state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+                self._neighbour_backup.append((layer, state))
+
+    def to_organ(self):
+        """An `OrganModel` holding the organ's current weights in the recipient (after training), bridges included.
+
+        Save it to keep what training or recovery changed: `record.to_organ().save_pretrained(dir)`.
+        """
+        from .modeling_organ import OrganModel
+
+        config = copy.deepcopy(self._organ_config)
+        config.bridges = self.mode == "bridge"
+        organ = OrganModel(config)
+        state = {}
+        for i, layer in enumerate(self.layers):
+            for key, value in unwrap(layer).state_dict().items():
+                state[f"layers.{i}.{key}"] = value.detach().to("cpu", copy=True)
+        if config.bridges:
+            for name, bridge in zip(("bridge_in", "bridge_out"), self.bridges, strict=True):
+                for key, value in bridge.state_dict().items():
+                    state[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+        organ.to(next(iter(state.values())).dtype)
+        organ.load_state_dict(state, strict=True)
+        organ.name_or_path = self.record.get("organ") or ""
+        return organ.eval()
 
     @property
     def layer_indices(self) -> list[int]:
@@ -101,6 +153,8 @@ class Transplant:
                 new_layers[start : start + k] = self._replaced
             else:
                 del new_layers[start : start + k]
+            for layer, state in self._neighbour_backup:
+                layer.load_state_dict(state)
             _set_stack(stack, new_layers)
             for name in self._spec.per_layer_config:
                 values = getattr(config, name, None)
@@ -206,7 +260,10 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
         recipient: a transformers decoder-only causal LM.
         position: 0-based index of the first recipient layer the organ occupies (default: the organ's
             `layer_range` start, i.e. where it came from in the donor).
-        mode: "replace" swaps layers [position, position + k); "insert" adds the organ before `position`.
+        mode: "replace" swaps layers [position, position + k); "insert" adds the organ before `position`;
+            "bridge" inserts it between trainable identity-initialised linear bridges (`record.bridges`). A
+            bridge-mode recipient is not a plain transformers checkpoint: save the organ and its trained bridges
+            with `record.to_organ().save_pretrained(dir)` and transplant that again with `mode="bridge"`.
 
     Returns:
         A `Transplant` record; call `.explant()` to restore the recipient bit-exactly.
@@ -215,7 +272,7 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
         UnsupportedArchitectureError: the recipient is not a decoder-only causal LM.
         IncompatibleOrganError: a structural field differs (the message names it; `.report` has all).
         InvalidPositionError: `position` is out of range or overlaps an organ already transplanted.
-        InvalidModeError: `mode` is not "replace" or "insert".
+        InvalidModeError: `mode` is not "replace", "insert" or "bridge".
 
     Example:
         ```python
@@ -251,6 +308,8 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
     neighbour = stack[min(position, depth - 1)] if mode == "replace" else stack[max(position - 1, 0)]
     device, dtype = parameter_device_dtype(neighbour)
     new_layers = [copy.deepcopy(layer).to(device=device, dtype=dtype) for layer in organ.layers]
+    if mode == "bridge":
+        new_layers = _wrap_with_bridges(organ, new_layers, device, dtype)
     config = recipient.config
     hook = getattr(neighbour, "_hf_hook", None)
     record = {
@@ -304,6 +363,7 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
         layers=new_layers,
         record=record,
         _spec=spec,
+        _organ_config=copy.deepcopy(organ.config),
         _replaced=replaced,
         _replaced_per_layer=replaced_per_layer,
     )
@@ -312,6 +372,41 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
     getattr(recipient, _REGISTRY_ATTR).append(transplant)
     logger.info("transplanted %d layers at position %d (%s) -> %d layers", k, position, mode, len(stack))
     return transplant
+
+
+def _wrap_with_bridges(organ, layers: list[nn.Module], device, dtype) -> list[nn.Module]:
+    """Put `bridge_in` before the first organ layer and `bridge_out` after the last (one wrapper if k == 1)."""
+    hidden = organ.config.signature["hidden_size"]
+    if organ.config.bridges:
+        bridge_in, bridge_out = copy.deepcopy(organ.bridge_in), copy.deepcopy(organ.bridge_out)
+    else:
+        bridge_in, bridge_out = identity_bridge(hidden), identity_bridge(hidden)
+    bridge_in, bridge_out = bridge_in.to(device=device, dtype=dtype), bridge_out.to(device=device, dtype=dtype)
+    if len(layers) == 1:
+        return [BridgedLayer(layers[0], bridge_in, bridge_out)]
+    return [
+        BridgedLayer(layers[0], bridge_in=bridge_in),
+        *layers[1:-1],
+        BridgedLayer(layers[-1], bridge_out=bridge_out),
+    ]
+
+
+def standalone_shell(organ, donor: nn.Module):
+    """The NOT standalone wrapper: `donor`'s frozen embeddings -> the organ's layers -> its final norm and LM head.
+
+    Shares the donor's modules (no second copy of its weights) and runs the organ's own layer objects, so training
+    the shell trains the organ.
+    """
+    start, stop = organ.config.layer_range
+    per_layer = {
+        name: (organ.config.donor_config.get(name) or [None] * stop)[start:stop]
+        for name in resolve_architecture(donor).per_layer_config
+        if organ.config.donor_config.get(name)
+    }
+    shell = build_shell(donor, list(organ.layers), per_layer)
+    for layer in organ.layers:
+        point_layer_config(layer, shell.config)
+    return shell
 
 
 def transplants_of(recipient: nn.Module) -> list[Transplant]:

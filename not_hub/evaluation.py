@@ -1,0 +1,215 @@
+"""Evaluation: sliding-window perplexity that respects document boundaries, and position sweeps."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .data import BlockData, tokenize_documents
+
+
+@dataclass
+class PerplexityResult:
+    """`perplexity = exp(nll)`, the mean negative log-likelihood over `tokens` scored tokens."""
+
+    perplexity: float
+    nll: float
+    tokens: int
+
+
+def _as_token_lists(documents, tokenizer) -> list[list[int]]:
+    if documents and isinstance(documents[0], str):
+        if tokenizer is None:
+            raise ValueError("documents are strings: pass tokenizer=... to tokenise them")
+        return tokenize_documents(documents, tokenizer)
+    return [list(map(int, d)) for d in documents]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    documents: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int = 512,
+    stride: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Sliding-window perplexity over documents, never letting a window span two documents.
+
+    Each document is scored on its own: the first window covers its first `max_length` tokens; each next window
+    ends `stride` tokens later (default `max_length // 2`, at most `max_length - 1`) and scores only the tokens it
+    adds, with the rest of the window as context. Every token after the document's first is scored exactly once,
+    with context from its own document only. The first token of a document has no context and is not scored.
+
+    Args:
+        model: a causal LM (eval mode is used, and restored).
+        documents: strings (with `tokenizer`) or token-id lists.
+        max_length: window length in tokens.
+        stride: window step; smaller gives each token more context at more compute.
+
+    Returns:
+        `PerplexityResult(perplexity, nll, tokens)`.
+    """
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride={stride} must be in [1, max_length={max_length}]")
+    docs = _as_token_lists(list(documents), tokenizer)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, scored = 0.0, 0
+    # Each window scores the tokens after the previous window's end, with up to max_length tokens of context from
+    # the same document; it advances by `stride`, but by at most max_length - 1 so that a new token always has at
+    # least one token of context inside its window.
+    step = min(stride, max_length - 1) if max_length > 1 else 1
+    for doc in tqdm(docs, desc="perplexity", unit="doc", disable=not progress):
+        n = len(doc)
+        if n < 2:
+            continue
+        first, end = 1, min(max_length, n)  # score positions [first, end)
+        while True:
+            begin = max(0, end - max_length)
+            ids = torch.tensor(doc[begin:end], device=device)[None]  # (1, T)
+            logits = model(input_ids=ids, use_cache=False).logits[0].float()  # (T, V)
+            # The token at position p is predicted by the logits at position p - 1.
+            logp = torch.log_softmax(logits[first - begin - 1 : end - begin - 1], dim=-1)
+            targets = ids[0, first - begin : end - begin]
+            total_nll -= float(logp.gather(1, targets[:, None]).sum())
+            scored += end - first
+            if end == n:
+                break
+            first, end = end, min(end + step, n)
+    model.train(was_training)
+    if scored == 0:
+        raise ValueError("no token could be scored: every document is shorter than 2 tokens")
+    nll = total_nll / scored
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored)
+
+
+@dataclass
+class SweepResult:
+    """Perplexity for each (mode, position), with the untouched recipient's figure and per-mode statistics."""
+
+    baseline: PerplexityResult
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per mode: mean and (population) variance of perplexity across positions, and the best position."""
+        out = {}
+        for mode in sorted({r["mode"] for r in self.rows}):
+            values = [r["perplexity"] for r in self.rows if r["mode"] == mode]
+            best = min((r for r in self.rows if r["mode"] == mode), key=lambda r: r["perplexity"])
+            out[mode] = {
+                "mean": statistics.fmean(values),
+                "variance": statistics.pvariance(values),
+                "best_position": best["position"],
+                "best_perplexity": best["perplexity"],
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": vars(self.baseline), "rows": self.rows, "summary": self.summary()}
+
+
+def position_sweep(
+    organ,
+    recipient: nn.Module,
+    documents: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    positions: Sequence[int] | None = None,
+    modes: Sequence[str] = ("replace",),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int = 512,
+    stride: int | None = None,
+    recovery_data: BlockData | None = None,
+    recovery_kwargs: dict | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Perplexity of `recipient` with `organ` transplanted at each position and mode (explanted after each).
+
+    Without recovery by default; with `recovery_data`, each transplant is recovery-fine-tuned first
+    (`not_hub.training.recover(**recovery_kwargs)`) and the recipient is still restored bit-exactly afterwards.
+
+    Args:
+        positions: positions to try (default: every valid one for the first mode).
+        modes: any of "replace", "insert", "bridge".
+
+    Returns:
+        `SweepResult` with one row per (mode, position), the untouched baseline and `summary()` statistics.
+    """
+    docs = _as_token_lists(list(documents), tokenizer)
+    baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
+    depth = recipient.config.num_hidden_layers
+    k = organ.config.num_layers
+    result = SweepResult(baseline=baseline)
+    jobs = []
+    for mode in modes:
+        valid = range(0, depth - k + 1) if mode == "replace" else range(0, depth + 1)
+        jobs += [(mode, p) for p in (positions if positions is not None else valid) if p in valid]
+    for mode, position in tqdm(jobs, desc="position sweep", unit="transplant", disable=not progress):
+        record = organ.transplant_into(recipient, position=position, mode=mode)
+        try:
+            row: dict[str, Any] = {"mode": mode, "position": position}
+            if recovery_data is not None:
+                from .training import recover
+
+                metrics = recover(recipient, record, recovery_data, **{"progress": False, **(recovery_kwargs or {})})
+                row["recovery_wall_clock_s"] = metrics["wall_clock_s"]
+            ppl = perplexity(recipient, docs, max_length=max_length, stride=stride)
+            row.update(
+                perplexity=ppl.perplexity,
+                nll=ppl.nll,
+                tokens=ppl.tokens,
+                ratio_to_baseline=ppl.perplexity / baseline.perplexity,
+            )
+            result.rows.append(row)
+        finally:
+            record.explant()
+    return result
+
+
+def add_evaluation_result(
+    config,
+    *,
+    dataset: str,
+    value: float,
+    baseline: float,
+    position: int,
+    mode: str,
+    split: str = "test",
+    metric: str = "perplexity",
+    dataset_type: str | None = None,
+    **extra: Any,
+) -> None:
+    """Record an evaluation in an `OrganConfig` (shown in the card and its model-index); replaces a same-key entry."""
+    evaluation = dict(config.evaluation or {})
+    results = [
+        r
+        for r in evaluation.get("results", [])
+        if (r.get("dataset"), r.get("split"), r.get("position"), r.get("mode"), r.get("recovered"))
+        != (dataset, split, position, mode, extra.get("recovered"))
+    ]
+    results.append(
+        {
+            "dataset": dataset,
+            "dataset_type": dataset_type or dataset,
+            "split": split,
+            "metric": metric,
+            "value": round(float(value), 4),
+            "baseline": round(float(baseline), 4),
+            "position": position,
+            "mode": mode,
+            **extra,
+        }
+    )
+    evaluation["results"] = results
+    config.evaluation = evaluation

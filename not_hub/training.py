@@ -1,0 +1,386 @@
+"""Training on accelerate: standalone organ training (the paper), in-situ training, recovery, bridge training.
+
+All four share one loop (`_fit`): AdamW, linear warmup then linear decay, gradient accumulation, mixed precision
+where the hardware has it, multi-process via `accelerate launch`, a progress bar with loss and tokens/s, periodic
+validation with the best weights kept, and resumable checkpoints (a run killed mid-way and resumed reaches the same
+weights as an uninterrupted run: the data order of each epoch depends only on the seed and the epoch).
+Only the parameters being trained get gradients; every other weight is left bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .data import BlockData
+from .transplant import Transplant, standalone_shell
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("standalone", "in_situ")
+_STATE_FILE = "trainer_state.json"
+_BEST_FILE = "best_params.safetensors"
+
+
+@dataclass
+class TrainingArguments:
+    """Hyper-parameters of a training run (paper defaults: 5 epochs, lr 1e-4, 10% linear warmup, AdamW).
+
+    Args:
+        epochs: passes over the training blocks.
+        lr: peak learning rate.
+        warmup_ratio: fraction of optimizer steps with linear warmup (then linear decay to 0).
+        weight_decay: AdamW weight decay.
+        batch_size: blocks per process per micro-batch.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        max_grad_norm: gradient clipping (None: off).
+        max_steps: stop after this many optimizer steps (the schedule is laid out for them).
+        eval_every: validate every N optimizer steps (default: once per epoch); the best weights are kept.
+        save_every: write a resumable checkpoint every N optimizer steps into `output_dir` (default: each epoch).
+        output_dir: where checkpoints go; `None` trains without checkpoints.
+        resume: continue from the newest checkpoint in `output_dir` if there is one.
+        seed: seeds the data order and initialisation-free randomness.
+        mixed_precision: "no", "bf16" or "fp16" (default: bf16 on a CUDA GPU, otherwise no).
+        progress: show a progress bar (main process only).
+    """
+
+    epochs: float = 5.0
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    output_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    mixed_precision: str | None = None
+    progress: bool = True
+
+
+def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
+    args = TrainingArguments(**asdict(args)) if args is not None else TrainingArguments()
+    for key, value in kwargs.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
+        setattr(args, key, value)
+    return args
+
+
+class _Frozen:
+    """Freeze every parameter of `model` except `trainable`; restore the original flags (and train/eval) on exit."""
+
+    def __init__(self, model: nn.Module, trainable: Iterable[nn.Parameter]):
+        self.model, self.trainable = model, list(trainable)
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.was_training = self.model.training
+        ids = {id(p) for p in self.trainable}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in ids)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+        return False
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, blocks, batch_size: int = 8) -> float:
+    """Mean next-token loss of `model` over packed blocks (each block scored independently)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size]["input_ids"].to(device)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total, count = total + float(loss) * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / _STATE_FILE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _fit(model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str) -> dict:
+    """The shared loop: trains `params` of `model` on `data.train`; returns metrics. Leaves the best weights in."""
+    if args.mixed_precision is None:
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    else:
+        mixed = args.mixed_precision
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed)
+    names = {id(p): n for n, p in model.named_parameters()}
+    param_names = [names[id(p)] for p in params]
+
+    with _Frozen(model, params):
+        model.train()
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        micro_per_epoch = math.ceil(len(data.train) / (args.batch_size * accelerator.num_processes))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
+        total_steps = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+        eval_every = args.eval_every or steps_per_epoch
+        save_every = args.save_every or steps_per_epoch
+        output_dir = Path(args.output_dir) if args.output_dir else None
+
+        state = {
+            "step": 0,
+            "tokens_seen": 0,
+            "best_validation_loss": None,
+            "best_step": None,
+            "train_loss": None,
+            "wall_clock_s": 0.0,
+            "history": [],
+        }
+        best: dict[str, torch.Tensor] | None = None
+        checkpoint = _latest_checkpoint(output_dir) if output_dir and args.resume else None
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            state = json.loads((checkpoint / _STATE_FILE).read_text())
+            scheduler.load_state_dict(state.pop("scheduler"))
+            if (checkpoint / _BEST_FILE).is_file():
+                best = load_file(checkpoint / _BEST_FILE)
+            logger.warning("resuming %s from %s (step %d of %d)", label, checkpoint, state["step"], total_steps)
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            return {n: p.detach().to("cpu", copy=True) for n, p in zip(param_names, params, strict=True)}
+
+        def save_checkpoint() -> None:
+            if output_dir is None:
+                return
+            accelerator.wait_for_everyone()
+            target = output_dir / f"checkpoint-{state['step']}"
+            tmp = output_dir / f".tmp-checkpoint-{state['step']}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every process has written its part before the folder is renamed
+            if accelerator.is_main_process:
+                if best is not None:
+                    save_file(best, tmp / _BEST_FILE)
+                (tmp / _STATE_FILE).write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)  # a kill mid-save never leaves a half-written checkpoint behind
+                for old in output_dir.glob("checkpoint-*"):
+                    if old != target:
+                        shutil.rmtree(old, ignore_errors=True)
+            accelerator.wait_for_everyone()
+
+        def validate() -> None:
+            nonlocal best
+            if data.validation is None:
+                return
+            loss = validation_loss(accelerator.unwrap_model(wrapped), data.validation, args.batch_size)
+            state["history"].append(
+                {"step": state["step"], "validation_loss": loss, "train_loss": state["train_loss"]}
+            )
+            if state["best_validation_loss"] is None or loss < state["best_validation_loss"]:
+                state["best_validation_loss"], state["best_step"] = loss, state["step"]
+                best = snapshot()
+
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc=label,
+            unit="step",
+            disable=not (args.progress and accelerator.is_local_main_process),
+        )
+        t_start = time.perf_counter() - state["wall_clock_s"]
+        if state["step"] == 0 and data.validation is not None:
+            validate()  # the starting point counts: training must beat it to be kept
+        while state["step"] < total_steps:
+            epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
+            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            loader = DataLoader(
+                data.train,
+                batch_size=args.batch_size,
+                sampler=RandomSampler(data.train, generator=generator),
+                drop_last=False,
+            )
+            loader = accelerator.prepare_data_loader(loader, device_placement=True)
+            if done_in_epoch:
+                loader = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
+            t_tokens, t0 = 0, time.perf_counter()
+            for batch in loader:
+                ids = batch["input_ids"]
+                with accelerator.accumulate(wrapped):
+                    loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                t_tokens += ids.numel() * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state["step"] += 1
+                state["tokens_seen"] += t_tokens
+                mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                ema = state["train_loss"]
+                state["train_loss"] = mean_loss if ema is None else 0.9 * ema + 0.1 * mean_loss
+                rate = t_tokens / max(time.perf_counter() - t0, 1e-9)
+                t_tokens, t0 = 0, time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{state['train_loss']:.3f}", tok_s=f"{rate:,.0f}")
+                state["wall_clock_s"] = time.perf_counter() - t_start
+                if state["step"] % eval_every == 0 or state["step"] == total_steps:
+                    validate()
+                if state["step"] % save_every == 0 or state["step"] == total_steps:
+                    save_checkpoint()
+                if state["step"] >= total_steps:
+                    break
+        bar.close()
+        state["wall_clock_s"] = time.perf_counter() - t_start
+        if best is not None:  # keep the best validation weights
+            with torch.no_grad():
+                for name, p in zip(param_names, params, strict=True):
+                    p.copy_(best[name].to(p.device, p.dtype))
+        accelerator.free_memory()
+    return {
+        "steps": state["step"],
+        "epochs": args.epochs if not args.max_steps else state["step"] / steps_per_epoch,
+        "tokens_seen": state["tokens_seen"],
+        "lr": args.lr,
+        "warmup_ratio": args.warmup_ratio,
+        "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": mixed,
+        "seed": args.seed,
+        "final_train_loss": state["train_loss"],
+        "best_validation_loss": state["best_validation_loss"],
+        "best_step": state["best_step"],
+        "wall_clock_s": round(state["wall_clock_s"], 2),
+        "history": state["history"],
+    }
+
+
+def train_organ(
+    organ,
+    donor: nn.Module,
+    data: BlockData,
+    *,
+    method: str = "standalone",
+    args: TrainingArguments | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Train an organ's layers; only organ weights get gradients, the donor is left bit-identical.
+
+    Args:
+        organ: the `OrganModel` to train (in place).
+        donor: the model the organ came from (its frozen embeddings, final norm and LM head are used, not copied).
+        data: packed blocks (`not_hub.data.make_blocks`).
+        method: "standalone" (the paper: embeddings -> organ -> final norm -> LM head) or "in_situ" (the organ at
+            its own slot inside the frozen donor, every other weight frozen).
+        args / kwargs: `TrainingArguments` (kwargs override fields, e.g. `epochs=1, lr=3e-4`).
+
+    Returns:
+        The training metrics, also written to `organ.config.training` (data description, tokens seen, steps, lr,
+        final train loss, best validation loss, wall-clock).
+
+    Example:
+        ```python
+        >>> metrics = not_hub.train_organ(organ, donor, blocks, epochs=1, output_dir="runs/organ")
+        ```
+    """
+    from .errors import InvalidModeError
+
+    if method not in METHODS:
+        raise InvalidModeError(f"method={method!r} is not supported; expected one of {METHODS}")
+    args = _args(args, kwargs)
+    torch.manual_seed(args.seed)
+    if method == "standalone":
+        shell = standalone_shell(organ, donor)
+        metrics = _fit(shell, list(organ.parameters()), data, args, "organ (standalone)")
+    else:
+        record = organ.transplant_into(donor, position=organ.config.layer_range[0], mode="replace")
+        try:
+            params = [p for layer in record.layers for p in layer.parameters()]
+            metrics = _fit(donor, params, data, args, "organ (in situ)")
+            organ.load_state_dict(record.to_organ().state_dict())
+        finally:
+            record.explant()
+    organ.eval()
+    organ.config.training = {"method": method, "data": data.description, **metrics}
+    return metrics
+
+
+def recover(
+    recipient: nn.Module,
+    transplant: Transplant,
+    data: BlockData,
+    *,
+    radius: int = 1,
+    args: TrainingArguments | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Recovery fine-tuning: train the transplanted organ and `radius` neighbouring layers on each side.
+
+    Everything else in the recipient stays frozen. The neighbours' weights before recovery are kept in the
+    transplant record, so `transplant.explant()` still restores the recipient bit-exactly. Paper: 3-5 epochs.
+
+    Returns:
+        The training metrics, also stored in the transplant's record (and so in `recipient.config.transplants`).
+    """
+    args = _args(args, {"epochs": 3.0, **kwargs})
+    torch.manual_seed(args.seed)
+    neighbours = transplant.neighbour_layers(radius)
+    transplant.backup_neighbours(neighbours)
+    params = [p for layer in [*transplant.layers, *neighbours] for p in layer.parameters()]
+    metrics = _fit(recipient, params, data, args, f"recovery (radius {radius})")
+    recipient.eval()
+    transplant.record["recovery"] = {"radius": radius, **{k: v for k, v in metrics.items() if k != "history"}}
+    return metrics
+
+
+def train_bridges(
+    recipient: nn.Module,
+    transplant: Transplant,
+    data: BlockData,
+    *,
+    args: TrainingArguments | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Train only the bridges of a `mode="bridge"` transplant (the organ and the recipient stay frozen)."""
+    from .errors import InvalidModeError
+
+    if transplant.mode != "bridge":
+        raise InvalidModeError(
+            f"this transplant has mode={transplant.mode!r}; bridges exist only with transplant_into(..., mode='bridge')"
+        )
+    args = _args(args, kwargs)
+    torch.manual_seed(args.seed)
+    params = [p for bridge in transplant.bridges for p in bridge.parameters()]
+    metrics = _fit(recipient, params, data, args, "bridges")
+    recipient.eval()
+    transplant.record["bridge_training"] = {k: v for k, v in metrics.items() if k != "history"}
+    return metrics
