@@ -7,6 +7,7 @@ come from `--validation-data` / `--test-data` when given, otherwise from a seede
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -125,7 +126,10 @@ def _training_kwargs(args) -> dict:
 
 def _held_out(args, splits: DocumentSplits) -> list[str]:
     docs = splits.validation if args.split == "validation" else splits.test
-    return docs[: args.max_eval_docs] if args.max_eval_docs else docs
+    if args.max_eval_docs and len(docs) > args.max_eval_docs:
+        # A seeded, order-independent subset, so every source (e.g. both languages) is represented.
+        docs = sorted(docs, key=lambda d: hashlib.sha256(f"eval|{d}".encode()).hexdigest())[: args.max_eval_docs]
+    return docs
 
 
 def _write_json(path: str | None, payload: dict) -> None:

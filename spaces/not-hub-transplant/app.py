@@ -1,0 +1,197 @@
+"""The transplant Space (UI only; the logic is in engine.py).
+
+python spaces/not-hub-transplant/app.py        # http://127.0.0.1:7860
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+sys.path.insert(0, str(Path(__file__).parent))
+import engine  # noqa: E402
+
+from not_hub.errors import NotHubError  # noqa: E402
+
+TITLE = "not_hub: Neural Organ Transplantation"
+MODES = ["replace", "insert", "bridge"]
+HOST = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+PORT = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+CONCURRENCY_NOTE = (
+    "Requests are queued. Each transplant runs on a shared, cached recipient under a lock and is explanted before "
+    "the lock is released, so visitors never see each other's organs (the untouched model is a separate copy)."
+)
+
+
+def _error(err: Exception) -> str:
+    return f"**Error:** {err}"
+
+
+def on_check(recipient, organ, mode):
+    """Organ metadata, compatibility table (blocking rows marked) and the slider range."""
+    try:
+        meta = engine.organ_metadata(organ)
+        rows, ok = engine.compatibility(organ, recipient)
+        lo, hi = engine.position_range(organ, recipient, mode) if ok else (0, 0)
+        status = "Compatible: choose a mode and a position." if ok else "**Incompatible**: rows marked BLOCKS differ."
+        table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
+        return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=min(max(lo, 0), hi)), status
+    except (NotHubError, ValueError, OSError) as err:
+        return "", "", gr.update(), _error(err)
+
+
+def _compat_html(rows) -> str:
+    body = "".join(
+        f"<tr style='background:{'#f8d7da' if r[3] == 'BLOCKS' else 'transparent'}'>"
+        + "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
+        + "</tr>"
+        for r in rows
+    )
+    return (
+        "<table id='compat'><tr><th>field</th><th>donor</th><th>recipient</th><th>status</th></tr>" + body + "</table>"
+    )
+
+
+def on_mode(recipient, organ, mode):
+    try:
+        lo, hi = engine.position_range(organ, recipient, mode)
+        return gr.update(minimum=lo, maximum=hi)
+    except (NotHubError, ValueError, OSError):
+        return gr.update()
+
+
+def on_transplant(recipient, organ, mode, position, prompt):
+    """Transplant, show the stack and perplexities, then stream both generations side by side."""
+    try:
+        report = engine.transplant_and_measure(recipient, organ, mode, int(position))
+    except (NotHubError, ValueError, OSError) as err:
+        yield None, "", "", "", _error(err), None
+        return
+    table = (
+        "| sample | untouched | transplanted | ratio |\n|---|---|---|---|\n"
+        f"| domain (code) | {report.domain_before:.2f} | {report.domain_after:.2f} | "
+        f"{report.domain_after / report.domain_before:.2f}x |\n"
+        f"| general text | {report.general_before:.2f} | {report.general_after:.2f} | "
+        f"{report.general_after / report.general_before:.2f}x |"
+    )
+    state = {"mode": mode, "position": int(position), "organ": organ, "recipient": recipient}
+    status = f"Transplanted ({mode} at {int(position)}; recipient has {report.depth_after} layers while in use)."
+    yield report.figure, table, "", "", status, state
+    try:
+        for before, after in engine.stream_side_by_side(recipient, organ, mode, int(position), prompt):
+            yield report.figure, table, before, after, status, state
+    except (NotHubError, ValueError) as err:
+        yield report.figure, table, "", "", _error(err), state
+
+
+def on_sweep(recipient, organ, mode, progress=gr.Progress()):
+    try:
+        result = engine.sweep(recipient, organ, mode, progress=lambda f, d: progress(f, desc=d))
+    except (NotHubError, ValueError, OSError) as err:
+        return None, _error(err)
+    return result["figure"], (
+        f"Untouched: {result['baseline']:.2f}. Best position {result['best_position']}; mean {result['mean']:.2f}, "
+        f"variance {result['variance']:.2f} over {len(result['rows'])} positions."
+    )
+
+
+def on_explant(state):
+    if not state:
+        return None, "Nothing to explant: the recipient is untouched.", None
+    return None, "Explanted: the recipient is back to the untouched model (bit for bit).", None
+
+
+def on_download(state):
+    if not state:
+        return None, "Transplant first, then download."
+    try:
+        path = engine.export_folder(state["recipient"], state["organ"], state["mode"], state["position"])
+    except (NotHubError, ValueError, OSError) as err:
+        return None, _error(err)
+    return path, f"Archive ready: {Path(path).name}"
+
+
+def on_push(state, repo_id, token):
+    if not state:
+        return "Transplant first, then push."
+    try:
+        url = engine.push(state["recipient"], state["organ"], state["mode"], state["position"], repo_id, token)
+    except (NotHubError, ValueError, OSError) as err:
+        return _error(err)
+    return f"Pushed: {url}"
+
+
+def build() -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nGraft an *organ* (a few decoder layers trained elsewhere) into a model, see what "
+            f"it does, and take it out again. {CONCURRENCY_NOTE}"
+        )
+        state = gr.State(None)
+        with gr.Row():
+            recipient = gr.Textbox(engine.DEFAULT_RECIPIENT, label="Recipient (Hub id, folder or 'smollm2')")
+            organ = gr.Textbox(engine.DEFAULT_ORGAN, label="Organ (Hub id or folder)")
+            check = gr.Button("Check compatibility", variant="secondary")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            meta = gr.Markdown(elem_id="organ-meta")
+            compat = gr.HTML(elem_id="compat-table")
+        with gr.Row():
+            mode = gr.Radio(MODES, value="replace", label="Mode")
+            position = gr.Slider(0, 27, value=10, step=1, label="Position (first recipient layer of the organ)")
+        prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
+        with gr.Row():
+            go = gr.Button("Transplant", variant="primary", elem_id="transplant")
+            explant = gr.Button("Explant", elem_id="explant")
+            run_sweep = gr.Button("Position sweep", elem_id="sweep")
+        with gr.Row():
+            stack = gr.Plot(label="Layer stack")
+            with gr.Column():
+                ppl = gr.Markdown(elem_id="perplexity")
+                with gr.Row():
+                    before = gr.Textbox(label="Untouched model", lines=4, elem_id="before")
+                    after = gr.Textbox(label="Transplanted model", lines=4, elem_id="after")
+        sweep_plot = gr.Plot(label="Perplexity vs position")
+        sweep_text = gr.Markdown(elem_id="sweep-summary")
+        with gr.Accordion("Download or push the transplanted model", open=False):
+            download = gr.Button("Build archive")
+            archive = gr.File(label="Transplanted model (.zip)")
+            with gr.Row():
+                repo_id = gr.Textbox(label="Hub repo id", placeholder="your-name/smollm2-with-organ")
+                token = gr.Textbox(label="Hub token", type="password")
+            push = gr.Button("Push to the Hub")
+            push_status = gr.Markdown()
+
+        check.click(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name="check")
+        mode.change(on_mode, [recipient, organ, mode], [position], api_name=False)
+        go.click(
+            on_transplant,
+            [recipient, organ, mode, position, prompt],
+            [stack, ppl, before, after, status, state],
+            api_name="transplant",
+        )
+        run_sweep.click(on_sweep, [recipient, organ, mode], [sweep_plot, sweep_text], api_name="sweep")
+        explant.click(on_explant, [state], [stack, status, state], api_name="explant")
+        download.click(on_download, [state], [archive, status], api_name="download")
+        push.click(on_push, [state, repo_id, token], [push_status], api_name="push")
+        demo.load(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name=False)
+    return demo
+
+
+def warm_up() -> None:
+    """Load the default recipient and organ in the background so the first click is fast."""
+    try:
+        engine.CACHE.recipient(engine.DEFAULT_RECIPIENT)
+        engine.CACHE.organ(engine.DEFAULT_ORGAN)
+    except Exception as err:  # the page reports load errors itself on first use
+        print(f"warm-up failed: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    threading.Thread(target=warm_up, daemon=True).start()
+    build().queue(default_concurrency_limit=8).launch(server_name=HOST, server_port=PORT)

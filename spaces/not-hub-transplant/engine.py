@@ -1,0 +1,350 @@
+"""The transplant Space's logic: loading (cached, memory-bounded), compatibility, transplant, sweep, export.
+
+No gradio here (app.py is the UI). Every public function takes plain values and returns plain values or raises a
+`not_hub.errors` error / `SpaceError` with a message meant for the page.
+
+Concurrency: a recipient is loaded once (the untouched reference) plus one *working copy* that transplants happen
+in. Each request takes the working copy's lock, transplants, computes, and explants before releasing it, so
+concurrent visitors never see each other's organs; requests for one recipient queue behind that lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import not_hub
+from not_hub.errors import NotHubError
+from not_hub.evaluation import perplexity, position_sweep
+from not_hub.loading import load_causal_lm
+
+HERE = Path(__file__).parent
+DEFAULT_RECIPIENT = os.environ.get("NOT_HUB_SPACE_RECIPIENT", "smollm2")
+# The organ trained by this project's pipeline ships with the Space; on the Hub it is referred to by repo id.
+DEFAULT_ORGAN = os.environ.get("NOT_HUB_SPACE_ORGAN", str(HERE / "organ"))
+DEFAULT_ORGAN_REPO_ID = "not-hub/smollm2-135m-code-organ"
+MAX_MODELS = int(os.environ.get("NOT_HUB_SPACE_MAX_MODELS", "2"))
+MAX_NEW_TOKENS = 24
+EVAL_MAX_LENGTH = 256
+
+# Short samples written for this Space: a code domain (the default organ's) and general English.
+DOMAIN_SAMPLE = [
+    "public int add(int a, int b) {return a + b;}",
+    "public String getName() {return name;}",
+    "public void setValue(int value) {this.value = value;}",
+    "public boolean isEmpty() {return size == 0;}",
+    "public override string ToString() {return Name;}",
+    "public virtual void Clear() {items.Clear();count = 0;}",
+]
+GENERAL_SAMPLE = [
+    "The river rose slowly through the night, and by morning the lower fields were under water. Farmers moved "
+    "their animals to the hill behind the village, where the old church stood.",
+    "The mayor called a meeting in the school hall to decide how the town would repair the bridge before the "
+    "markets opened again in spring.",
+]
+DEFAULT_PROMPT = "public int max(int a, int b) {"
+
+
+class SpaceError(ValueError):
+    """A bad input the page should explain (empty prompt, unloadable model, ...)."""
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # untouched reference, never transplanted into
+    working: torch.nn.Module  # transplants happen here, under `lock`, and are explanted before it is released
+    tokenizer: object
+    lock: threading.Lock
+
+
+class ModelCache:
+    """At most `max_models` recipients in memory (least recently used evicted), each loaded once."""
+
+    def __init__(self, max_models: int = MAX_MODELS):
+        self.max_models = max_models
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
+        self._organs: OrderedDict[str, not_hub.OrganModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def recipient(self, name: str) -> Loaded:
+        name = (name or "").strip() or DEFAULT_RECIPIENT
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+        try:
+            model, tokenizer = load_causal_lm(name)
+        except NotHubError:
+            raise
+        except Exception as err:  # transformers raises OSError/ValueError/KeyError for unknown or odd repos
+            raise SpaceError(
+                f"could not load recipient {name!r}: {str(err).splitlines()[0][:300]}. Give a Hub repo id of a "
+                "decoder-only causal LM, a local folder, or 'smollm2'"
+            ) from None
+        not_hub.resolve_architecture(model)  # refuse encoders etc. before caching
+        loaded = Loaded(model=model, working=copy.deepcopy(model), tokenizer=tokenizer, lock=threading.Lock())
+        with self._lock:
+            self._models[name] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        return loaded
+
+    def organ(self, ref: str) -> not_hub.OrganModel:
+        ref = (ref or "").strip() or DEFAULT_ORGAN
+        with self._lock:
+            if ref in self._organs:
+                return self._organs[ref]
+        organ = not_hub.OrganModel.from_pretrained(ref)
+        with self._lock:
+            self._organs[ref] = organ
+            while len(self._organs) > 8:
+                self._organs.popitem(last=False)
+        return organ
+
+
+CACHE = ModelCache()
+
+
+def organ_metadata(organ_ref: str) -> dict:
+    """What a visitor should know about an organ before using it."""
+    organ = CACHE.organ(organ_ref)
+    c = organ.config
+    training = c.training or {}
+    return {
+        "organ": organ_ref or DEFAULT_ORGAN,
+        "donor (base_model)": c.base_model,
+        "donor layers": f"[{c.layer_range[0]}, {c.layer_range[1]}) of {c.donor_num_hidden_layers}",
+        "donor model_type": c.donor_model_type,
+        "trained": f"{training.get('method')} on {training.get('tokens_seen', 0):,} tokens" if training else "no",
+        "parameters": f"{sum(p.numel() for p in organ.parameters()):,}",
+        "bridges": c.bridges,
+    }
+
+
+def compatibility(organ_ref: str, recipient_name: str) -> tuple[list[list], bool]:
+    """Rows [field, donor, recipient, status] of the compatibility report, and whether the organ fits."""
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    report = organ.check_compatibility(loaded.model)
+    rows = []
+    for r in report.rows:
+        if r.field == "parameter_shapes":
+            donor, recipient = f"{len(r.donor or {})} tensors", f"{len(r.recipient or {})} tensors"
+        else:
+            donor, recipient = str(r.donor), str(r.recipient)
+        rows.append([r.field, donor, recipient, "BLOCKS" if r.blocking else ("ok" if r.matches else "differs")])
+    return rows, report.compatible
+
+
+def position_range(organ_ref: str, recipient_name: str, mode: str) -> tuple[int, int]:
+    """The valid positions (inclusive) for this organ, recipient and mode."""
+    organ = CACHE.organ(organ_ref)
+    depth = CACHE.recipient(recipient_name).model.config.num_hidden_layers
+    return (0, depth - organ.config.num_layers) if mode == "replace" else (0, depth)
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise SpaceError("the prompt is empty: type a few words for both models to continue")
+    return prompt
+
+
+def layer_stack_figure(depth: int, k: int, position: int, mode: str, donor_range: tuple[int, int]):
+    """The recipient's layers as a column of boxes, the organ's marked with where they came from in the donor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = depth if mode == "replace" else depth + k
+    fig, ax = plt.subplots(figsize=(3.6, max(4.0, total * 0.22)))
+    for i in range(total):
+        in_organ = position <= i < position + k
+        ax.add_patch(plt.Rectangle((0, i), 1, 0.85, color="#e4572e" if in_organ else "#a0c4e4"))
+        label = f"donor L{donor_range[0] + i - position}" if in_organ else f"L{i}"
+        ax.text(0.5, i + 0.42, label, ha="center", va="center", fontsize=7)
+    if mode == "bridge":
+        for y in (position - 0.1, position + k - 0.05):
+            ax.plot([0, 1], [y, y], color="black", linewidth=2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(total, -0.2)
+    ax.axis("off")
+    ax.set_title(f"{mode} at position {position}\n({total} layers, organ in red)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class TransplantReport:
+    position: int
+    mode: str
+    depth_after: int
+    domain_before: float
+    domain_after: float
+    general_before: float
+    general_after: float
+    figure: object
+
+
+def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, position: int) -> TransplantReport:
+    """Transplant into the working copy, measure perplexity on both samples, explant. Atomic under the lock."""
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    tok = loaded.tokenizer
+    domain_before = perplexity(loaded.model, DOMAIN_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH).perplexity
+    general_before = perplexity(loaded.model, GENERAL_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH).perplexity
+    with loaded.lock:
+        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
+        try:
+            domain_after = perplexity(loaded.working, DOMAIN_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH)
+            general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH)
+            depth_after = loaded.working.config.num_hidden_layers
+        finally:
+            record.explant()
+    depth = loaded.model.config.num_hidden_layers
+    figure = layer_stack_figure(depth, organ.config.num_layers, int(position), mode, organ.config.layer_range)
+    return TransplantReport(
+        int(position),
+        mode,
+        depth_after,
+        domain_before,
+        domain_after.perplexity,
+        general_before,
+        general_after.perplexity,
+        figure,
+    )
+
+
+@torch.no_grad()
+def stream_side_by_side(
+    recipient_name: str, organ_ref: str, mode: str, position: int, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS
+) -> Iterator[tuple[str, str]]:
+    """Greedy continuations of `prompt` by the untouched and the transplanted model, one token each per step."""
+    _check_prompt(prompt)
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    tok = loaded.tokenizer
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with loaded.lock:
+        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
+        try:
+            states = [[loaded.model, ids, None, []], [loaded.working, ids, None, []]]
+            for _ in range(max_new_tokens):
+                for state in states:
+                    model, inp, past, out = state
+                    result = model(input_ids=inp, cache=past, use_cache=True)
+                    nxt = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+                    state[1], state[2] = nxt, result.cache
+                    out.append(int(nxt))
+                yield (
+                    tok.decode(states[0][3], skip_special_tokens=True),
+                    tok.decode(states[1][3], skip_special_tokens=True),
+                )
+        finally:
+            record.explant()
+
+
+def sweep(
+    recipient_name: str,
+    organ_ref: str,
+    mode: str,
+    use_domain: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    positions: list[int] | None = None,
+) -> dict:
+    """Perplexity at every valid position (working copy, explanted after each), as a dict plus a figure."""
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    docs = DOMAIN_SAMPLE if use_domain else GENERAL_SAMPLE
+    lo, hi = position_range(organ_ref, recipient_name, mode)
+    positions = [p for p in (positions or range(lo, hi + 1)) if lo <= p <= hi]
+    rows = []
+    baseline = perplexity(loaded.model, docs, tokenizer=loaded.tokenizer, max_length=EVAL_MAX_LENGTH)
+    with loaded.lock:
+        for i, p in enumerate(positions):
+            result = position_sweep(
+                organ,
+                loaded.working,
+                docs,
+                tokenizer=loaded.tokenizer,
+                positions=[p],
+                modes=[mode],
+                max_length=EVAL_MAX_LENGTH,
+                progress=False,
+            )
+            rows.append(result.rows[0])
+            if progress:
+                progress((i + 1) / len(positions), f"position {p}")
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([r["position"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=mode)
+    ax.axhline(baseline.perplexity, color="grey", linestyle="--", label="untouched")
+    ax.set_xlabel("position")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    values = [r["perplexity"] for r in rows]
+    best = min(rows, key=lambda r: r["perplexity"])
+    return {
+        "baseline": baseline.perplexity,
+        "rows": rows,
+        "mean": statistics.fmean(values),
+        "variance": statistics.pvariance(values),
+        "best_position": best["position"],
+        "figure": fig,
+    }
+
+
+def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int) -> str:
+    """A .zip of the transplanted recipient (plain transformers folder + tokenizer); returns its path."""
+    if mode == "bridge":
+        raise SpaceError("a bridge-mode recipient is not a plain transformers model: download replace or insert")
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
+    with loaded.lock:
+        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
+        try:
+            loaded.working.save_pretrained(out / "model")
+        finally:
+            record.explant()
+    loaded.tokenizer.save_pretrained(out / "model")
+    archive = shutil.make_archive(str(out / f"transplanted-{mode}-{position}"), "zip", out / "model")
+    shutil.rmtree(out / "model")
+    return archive
+
+
+def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id: str, token: str) -> str:
+    """Push the transplanted recipient to the Hub; returns the commit URL."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise SpaceError("the Hub is not reachable from here (offline mode): use the download button instead")
+    if not repo_id or repo_id.count("/") != 1:
+        raise SpaceError(f"repo id {repo_id!r} should look like 'your-name/your-model'")
+    if mode == "bridge":
+        raise SpaceError("a bridge-mode recipient is not a plain transformers model: push replace or insert")
+    organ = CACHE.organ(organ_ref)
+    loaded = CACHE.recipient(recipient_name)
+    with loaded.lock:
+        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
+        try:
+            return not_hub.push_recipient(loaded.working, repo_id, tokenizer=loaded.tokenizer, token=token or None)
+        finally:
+            record.explant()

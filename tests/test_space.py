@@ -1,0 +1,219 @@
+"""The transplant Space: its logic module on tiny models, and the app driven over HTTP with gradio_client."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
+
+import not_hub
+
+SPACE = Path(__file__).parents[1] / "spaces" / "not-hub-transplant"
+sys.path.insert(0, str(SPACE))
+import engine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("space")
+    recipient = tiny_model("llama")
+    recipient.save_pretrained(root / "recipient")
+    tiny_tokenizer().save_pretrained(root / "recipient")
+    not_hub.extract_organ(recipient, layer_range=(2, 4)).save_pretrained(root / "organ")
+    not_hub.extract_organ(tiny_model("llama", seed=5), layer_range=(1, 3)).save_pretrained(root / "foreign-organ")
+    not_hub.extract_organ(tiny_model("qwen2"), layer_range=(1, 3)).save_pretrained(root / "qwen2-organ")
+    bert = BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128)
+    )
+    bert.save_pretrained(root / "bert")
+    tiny_tokenizer().save_pretrained(root / "bert")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------- engine
+
+
+def test_metadata_and_compatibility(assets):
+    meta = engine.organ_metadata(str(assets / "organ"))
+    assert meta["donor layers"] == "[2, 4) of 6" and meta["trained"] == "no"
+    rows, ok = engine.compatibility(str(assets / "organ"), str(assets / "recipient"))
+    assert ok and {r[0] for r in rows} >= {"hidden_size", "num_attention_heads", "decoder_layer_class"}
+    rows, ok = engine.compatibility(str(assets / "qwen2-organ"), str(assets / "recipient"))
+    assert not ok and ["decoder_layer_class"] == [
+        r[0] for r in rows if r[3] == "BLOCKS" and r[0] == "decoder_layer_class"
+    ]
+    assert engine.position_range(str(assets / "organ"), str(assets / "recipient"), "replace") == (0, 4)
+    assert engine.position_range(str(assets / "organ"), str(assets / "recipient"), "insert") == (0, 6)
+
+
+def test_identity_transplant_changes_nothing_and_working_copy_is_restored(assets, hash_state):
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    loaded = engine.CACHE.recipient(recipient)
+    before = hash_state(loaded.working)
+    report = engine.transplant_and_measure(recipient, organ, "replace", 2)
+    assert report.domain_after == pytest.approx(report.domain_before, rel=1e-6)
+    other = engine.transplant_and_measure(recipient, str(assets / "foreign-organ"), "insert", 0)
+    assert other.depth_after == 8 and other.domain_after != pytest.approx(other.domain_before, rel=1e-3)
+    assert hash_state(loaded.working) == before
+    steps = list(engine.stream_side_by_side(recipient, organ, "replace", 2, "int f(", max_new_tokens=5))
+    assert len(steps) == 5 and steps[-1][0] == steps[-1][1]  # identity organ: same text
+    assert hash_state(loaded.working) == before
+
+
+def test_sweep_reports_every_position_with_progress(assets):
+    seen = []
+    result = engine.sweep(
+        str(assets / "recipient"), str(assets / "organ"), "replace", progress=lambda f, d: seen.append(f)
+    )
+    assert [r["position"] for r in result["rows"]] == [0, 1, 2, 3, 4]
+    assert seen[-1] == 1.0 and len(seen) == 5
+    assert result["rows"][2]["perplexity"] == pytest.approx(result["baseline"], rel=1e-6)
+
+
+def test_export_gives_a_plain_transformers_folder(assets, tmp_path):
+    path = engine.export_folder(str(assets / "recipient"), str(assets / "foreign-organ"), "insert", 1)
+    zipfile.ZipFile(path).extractall(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.num_hidden_layers == 8 and model.config.transplants[0]["position"] == 1
+
+
+def test_bad_inputs_give_clear_errors(assets):
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    with pytest.raises(engine.SpaceError, match="could not load recipient 'nobody/nothing'"):
+        engine.CACHE.recipient("nobody/nothing")
+    with pytest.raises(not_hub.errors.UnsupportedArchitectureError, match="encoder-only"):
+        engine.CACHE.recipient(str(assets / "bert"))
+    with pytest.raises(not_hub.errors.IncompatibleOrganError, match="decoder_layer_class"):
+        engine.transplant_and_measure(recipient, str(assets / "qwen2-organ"), "replace", 0)
+    with pytest.raises(not_hub.errors.InvalidPositionError, match="expected 0 <= position <= 4"):
+        engine.transplant_and_measure(recipient, organ, "replace", 9)
+    with pytest.raises(engine.SpaceError, match="prompt is empty"):
+        next(engine.stream_side_by_side(recipient, organ, "replace", 0, "   "))
+    with pytest.raises(engine.SpaceError, match="offline"):
+        engine.push(recipient, organ, "replace", 0, "me/x", "")
+
+
+def test_cache_is_bounded(assets):
+    cache = engine.ModelCache(max_models=1)
+    a = cache.recipient(str(assets / "recipient"))
+    assert cache.recipient(str(assets / "recipient")) is a
+    cache.recipient(str(assets / "recipient") + "/")  # another key: evicts the first
+    assert len(cache._models) == 1
+
+
+# ------------------------------------------------------------------------------------------- app over HTTP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(assets):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "NOT_HUB_SPACE_RECIPIENT": str(assets / "recipient"),
+        "NOT_HUB_SPACE_ORGAN": str(assets / "organ"),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(SPACE / "app.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+    time.sleep(1.0)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def test_app_check_transplant_sweep_explant(client, assets):
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    meta, compat, _slider, status = client.predict(recipient, organ, "replace", api_name="/check")
+    assert "Compatible" in status and "[1, 3) of 6" in meta and "<table id='compat'>" in compat
+    stack, ppl, before, after, status = client.predict(recipient, organ, "insert", 3, "int f(", api_name="/transplant")
+    assert "insert at 3" in status and "domain (code)" in ppl and before and after
+    sweep_plot, summary = client.predict(recipient, organ, "replace", api_name="/sweep")
+    assert "Best position" in summary and "over 5 positions" in summary
+    _stack, status = client.predict(api_name="/explant")  # the session's state remembers the transplant
+    assert status.startswith("Explanted")
+    _stack, status = client.predict(api_name="/explant")
+    assert status.startswith("Nothing to explant")
+
+
+def test_app_bad_inputs_keep_serving(client, assets):
+    from gradio_client.exceptions import AppError
+
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    client.predict(recipient, organ, "insert", api_name="/check")  # the slider now allows 0..6 (insert)
+    cases = [
+        ((recipient, str(assets / "qwen2-organ"), "replace", 0, "x"), "decoder_layer_class"),
+        (("nobody/nothing", organ, "replace", 0, "x"), "could not load recipient"),
+        ((str(assets / "bert"), organ, "replace", 0, "x"), "encoder-only"),
+        ((recipient, organ, "replace", 6, "x"), "expected 0 <= position <= 4"),
+        ((recipient, organ, "replace", 0, ""), "prompt is empty"),
+    ]
+    for args, expected in cases:
+        outputs = client.predict(*args, api_name="/transplant")
+        assert expected in outputs[4], (args, outputs[4])
+    with pytest.raises(AppError, match="greater than maximum"):  # beyond the slider: refused by gradio itself
+        client.predict(recipient, organ, "replace", 11, "x", api_name="/transplant")
+    _meta, _compat, _slider, status = client.predict(recipient, organ, "replace", api_name="/check")
+    assert "Compatible" in status  # still serving
+
+
+def test_eight_concurrent_sessions_get_their_own_results(app_url, assets):
+    from gradio_client import Client
+
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    expected = {p: engine.transplant_and_measure(recipient, organ, "insert", p).domain_after for p in range(7)}
+    expected[7] = expected[0]
+    results, errors = {}, []
+
+    def session(i: int) -> None:
+        try:
+            position = i % 7
+            out = Client(app_url, verbose=False).predict(
+                recipient, organ, "insert", position, "int f(", api_name="/transplant"
+            )
+            results[i] = (position, out)
+        except Exception as err:  # collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 8
+    for position, out in results.values():
+        assert f"insert at {position}" in out[4]
+        row = next(line for line in out[1].splitlines() if line.startswith("| domain"))
+        assert float(row.split("|")[3]) == pytest.approx(expected[position], abs=0.01)
