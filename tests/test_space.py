@@ -1,6 +1,7 @@
 """The transplant Space: its logic module on tiny models, and the app driven over HTTP with gradio_client."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -217,3 +218,44 @@ def test_eight_concurrent_sessions_get_their_own_results(app_url, assets):
         assert f"insert at {position}" in out[4]
         row = next(line for line in out[1].splitlines() if line.startswith("| domain"))
         assert float(row.split("|")[3]) == pytest.approx(expected[position], abs=0.01)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_browser_clicks_through_a_transplant(app_url, tmp_path):
+    """Headless Chromium (Debian's, driven by Playwright) loads the page, transplants and reads the results."""
+    if _chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(app_url)
+        page.wait_for_selector("#compat-table table", timeout=60_000)
+        assert "decoder_layer_class" in page.inner_text("#compat-table")
+        page.click("#transplant")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Transplanted')", timeout=60_000)
+        page.wait_for_function("document.querySelector('#after textarea').value.length > 0", timeout=60_000)
+        assert "domain (code)" in page.inner_text("#perplexity")
+        page.click("#explant")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Explanted')", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+BROWSER_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

@@ -89,7 +89,7 @@ def on_transplant(recipient, organ, mode, position, prompt):
         yield report.figure, table, "", "", _error(err), state
 
 
-def on_sweep(recipient, organ, mode, progress=gr.Progress()):
+def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
     try:
         result = engine.sweep(recipient, organ, mode, progress=lambda f, d: progress(f, desc=d))
     except (NotHubError, ValueError, OSError) as err:
