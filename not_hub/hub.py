@@ -88,6 +88,15 @@ def evict_snapshot(folder: Path) -> None:
             target.unlink(missing_ok=True)
 
 
+def prepare_repo(repo_id: str, *, revision: str | None, private: bool | None, token: str | bool | None) -> HfApi:
+    """Create the model repo if needed, and the branch `revision` (from main) if it does not exist."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api
+
+
 @dataclass(frozen=True)
 class OrganInfo:
     """An organ repo found on the Hub by `list_organs`."""
@@ -167,10 +176,7 @@ def push_recipient(
 
     if not getattr(recipient.config, "transplants", None):
         raise TransplantStateError("this model carries no transplant; push it with model.push_to_hub(repo_id) instead")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api = prepare_repo(repo_id, revision=revision, private=private, token=token)
     with tempfile.TemporaryDirectory() as tmp:
         recipient.save_pretrained(tmp)
         if tokenizer is not None:

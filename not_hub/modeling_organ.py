@@ -232,14 +232,13 @@ class OrganModel(PreTrainedModel):
         Returns:
             The commit URL (or the pull request URL with `create_pr=True`).
         """
-        from huggingface_hub import CommitOperationAdd, HfApi
+        from huggingface_hub import CommitOperationAdd
+
+        from .hub import prepare_repo
 
         if kwargs:
             raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api = prepare_repo(repo_id, revision=revision, private=private, token=token)
         start, stop = self.config.layer_range
         message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"
         with tempfile.TemporaryDirectory() as tmp:

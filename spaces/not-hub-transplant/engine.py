@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 from collections import OrderedDict
@@ -284,8 +285,6 @@ def sweep(
             rows.append(result.rows[0])
             if progress:
                 progress((i + 1) / len(positions), f"position {p}")
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
