@@ -22,6 +22,7 @@ TITLE = "not_hub: Neural Organ Transplantation"
 MODES = ["replace", "insert", "bridge"]
 HOST = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
 PORT = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+CSS = "#compat-table table {font-size: 12px; width: 100%} #compat-table td {word-break: break-all}"
 CONCURRENCY_NOTE = (
     "Requests are queued. Each transplant runs on a shared, cached recipient under a lock and is explanted before "
     "the lock is released, so visitors never see each other's organs (the untouched model is a separate copy)."
@@ -38,9 +39,10 @@ def on_check(recipient, organ, mode):
         meta = engine.organ_metadata(organ)
         rows, ok = engine.compatibility(organ, recipient)
         lo, hi = engine.position_range(organ, recipient, mode) if ok else (0, 0)
+        value = engine.default_position(organ, recipient, mode) if ok else 0
         status = "Compatible: choose a mode and a position." if ok else "**Incompatible**: rows marked BLOCKS differ."
         table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
-        return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=min(max(lo, 0), hi)), status
+        return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=value), status
     except (NotHubError, ValueError, OSError) as err:
         return "", "", gr.update(), _error(err)
 
@@ -141,6 +143,7 @@ def build() -> gr.Blocks:
         with gr.Row():
             meta = gr.Markdown(elem_id="organ-meta")
             compat = gr.HTML(elem_id="compat-table")
+        gr.Markdown("Rows marked **BLOCKS** (red) prevent the transplant; depth and vocabulary never block.")
         with gr.Row():
             mode = gr.Radio(MODES, value="replace", label="Mode")
             position = gr.Slider(0, 27, value=10, step=1, label="Position (first recipient layer of the organ)")
@@ -194,4 +197,4 @@ def warm_up() -> None:
 
 if __name__ == "__main__":
     threading.Thread(target=warm_up, daemon=True).start()
-    build().queue(default_concurrency_limit=8).launch(server_name=HOST, server_port=PORT)
+    build().queue(default_concurrency_limit=8).launch(server_name=HOST, server_port=PORT, css=CSS)

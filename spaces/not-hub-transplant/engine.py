@@ -140,10 +140,19 @@ def compatibility(organ_ref: str, recipient_name: str) -> tuple[list[list], bool
     for r in report.rows:
         if r.field == "parameter_shapes":
             donor, recipient = f"{len(r.donor or {})} tensors", f"{len(r.recipient or {})} tensors"
+        elif r.field == "decoder_layer_class":  # module:Class -> Class (the module path is long)
+            donor, recipient = str(r.donor).rpartition(":")[2], str(r.recipient).rpartition(":")[2]
         else:
             donor, recipient = str(r.donor), str(r.recipient)
         rows.append([r.field, donor, recipient, "BLOCKS" if r.blocking else ("ok" if r.matches else "differs")])
     return rows, report.compatible
+
+
+def default_position(organ_ref: str, recipient_name: str, mode: str) -> int:
+    """The organ's own donor start when it is a valid position here (the identity slot), else 0."""
+    lo, hi = position_range(organ_ref, recipient_name, mode)
+    start = CACHE.organ(organ_ref).config.layer_range[0]
+    return start if lo <= start <= hi else lo
 
 
 def position_range(organ_ref: str, recipient_name: str, mode: str) -> tuple[int, int]:
