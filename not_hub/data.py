@@ -28,6 +28,7 @@ def load_documents(
     unit: str | None = None,
     limit: int | None = None,
     revision: str | None = None,
+    suffixes: tuple[str, ...] = TEXT_SUFFIXES,
 ) -> list[str]:
     """Load documents as a list of strings.
 
@@ -41,6 +42,7 @@ def load_documents(
             "paragraph" for a single file.
         limit: keep at most this many documents (the first ones).
         revision: the Hub dataset's revision.
+        suffixes: which files of a folder are text documents.
 
     Returns:
         Non-empty documents, in source order.
@@ -50,9 +52,9 @@ def load_documents(
     else:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
             if not files:
-                raise FileNotFoundError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise FileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
             ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
             docs = _cut(ds["text"], unit or "file")
         elif path.is_file() and path.suffix in (".json", ".jsonl"):

@@ -1,6 +1,6 @@
 """Training on accelerate: standalone organ training (the paper), in-situ training, recovery, bridge training.
 
-All four share one loop (`_fit`): AdamW, linear warmup then linear decay, gradient accumulation, mixed precision
+All four share one loop (`fit_parameters`, public for baselines such as LoRA): AdamW, linear warmup then linear decay, gradient accumulation, mixed precision
 where the hardware has it, multi-process via `accelerate launch`, a progress bar with loss and tokens/s, periodic
 validation with the best weights kept, and resumable checkpoints (a run killed mid-way and resumed reaches the same
 weights as an uninterrupted run: the data order of each epoch depends only on the seed and the epoch).
@@ -51,6 +51,7 @@ class TrainingArguments:
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_grad_norm: gradient clipping (None: off).
         max_steps: stop after this many optimizer steps (the schedule is laid out for them).
+        max_seconds: also stop once training has run this long (wall-clock budget; the schedule is not shortened).
         eval_every: validate every N optimizer steps (default: once per epoch); the best weights are kept.
         save_every: write a resumable checkpoint every N optimizer steps into `output_dir` (default: each epoch).
         output_dir: where checkpoints go; `None` trains without checkpoints.
@@ -68,6 +69,7 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
     max_steps: int | None = None
+    max_seconds: float | None = None
     eval_every: int | None = None
     save_every: int | None = None
     output_dir: str | None = None
@@ -123,13 +125,23 @@ def validation_loss(model: nn.Module, blocks, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
+def _over_budget(args: TrainingArguments, state: dict) -> bool:
+    return args.max_seconds is not None and state["wall_clock_s"] >= args.max_seconds
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / _STATE_FILE).is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _fit(model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str) -> dict:
-    """The shared loop: trains `params` of `model` on `data.train`; returns metrics. Leaves the best weights in."""
+def fit_parameters(
+    model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str = "training"
+) -> dict:
+    """The shared loop: train `params` of `model` (everything else frozen) on `data.train`; return metrics.
+
+    Used by every not_hub training function, and by the benchmarks for baselines (peft LoRA, full fine-tuning),
+    so all methods are trained by the same loop. Leaves the best validation weights in the model.
+    """
     if args.mixed_precision is None:
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -216,7 +228,7 @@ def _fit(model: nn.Module, params: list[nn.Parameter], data: BlockData, args: Tr
         t_start = time.perf_counter() - state["wall_clock_s"]
         if state["step"] == 0 and data.validation is not None:
             validate()  # the starting point counts: training must beat it to be kept
-        while state["step"] < total_steps:
+        while state["step"] < total_steps and not _over_budget(args, state):
             epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
             generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             loader = DataLoader(
@@ -256,9 +268,11 @@ def _fit(model: nn.Module, params: list[nn.Parameter], data: BlockData, args: Tr
                     validate()
                 if state["step"] % save_every == 0 or state["step"] == total_steps:
                     save_checkpoint()
-                if state["step"] >= total_steps:
+                if state["step"] >= total_steps or _over_budget(args, state):
                     break
         bar.close()
+        if data.validation is not None and (not state["history"] or state["history"][-1]["step"] != state["step"]):
+            validate()  # stopped between validations (time budget): the last weights compete too
         state["wall_clock_s"] = time.perf_counter() - t_start
         if best is not None:  # keep the best validation weights
             with torch.no_grad():
@@ -320,12 +334,12 @@ def train_organ(
     torch.manual_seed(args.seed)
     if method == "standalone":
         shell = standalone_shell(organ, donor)
-        metrics = _fit(shell, list(organ.parameters()), data, args, "organ (standalone)")
+        metrics = fit_parameters(shell, list(organ.parameters()), data, args, "organ (standalone)")
     else:
         record = organ.transplant_into(donor, position=organ.config.layer_range[0], mode="replace")
         try:
             params = [p for layer in record.layers for p in layer.parameters()]
-            metrics = _fit(donor, params, data, args, "organ (in situ)")
+            metrics = fit_parameters(donor, params, data, args, "organ (in situ)")
             organ.load_state_dict(record.to_organ().state_dict())
         finally:
             record.explant()
@@ -356,7 +370,7 @@ def recover(
     neighbours = transplant.neighbour_layers(radius)
     transplant.backup_neighbours(neighbours)
     params = [p for layer in [*transplant.layers, *neighbours] for p in layer.parameters()]
-    metrics = _fit(recipient, params, data, args, f"recovery (radius {radius})")
+    metrics = fit_parameters(recipient, params, data, args, f"recovery (radius {radius})")
     recipient.eval()
     transplant.record["recovery"] = {"radius": radius, **{k: v for k, v in metrics.items() if k != "history"}}
     return metrics
@@ -380,7 +394,7 @@ def train_bridges(
     args = _args(args, kwargs)
     torch.manual_seed(args.seed)
     params = [p for bridge in transplant.bridges for p in bridge.parameters()]
-    metrics = _fit(recipient, params, data, args, "bridges")
+    metrics = fit_parameters(recipient, params, data, args, "bridges")
     recipient.eval()
     transplant.record["bridge_training"] = {k: v for k, v in metrics.items() if k != "history"}
     return metrics

@@ -309,3 +309,15 @@ def test_position_sweep_covers_positions_and_restores_recipient(splits, tokenize
         recovered=True,
     )
     assert organ.config.evaluation["results"][0]["recovered"] is True
+
+
+def test_standalone_wrapper_shares_the_donor_weights():
+    """The wrapper holds no second copy of the donor's frozen weights: every tensor is the donor's or the organ's."""
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    shell = not_hub.standalone_shell(organ, donor)
+    owned = {p.data_ptr() for p in donor.parameters()} | {p.data_ptr() for p in organ.parameters()}
+    assert {p.data_ptr() for p in shell.parameters()} <= owned
+    assert shell.get_input_embeddings().weight is donor.get_input_embeddings().weight
+    assert len(shell.model.layers) == 2 and len(donor.model.layers) == 6
+    assert sum(p.numel() for p in shell.parameters()) < sum(p.numel() for p in donor.parameters())

@@ -1,0 +1,385 @@
+"""Speed and cost: training throughput and peak memory, transplant latency, inference after transplant.
+
+    .venv/bin/python benchmarks/speed.py --quick    # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py --full     # ~15 min
+
+Training methods run the same plain loop (forward, backward, AdamW step) at the same batch size and sequence length,
+each in its own process so its peak memory (max RSS) is its own: NOT organ standalone (the paper's wrapper), NOT
+organ in situ, peft LoRA (r=8, alpha=16, attention projections) and full fine-tuning. Achieved FLOP/s uses an
+analytic count (2 FLOPs per weight per token forward; backward = activation gradients through every layer below the
+loss down to the first trainable one, plus weight gradients of trainable layers) against this machine's dense fp32
+matmul rate, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, Timer, machine, write_json, write_markdown  # noqa: E402
+
+PRESETS = {
+    "quick": dict(batch=4, seq=256, warmup=1, steps=3, matmul_n=1024, gen_tokens=32, latency_repeats=3),
+    "full": dict(batch=4, seq=256, warmup=2, steps=8, matmul_n=2048, gen_tokens=64, latency_repeats=10),
+}
+METHODS = ("organ_standalone", "organ_in_situ", "lora_r8", "full_finetune")
+ORGAN = (10, 13)
+
+
+# ------------------------------------------------------------------------------------------- one method, one process
+
+
+def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int = 0) -> dict:
+    import torch
+    from common import load_smollm2
+
+    import not_hub
+
+    torch.manual_seed(seed)
+    model, _ = load_smollm2()
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if method == "organ_standalone":
+        organ = not_hub.extract_organ(model, layer_range=ORGAN)
+        net = not_hub.standalone_shell(organ, model)
+        params = list(organ.parameters())
+    elif method == "organ_in_situ":
+        organ = not_hub.extract_organ(model, layer_range=ORGAN)
+        record = organ.transplant_into(model, position=ORGAN[0])
+        net, params = model, [p for layer in record.layers for p in layer.parameters()]
+    elif method == "lora_r8":
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+        )
+        params = [p for p in net.parameters() if p.requires_grad]
+    elif method == "full_finetune":
+        net, params = model, list(model.parameters())
+    else:
+        raise ValueError(method)
+    trainable = {id(p) for p in params}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in trainable)
+    net.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {
+        "method": method,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "seconds_per_step": sum(times) / len(times),
+        "tokens_per_second": batch * seq * len(times) / sum(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_loaded / 1024,
+    }
+
+
+def run_worker(method: str, preset: dict) -> dict:
+    args = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--batch",
+        str(preset["batch"]),
+        "--seq",
+        str(preset["seq"]),
+        "--warmup",
+        str(preset["warmup"]),
+        "--steps",
+        str(preset["steps"]),
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- FLOP accounting
+
+
+def flops_per_token(method: str, config, seq: int) -> float:
+    """Analytic training FLOPs per token (see the module docstring)."""
+    d, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    layer_weights = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o, k, v, gate/up/down
+    f_layer = 2 * layer_weights + 2 * seq * d  # + causal attention scores and mixing (~T/2 keys, x2 matmuls)
+    f_head = 2 * d * config.vocab_size
+    k = ORGAN[1] - ORGAN[0]
+    if method == "organ_standalone":  # forward k layers + head; backward: head activations, organ 2x
+        return k * f_layer + f_head + f_head + 2 * k * f_layer
+    if method == "organ_in_situ":  # forward all; backward: head + layers above the organ, organ 2x
+        above = L - ORGAN[1]
+        return L * f_layer + f_head + f_head + above * f_layer + 2 * k * f_layer
+    if method == "lora_r8":  # forward all; backward: activation gradients through everything (LoRA everywhere)
+        return 2 * (L * f_layer + f_head)
+    if method == "full_finetune":
+        return 3 * (L * f_layer + f_head)
+    raise ValueError(method)
+
+
+def matmul_flops(n: int, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    with Timer() as t:
+        for _ in range(repeats):
+            torch.matmul(a, b)
+    return 2 * n**3 * repeats / t.seconds
+
+
+# ------------------------------------------------------------------------------------------- transplant latency
+
+
+def latency_worker(repeats: int) -> dict:
+    """Organ load from a local Hub cache + graft vs a plain safetensors read vs peft loading a LoRA adapter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+    from hub_server import LocalHub
+
+    hub = LocalHub().start()
+    home = tempfile.mkdtemp()
+    os.environ.update(
+        HF_ENDPOINT=hub.endpoint, HF_HOME=home, HF_HUB_DISABLE_XET="1", HF_TOKEN="x", HF_HUB_DISABLE_PROGRESS_BARS="1"
+    )
+    import torch
+    from common import load_smollm2
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    import not_hub
+
+    recipient, _ = load_smollm2()
+    organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
+    organ.push_to_hub("bench/organ")
+    folder, _ = not_hub.hub.resolve_checkpoint("bench/organ")  # fills the cache
+    adapter_dir = Path(home) / "adapter"
+    lora = get_peft_model(
+        load_smollm2()[0], LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    lora.save_pretrained(adapter_dir)
+    del lora
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    timings = {"organ_load_and_graft": [], "organ_load": [], "graft": [], "safetensors_read": [], "peft_lora_load": []}
+    for _ in range(repeats):
+        with Timer() as t_load:
+            loaded = not_hub.OrganModel.from_pretrained("bench/organ", local_files_only=True)
+        with Timer() as t_graft:
+            record = loaded.transplant_into(recipient, position=ORGAN[0])
+        record.explant()
+        timings["organ_load"].append(t_load.seconds)
+        timings["graft"].append(t_graft.seconds)
+        timings["organ_load_and_graft"].append(t_load.seconds + t_graft.seconds)
+        with Timer() as t_read:
+            load_file(folder / "model.safetensors")
+        timings["safetensors_read"].append(t_read.seconds)
+        with Timer() as t_peft:
+            peft_model = PeftModel.from_pretrained(recipient, adapter_dir)
+        timings["peft_lora_load"].append(t_peft.seconds)
+        recipient = peft_model.unload()
+    hub.stop()
+    size_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    return {
+        "organ_file_mb": size_mb,
+        "median_seconds": {k: sorted(v)[len(v) // 2] for k, v in timings.items()},
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------- inference after transplant
+
+
+def inference(gen_tokens: int) -> dict:
+    import torch
+    from common import load_smollm2
+
+    import not_hub
+
+    model, tok = load_smollm2()
+    organ = not_hub.extract_organ(model, layer_range=ORGAN)
+    ids = tok("public static int fibonacci(int n) { if (n < 2) return n; return", return_tensors="pt").input_ids
+
+    def rate() -> float:
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        with Timer() as t:
+            out = model.generate(ids, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+        return (out.shape[1] - ids.shape[1]) / t.seconds
+
+    with torch.no_grad():
+        results = {"untouched": rate()}
+        for mode, position in (("replace", 4), ("insert", 4), ("bridge", 4)):
+            record = organ.transplant_into(model, position=position, mode=mode)
+            results[mode] = rate()
+            record.explant()
+    return {
+        "tokens_per_second": results,
+        "relative_to_untouched": {k: v / results["untouched"] for k, v in results.items()},
+        "new_tokens": gen_tokens,
+        "layers": {"untouched": 30, "replace": 30, "insert": 33, "bridge": 33},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ the report
+
+
+def plot(training: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [r["method"] for r in training]
+    axes[0].bar(names, [r["tokens_per_second"] for r in training], color="#4c72b0")
+    axes[0].set_ylabel("training tokens / s")
+    axes[1].bar(names, [r["peak_rss_mb"] for r in training], color="#dd8452")
+    axes[1].set_ylabel("peak RSS (MB)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="smoke preset (default)")
+    group.add_argument("--full", action="store_true", help="the preset whose results are committed")
+    parser.add_argument("--worker", choices=[*METHODS, "latency", "inference"], help=argparse.SUPPRESS)
+    for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker in METHODS:
+        print(json.dumps(worker(args.worker, args.batch, args.seq, args.warmup, args.steps)))
+        return
+    if args.worker == "latency":
+        print(json.dumps(latency_worker(args.repeats)))
+        return
+    if args.worker == "inference":
+        print(json.dumps(inference(args.gen_tokens)))
+        return
+
+    name = "full" if args.full else "quick"
+    preset = PRESETS[name]
+    t_start = time.time()
+    from common import load_smollm2
+    from transformers import AutoConfig
+
+    config = load_smollm2()[0].config
+    assert isinstance(config, AutoConfig.for_model("llama").__class__)
+    peak = matmul_flops(preset["matmul_n"])
+    training = []
+    for method in METHODS:
+        print(f"training throughput: {method} ...", flush=True)
+        r = run_worker(method, preset)
+        r["flops_per_token"] = flops_per_token(method, config, preset["seq"])
+        r["achieved_flops"] = r["flops_per_token"] * r["tokens_per_second"]
+        r["fraction_of_matmul_peak"] = r["achieved_flops"] / peak
+        training.append(r)
+    by = {r["method"]: r for r in training}
+    ratios = {m: by["organ_standalone"]["tokens_per_second"] / by[m]["tokens_per_second"] for m in METHODS}
+    print("transplant latency ...", flush=True)
+    latency = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--worker", "latency", "--repeats", str(preset["latency_repeats"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    print("inference after transplant ...", flush=True)
+    infer = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--worker", "inference", "--gen-tokens", str(preset["gen_tokens"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    result = {
+        "preset": name,
+        "settings": preset,
+        "machine": machine(),
+        "matmul_flops_per_second": peak,
+        "training": training,
+        "standalone_speedup_over": ratios,
+        "transplant_latency": latency,
+        "inference": infer,
+        "command": f"benchmarks/speed.py --{name}",
+        "seed": 0,
+        "wall_clock_s": round(time.time() - t_start, 1),
+    }
+    write_json(f"speed_{name}", result)
+    plot(training, RESULTS / f"speed_{name}.png")
+    write_markdown(f"speed_{name}", report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        f"### Speed and cost ({r['preset']} preset: batch {s['batch']} x {s['seq']} tokens, fp32, "
+        f"{r['machine']['torch_threads']} threads)",
+        "",
+        f"Dense fp32 matmul on this machine: {r['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s "
+        f"({s['matmul_n']}x{s['matmul_n']}).",
+        "",
+        "| method | trainable params | tokens/s | NOT standalone speed-up | peak RSS (MB) | GFLOP/s achieved | "
+        "of matmul peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in r["training"]:
+        lines.append(
+            f"| {t['method']} | {t['trainable_parameters']:,} | {t['tokens_per_second']:.0f} | "
+            f"{r['standalone_speedup_over'][t['method']]:.2f}x | {t['peak_rss_mb']:.0f} | "
+            f"{t['achieved_flops'] / 1e9:.1f} | {t['fraction_of_matmul_peak']:.0%} |"
+        )
+    lat = r["transplant_latency"]["median_seconds"]
+    lines += [
+        "",
+        f"Transplant latency (median of {r['transplant_latency']['repeats']}, organ file "
+        f"{r['transplant_latency']['organ_file_mb']:.1f} MB, from the local Hub cache):",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.4f} |" for k, v in lat.items()],
+        "",
+        f"Organ load + graft vs plain safetensors read: {lat['organ_load_and_graft'] / lat['safetensors_read']:.1f}x;"
+        f" vs peft LoRA adapter load: {lat['organ_load_and_graft'] / lat['peft_lora_load']:.2f}x.",
+        "",
+        f"Generation after transplant ({r['inference']['new_tokens']} greedy tokens, batch 1):",
+        "",
+        "| recipient | layers | tokens/s | relative to untouched |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {r['inference']['layers'][k]} | {v:.1f} | {r['inference']['relative_to_untouched'][k]:.2f} |"
+            for k, v in r["inference"]["tokens_per_second"].items()
+        ],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
