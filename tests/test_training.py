@@ -321,3 +321,14 @@ def test_standalone_wrapper_shares_the_donor_weights():
     assert shell.get_input_embeddings().weight is donor.get_input_embeddings().weight
     assert len(shell.model.layers) == 2 and len(donor.model.layers) == 6
     assert sum(p.numel() for p in shell.parameters()) < sum(p.numel() for p in donor.parameters())
+
+
+def test_wall_clock_budget_stops_training(blocks):
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    before = params_of(organ.layers)
+    metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.0, progress=False)
+    assert metrics["steps"] == 0 and all(torch.equal(v, params_of(organ.layers)[k]) for k, v in before.items())
+    metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.5, lr=3e-3, batch_size=8, progress=False)
+    assert 0 < metrics["steps"] < 50 * math.ceil(len(blocks.train) / 8)
+    assert metrics["wall_clock_s"] - metrics["validation_s"] < 0.5 + 2.0  # stops within a step of the budget
