@@ -232,6 +232,7 @@ def fit_parameters(
         t_start = time.perf_counter() - state["wall_clock_s"]
         if state["step"] == 0 and data.validation is not None:
             validate()  # the starting point counts: training must beat it to be kept
+        state["wall_clock_s"] = time.perf_counter() - t_start
         while state["step"] < total_steps and not _over_budget(args, state):
             epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
             generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
