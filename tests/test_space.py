@@ -242,6 +242,13 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
         page.wait_for_function("document.querySelector('#status').innerText.includes('Transplanted')", timeout=60_000)
         page.wait_for_function("document.querySelector('#after textarea').value.length > 0", timeout=60_000)
         assert "domain (code)" in page.inner_text("#perplexity")
+        # Let the streamed generation finish (its updates also carry the status line), then explant.
+        previous, stable_since = None, time.time()
+        while time.time() - stable_since < 2.0:
+            current = page.input_value("#after textarea")
+            if current != previous:
+                previous, stable_since = current, time.time()
+            time.sleep(0.2)
         page.click("#explant")
         page.wait_for_function("document.querySelector('#status').innerText.includes('Explanted')", timeout=30_000)
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
