@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -70,3 +71,12 @@ def load_smollm2():
     from not_hub.loading import load_causal_lm
 
     return load_causal_lm("smollm2")
+
+
+def preset_parser(doc: str) -> argparse.ArgumentParser:
+    """The benchmarks' command line: `--quick` (smoke, the default) or `--full` (the committed results)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="smoke preset (default)")
+    group.add_argument("--full", action="store_true", help="the preset whose results are committed")
+    return parser

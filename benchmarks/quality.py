@@ -13,7 +13,6 @@ run keeps what it finished.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, Timer, load_smollm2, machine, write_json, write_markdown  # noqa: E402
+from common import RESULTS, Timer, load_smollm2, machine, preset_parser, write_json, write_markdown  # noqa: E402
 from domains import DOMAINS  # noqa: E402
 
 import not_hub  # noqa: E402
@@ -341,10 +340,7 @@ def plot_sweeps(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="smoke preset (default)")
-    group.add_argument("--full", action="store_true", help="the preset whose results are committed")
+    parser = preset_parser(__doc__)
     parser.add_argument("--domains", nargs="+", default=None, help="override the preset's domains")
     args = parser.parse_args()
     name = "full" if args.full else "quick"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, Timer, machine, write_json, write_markdown  # noqa: E402
+from common import RESULTS, Timer, machine, preset_parser, write_json, write_markdown  # noqa: E402
 
 PRESETS = {
     "quick": dict(batch=4, seq=256, warmup=1, steps=3, matmul_n=1024, gen_tokens=32, latency_repeats=3),
@@ -268,10 +268,7 @@ def plot(training: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="smoke preset (default)")
-    group.add_argument("--full", action="store_true", help="the preset whose results are committed")
+    parser = preset_parser(__doc__)
     parser.add_argument("--worker", choices=[*METHODS, "latency", "inference"], help=argparse.SUPPRESS)
     for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=argparse.SUPPRESS)
