@@ -47,21 +47,14 @@ PRESETS = {
         positions=[6, 10, 14],
         lr={"organ": 3e-4, "lora": 1e-3, "full": 1e-4},
     ),
-    # Sized for ~75 min on 2 CPU cores (12 domain-seed runs of ~6 min): small budgets, same protocol.
-    "full": dict(
-        domains=["code", "legal", "biomedical", "general"],
-        seeds=[0, 1, 2],
-        train_blocks=16,
-        block=256,
-        val_docs=12,
-        test_docs=24,
-        eval_chars=1500,
-        epochs=1,
-        recovery_epochs=1,
-        budget_s=15,
-        positions=[4, 8, 10, 14],
-        lr={"organ": 3e-4, "lora": 1e-3, "full": 1e-4},
-    ),
+}
+# Sized for ~75 min on 2 CPU cores (12 domain-seed runs of ~6 min): small budgets, same protocol as quick.
+PRESETS["full"] = {
+    **PRESETS["quick"],
+    "domains": ["code", "legal", "biomedical", "general"],
+    "seeds": [0, 1, 2],
+    "budget_s": 15,
+    "positions": [4, 8, 10, 14],
 }
 ORGAN = (10, 13)
 

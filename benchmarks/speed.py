@@ -91,22 +91,9 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
     }
 
 
-def run_worker(method: str, preset: dict) -> dict:
-    args = [
-        sys.executable,
-        __file__,
-        "--worker",
-        method,
-        "--batch",
-        str(preset["batch"]),
-        "--seq",
-        str(preset["seq"]),
-        "--warmup",
-        str(preset["warmup"]),
-        "--steps",
-        str(preset["steps"]),
-    ]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+def run_worker(*args: str) -> dict:
+    """Run `speed.py --worker ...` in a fresh process (its own peak memory) and parse the JSON it prints last."""
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -295,7 +282,7 @@ def main() -> None:
     training = []
     for method in METHODS:
         print(f"training throughput: {method} ...", flush=True)
-        r = run_worker(method, preset)
+        r = run_worker(method, *(f"--{k}={preset[k]}" for k in ("batch", "seq", "warmup", "steps")))
         r["flops_per_token"] = flops_per_token(method, config, preset["seq"])
         r["achieved_flops"] = r["flops_per_token"] * r["tokens_per_second"]
         r["fraction_of_matmul_peak"] = r["achieved_flops"] / peak
@@ -303,27 +290,9 @@ def main() -> None:
     by = {r["method"]: r for r in training}
     ratios = {m: by["organ_standalone"]["tokens_per_second"] / by[m]["tokens_per_second"] for m in METHODS}
     print("transplant latency ...", flush=True)
-    latency = json.loads(
-        subprocess.run(
-            [sys.executable, __file__, "--worker", "latency", "--repeats", str(preset["latency_repeats"])],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    latency = run_worker("latency", f"--repeats={preset['latency_repeats']}")
     print("inference after transplant ...", flush=True)
-    infer = json.loads(
-        subprocess.run(
-            [sys.executable, __file__, "--worker", "inference", "--gen-tokens", str(preset["gen_tokens"])],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    infer = run_worker("inference", f"--gen-tokens={preset['gen_tokens']}")
     result = {
         "preset": name,
         "settings": preset,

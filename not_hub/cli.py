@@ -88,11 +88,6 @@ def cmd_inspect(args) -> int:
 
 
 @torch.no_grad()
-def _nll(model, ids: torch.Tensor) -> float:
-    return float(model(ids, labels=ids).loss)
-
-
-@torch.no_grad()
 def _greedy(model, tokenizer, prompt: str, n: int = 16) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -101,13 +96,14 @@ def _greedy(model, tokenizer, prompt: str, n: int = 16) -> str:
 
 def cmd_transplant(args) -> int:
     """Graft an organ into a recipient, report the effect, optionally save, and explant again."""
+    from .evaluation import perplexity
     from .extraction import extract_organ
     from .modeling_organ import OrganModel
 
     recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
     ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
     logits_before = recipient(ids).logits
-    nll_before = _nll(recipient, ids)
+    ppl_before = perplexity(recipient, [SAMPLE_TEXT], tokenizer=tokenizer).perplexity
     text_before = _greedy(recipient, tokenizer, args.prompt)
     state_before = {k: v.clone() for k, v in recipient.state_dict().items()}
 
@@ -137,12 +133,9 @@ def cmd_transplant(args) -> int:
         f"{recipient.config.num_hidden_layers} layers, organ at {record.layer_indices}"
     )
     logits_after = recipient(ids).logits
-    nll_after = _nll(recipient, ids)
+    ppl_after = perplexity(recipient, [SAMPLE_TEXT], tokenizer=tokenizer).perplexity
     print(f"max |logits after - logits before| = {(logits_after - logits_before).abs().max().item():.3g}")
-    print(
-        f"sample perplexity: untouched {torch.exp(torch.tensor(nll_before)):.2f} -> "
-        f"transplanted {torch.exp(torch.tensor(nll_after)):.2f}"
-    )
+    print(f"sample perplexity: untouched {ppl_before:.2f} -> transplanted {ppl_after:.2f}")
     print(
         f"greedy '{args.prompt}':\n  untouched:    {text_before!r}\n  transplanted: "
         f"{_greedy(recipient, tokenizer, args.prompt)!r}"

@@ -22,26 +22,6 @@ from .version import __version__
 
 FORMAT_VERSION = "1.0"
 
-# Fields of OrganConfig itself (beyond PreTrainedConfig's).
-_ORGAN_FIELDS = (
-    "format_version",
-    "not_hub_version",
-    "base_model",
-    "base_model_revision",
-    "donor_model_type",
-    "donor_architectures",
-    "donor_config",
-    "donor_num_hidden_layers",
-    "layer_range",
-    "architecture",
-    "signature",
-    "tensor_sha256",
-    "training",
-    "evaluation",
-    "license",
-    "bridges",
-)
-
 
 class OrganConfig(PreTrainedConfig):
     r"""Configuration of an organ: k contiguous decoder layers cut from a donor causal LM.

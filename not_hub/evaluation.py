@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,7 @@ def position_sweep(
     recovery_data: BlockData | None = None,
     recovery_kwargs: dict | None = None,
     progress: bool = True,
+    on_row: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> SweepResult:
     """Perplexity of `recipient` with `organ` transplanted at each position and mode (explanted after each).
 
@@ -142,6 +143,7 @@ def position_sweep(
     Args:
         positions: positions to try (default: every valid one for the first mode).
         modes: any of "replace", "insert", "bridge".
+        on_row: called as `on_row(row, done, total)` after each transplant is measured (e.g. a UI progress bar).
 
     Returns:
         `SweepResult` with one row per (mode, position), the untouched baseline and `summary()` statistics.
@@ -174,6 +176,8 @@ def position_sweep(
             result.rows.append(row)
         finally:
             record.explant()
+        if on_row is not None:
+            on_row(row, len(result.rows), len(jobs))
     return result
 
 

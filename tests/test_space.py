@@ -231,6 +231,7 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+    from screenshot import ARGS as BROWSER_ARGS
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
@@ -254,15 +255,3 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
         browser.close()
     assert (tmp_path / "space.png").stat().st_size > 10_000
-
-
-BROWSER_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]

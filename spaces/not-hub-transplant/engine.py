@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 from collections import OrderedDict
@@ -277,23 +276,21 @@ def sweep(
     docs = DOMAIN_SAMPLE if use_domain else GENERAL_SAMPLE
     lo, hi = position_range(organ_ref, recipient_name, mode)
     positions = [p for p in (positions or range(lo, hi + 1)) if lo <= p <= hi]
-    rows = []
-    baseline = perplexity(loaded.model, docs, tokenizer=loaded.tokenizer, max_length=EVAL_MAX_LENGTH)
     with loaded.lock:
-        for i, p in enumerate(positions):
-            result = position_sweep(
-                organ,
-                loaded.working,
-                docs,
-                tokenizer=loaded.tokenizer,
-                positions=[p],
-                modes=[mode],
-                max_length=EVAL_MAX_LENGTH,
-                progress=False,
-            )
-            rows.append(result.rows[0])
-            if progress:
-                progress((i + 1) / len(positions), f"position {p}")
+        result = position_sweep(
+            organ,
+            loaded.working,
+            docs,
+            tokenizer=loaded.tokenizer,
+            positions=positions,
+            modes=[mode],
+            max_length=EVAL_MAX_LENGTH,
+            progress=False,
+            on_row=(lambda row, done, total: progress(done / total, f"position {row['position']}"))
+            if progress
+            else None,
+        )
+    rows, baseline, stats = result.rows, result.baseline, result.summary()[mode]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,14 +304,12 @@ def sweep(
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    values = [r["perplexity"] for r in rows]
-    best = min(rows, key=lambda r: r["perplexity"])
     return {
         "baseline": baseline.perplexity,
         "rows": rows,
-        "mean": statistics.fmean(values),
-        "variance": statistics.pvariance(values),
-        "best_position": best["position"],
+        "mean": stats["mean"],
+        "variance": stats["variance"],
+        "best_position": stats["best_position"],
         "figure": fig,
     }
 
