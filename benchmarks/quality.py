@@ -86,8 +86,8 @@ def train_args(preset: dict, seed: int, lr: float, *, budget: bool, epochs: floa
     )
 
 
-def run_baseline(kind: str, recipient, blocks: BlockData, test, tok, preset, seed, budget: bool) -> dict:
-    """peft LoRA or full fine-tuning on a copy of the recipient, trained by the same loop as the organs."""
+def baseline_model(kind: str, recipient, blocks: BlockData, args: TrainingArguments):
+    """A copy of the recipient with peft LoRA (r=8, alpha=16, q/k/v/o) or every weight trained by the same loop."""
     model = copy.deepcopy(recipient)
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
@@ -99,12 +99,19 @@ def run_baseline(kind: str, recipient, blocks: BlockData, test, tok, preset, see
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         params = list(model.parameters())
-    args = TrainingArguments(**train_args(preset, seed, preset["lr"][kind], budget=budget))
     metrics = fit_parameters(model, params, blocks, args, kind)
+    return model.eval(), metrics
+
+
+def run_baseline(kind: str, recipient, blocks: BlockData, test, tok, preset, seed, budget: bool) -> dict:
+    """peft LoRA or full fine-tuning on a copy of the recipient, trained by the same loop as the organs."""
+    args = TrainingArguments(**train_args(preset, seed, preset["lr"][kind], budget=budget))
+    model, metrics = baseline_model(kind, recipient, blocks, args)
     return {"test_ppl": ppl(model, test, tok), "train_s": metrics["wall_clock_s"], "steps": metrics["steps"]}
 
 
-def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
+def prepare(domain: str, seed: int, preset: dict, tok) -> tuple[BlockData, list[str], list[str]]:
+    """One domain's training blocks (the first `train_blocks`, seeded order), validation and test documents."""
     splits = DOMAINS[domain]()
     blocks = make_blocks(splits, tok, preset["block"], seed=seed)
     train = blocks.train.select(range(min(preset["train_blocks"], len(blocks.train))))
@@ -116,10 +123,15 @@ def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
         validation=val_blocks.select(range(min(8, len(val_blocks)))),
         description={"domain": domain, "train_blocks": len(train), "block_size": preset["block"]},
     )
+    return data, val_docs, test
+
+
+def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
+    data, val_docs, test = prepare(domain, seed, preset, tok)
     out = {
         "domain": domain,
         "seed": seed,
-        "train_tokens": len(train) * preset["block"],
+        "train_tokens": len(data.train) * preset["block"],
         "untouched": {"test_ppl": ppl(recipient, test, tok), "val_ppl": ppl(recipient, val_docs, tok)},
     }
     lr = preset["lr"]["organ"]
@@ -335,6 +347,11 @@ def plot_sweeps(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = preset_parser(__doc__)
     parser.add_argument("--domains", nargs="+", default=None, help="override the preset's domains")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the (domain, seed) runs already in this preset's JSON (same settings required) and run the rest",
+    )
     args = parser.parse_args()
     name = "full" if args.full else "quick"
     preset = dict(PRESETS[name])
@@ -343,16 +360,39 @@ def main() -> None:
     torch.manual_seed(0)
     recipient, tok = load_smollm2()
     t0 = time.time()
-    results = []
+    results, previous_s, sittings = [], 0.0, []
+    path = RESULTS / f"quality_{name}.json"
+    if args.resume and path.exists():
+        old = json.loads(path.read_text())
+        if {k: v for k, v in old["settings"].items() if k != "domains"} != {
+            k: v for k, v in preset.items() if k != "domains"
+        }:
+            raise SystemExit(f"--resume: {path} was run with other settings ({old['settings']}); run without --resume")
+        results, previous_s = old["results"], old["wall_clock_s"]
+        sittings = old.get("sittings") or [
+            {"runs": [[r["domain"], r["seed"]] for r in results], "wall_clock_s": previous_s}
+        ]
+        preset["domains"] = list(dict.fromkeys(old["settings"]["domains"] + preset["domains"]))
+    done = {(r["domain"], r["seed"]) for r in results}
     payload = {"preset": name, "settings": preset, "machine": machine(), "command": f"benchmarks/quality.py --{name}"}
+    sittings.append({"runs": [], "wall_clock_s": 0.0})
+    payload.update(results=results, table=summarise(results), sittings=sittings, wall_clock_s=previous_s)
     for domain in preset["domains"]:
         for seed in preset["seeds"]:
+            if (domain, seed) in done:
+                continue
             results.append(run_domain(domain, seed, preset, recipient, tok))
-            payload.update(results=results, table=summarise(results), wall_clock_s=round(time.time() - t0, 1))
+            sittings[-1].update(runs=sittings[-1]["runs"] + [[domain, seed]], wall_clock_s=round(time.time() - t0, 1))
+            payload.update(
+                results=results,
+                table=summarise(results),
+                sittings=sittings,
+                wall_clock_s=round(previous_s + time.time() - t0, 1),
+            )
             write_json(f"quality_{name}", payload)
     splits = DOMAINS[preset["domains"][0]]()
     payload["integrity"] = integrity_check(recipient, tok, held_out(splits.test, 8, preset["eval_chars"]))
-    payload["wall_clock_s"] = round(time.time() - t0, 1)
+    payload["wall_clock_s"] = round(previous_s + time.time() - t0, 1)
     write_json(f"quality_{name}", payload)
     plot_sweeps(results, RESULTS / f"quality_{name}_positions.png")
     write_markdown(f"quality_{name}", report(payload))
