@@ -304,10 +304,22 @@ def report(payload: dict) -> str:
             ]
             lines.append(f"| {domain} | " + " | ".join(cells) + " |")
         lines.append("")
+    sittings = payload.get("sittings") or []
+    if len(sittings) > 1:
+        lines += [
+            f"Run in {len(sittings)} sittings with the same settings (`--resume`): "
+            + "; ".join(
+                f"{', '.join(f'{d} seed {s}' for d, s in sitting['runs'])} ({sitting['wall_clock_s'] / 60:.0f} min)"
+                for sitting in sittings
+            )
+            + f". Total {payload['wall_clock_s'] / 60:.0f} min.",
+            "",
+        ]
     if payload.get("integrity"):
         i = payload["integrity"]
         lines += [
-            f"Checkpoint integrity: perplexity {i['perplexity_here']:.6f} before the Hub round trip, "
+            f"Checkpoint integrity (an organ with 1e-3 noise on every weight, replacing layers 6-8): perplexity "
+            f"{i['perplexity_here']:.6f} before the Hub round trip, "
             f"{i['perplexity_after_hub_round_trip']:.6f} after (relative difference "
             f"{i['relative_difference']:.1e}).",
             "",
