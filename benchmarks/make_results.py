@@ -80,6 +80,11 @@ def research_claims(r: dict, quality: dict | None) -> list[str]:
             "full_finetune": fixed["full"],
         }
         same = sum(v["chosen_lr"][m] == fixed_of[m] for v in parts["lr"].values() for m in METHODS)
+        grid = r["settings"]["lr_grid"]
+        grid_of = {"lora_r8": grid["lora"], "full_finetune": grid["full"]}
+        at_top = sum(
+            v["chosen_lr"][m] == max(grid_of.get(m, grid["organ"])) for v in parts["lr"].values() for m in METHODS
+        )
         total = len(parts["lr"]) * len(METHODS)
         lora_over_rec = [
             v["test_at_chosen_lr"]["lora_r8"] / v["test_at_chosen_lr"]["not_recovered"] for v in parts["lr"].values()
@@ -101,7 +106,8 @@ def research_claims(r: dict, quality: dict | None) -> list[str]:
         ]
         out.append(
             f"- Learning rates chosen on validation (seed 0, {len(parts['lr'])} domain(s)): the main table's fixed "
-            f"rate was the validation choice in {same} of {total} method-domain cases. At the chosen rates, LoRA's "
+            f"rate was the validation choice in {same} of {total} method-domain cases, and the choice was the "
+            f"grid's highest rate in {at_top} (so a wider grid could move those further). At the chosen rates, LoRA's "
             f"test perplexity / NOT + recovery's = {span(lora_over_rec)} (above 1 favours NOT), full fine-tuning's / "
             f"NOT + recovery's = {span(full_over_rec)}, and the standalone organ multiplies the untouched perplexity "
             f"by {span([1 / x for x in untouched_over])}. The methods rank in the same order as in the main table "

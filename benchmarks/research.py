@@ -40,7 +40,10 @@ METHODS = ("not_standalone", "not_recovered", "organ_in_situ", "lora_r8", "full_
 DATA_KEYS = ("train_blocks", "block", "val_docs", "test_docs", "eval_chars", "epochs", "recovery_epochs", "lr")
 PRESETS = {
     "quick": dict(
-        **{k: QUALITY["quick"][k] for k in DATA_KEYS},
+        **{k: QUALITY["quick"][k] for k in DATA_KEYS if k not in ("train_blocks", "test_docs")},
+        # smoke sizes: half the training blocks and test documents of the main table
+        train_blocks=QUALITY["quick"]["train_blocks"] // 2,
+        test_docs=QUALITY["quick"]["test_docs"] // 2,
         lr_domains=["code"],
         lr_grid={"organ": [3e-4, 1e-3], "lora": [1e-3], "full": [1e-4]},
         epochs_domain="code",
@@ -55,6 +58,7 @@ PRESETS = {
 }
 PRESETS["full"] = {
     **PRESETS["quick"],
+    **{k: QUALITY["full"][k] for k in DATA_KEYS},  # the main table's data and training sizes
     "lr_domains": ["code", "legal", "biomedical", "general"],
     "lr_grid": {"organ": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [3e-5, 1e-4, 3e-4]},
     "paper_epochs": 5,
