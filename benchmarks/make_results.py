@@ -268,7 +268,7 @@ def main() -> None:
             f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), no GPU; python "
             f"{m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, accelerate "
             f"{m['accelerate']}, not_hub {m['not_hub']}. Seeds: speed 0; quality "
-            f"{quality['settings']['seeds'] if quality else '-'}.",
+            f"{quality['settings']['seeds'] if quality else '-'}; research.py 0.",
             "",
         ]
     lines += [
@@ -345,7 +345,7 @@ def main() -> None:
         lines += [
             "## Research questions beyond the main table",
             "",
-            (RESULTS / "research_full.md").read_text(),
+            (RESULTS / "research_full.md").read_text().replace("](research_", "](results/research_"),
             "",
             *research_claims(research, quality),
             "",

@@ -40,19 +40,20 @@ METHODS = ("not_standalone", "not_recovered", "organ_in_situ", "lora_r8", "full_
 DATA_KEYS = ("train_blocks", "block", "val_docs", "test_docs", "eval_chars", "epochs", "recovery_epochs", "lr")
 PRESETS = {
     "quick": dict(
-        **{k: QUALITY["quick"][k] for k in DATA_KEYS if k not in ("train_blocks", "test_docs")},
-        # smoke sizes: half the training blocks and test documents of the main table
+        **{k: QUALITY["quick"][k] for k in DATA_KEYS if k not in ("train_blocks", "test_docs", "eval_chars")},
+        # smoke sizes: half the training blocks and test documents of the main table, shorter documents
         train_blocks=QUALITY["quick"]["train_blocks"] // 2,
         test_docs=QUALITY["quick"]["test_docs"] // 2,
+        eval_chars=1000,
         lr_domains=["code"],
-        lr_grid={"organ": [3e-4, 1e-3], "lora": [1e-3], "full": [1e-4]},
+        lr_grid={"organ": [1e-3], "lora": [1e-3], "full": [1e-4]},
         epochs_domain="code",
         paper_epochs=2,
         positions="some",
-        candidate_positions=[4, 10, 14],
+        candidate_positions=[4, 10],
         organs=[[4, 7], [10, 13], [20, 23]],
         cross_domains=["code", "legal"],
-        sizes=[1, 3],
+        sizes=[1, 2],
         early_position=4,
     ),
 }
@@ -63,6 +64,7 @@ PRESETS["full"] = {
     "lr_grid": {"organ": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [3e-5, 1e-4, 3e-4]},
     "paper_epochs": 5,
     "positions": "all",
+    "candidate_positions": [4, 10, 14],
     "cross_domains": ["code", "legal", "biomedical", "general"],
     "sizes": [1, 2, 3, 4, 6],
 }
