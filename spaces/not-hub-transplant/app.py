@@ -172,15 +172,14 @@ def build() -> gr.Blocks:
 
         check.click(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name="check")
         mode.change(on_mode, [recipient, organ, mode], [position], api_name=False)
-        transplanting = go.click(
+        go.click(
             on_transplant,
             [recipient, organ, mode, position, prompt],
             [stack, ppl, before, after, status, state],
             api_name="transplant",
         )
         run_sweep.click(on_sweep, [recipient, organ, mode], [sweep_plot, sweep_text], api_name="sweep")
-        # Explant also stops a generation still streaming, so its updates cannot overwrite the explant's status.
-        explant.click(on_explant, [state], [stack, status, state], api_name="explant", cancels=[transplanting])
+        explant.click(on_explant, [state], [stack, status, state], api_name="explant")
         download.click(on_download, [state], [archive, status], api_name="download")
         push.click(on_push, [state, repo_id, token], [push_status], api_name="push")
         demo.load(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name=False)
