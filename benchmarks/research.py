@@ -1,7 +1,7 @@
 """Beyond the main table: the NOT paper's other research questions, and the protocol checks, on SmolLM2-135M.
 
     .venv/bin/python benchmarks/research.py --quick     # code (+ legal for the matrix), small grids (~10 min)
-    .venv/bin/python benchmarks/research.py --full      # every part at full size (~1 hour)
+    .venv/bin/python benchmarks/research.py --full      # every part at full size (~76 min)
 
 Parts (each is written to results/research_<preset>.json as soon as it ends; `--parts` runs a subset and
 `--resume` keeps the parts a previous run of the same preset finished):
