@@ -14,7 +14,7 @@ Parts (each is written to results/research_<preset>.json as soon as it ends; `--
     size       RQ6: organ size k = 1, 2, 3, 4, 6 at its own slot and at an early slot, without and with recovery
 
 Same data, splits and training loop as `quality.py` (16 blocks x 256 tokens of training, 12 validation and 24 test
-documents per domain). The recipient is checked bit-identical to the untouched model after every part.
+documents per domain). A checksum of every recipient weight is compared with the untouched one after every part.
 """
 
 from __future__ import annotations
