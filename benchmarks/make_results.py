@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
+import quality as q
+from quality import METHODS, RATE_KEY
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-METHODS = ("not_standalone", "not_recovered", "organ_in_situ", "lora_r8", "full_finetune")
 
 
 def load(name: str) -> dict | None:
@@ -76,20 +79,9 @@ def research_claims(r: dict, quality: dict | None) -> list[str]:
     """One computed sentence per research question of `research.py`."""
     parts, out = r["parts"], []
     if "lr" in parts:
-        fixed = r["settings"]["lr"]
-        fixed_of = {
-            "not_standalone": fixed["organ"],
-            "not_recovered": fixed["organ"],
-            "organ_in_situ": fixed["organ"],
-            "lora_r8": fixed["lora"],
-            "full_finetune": fixed["full"],
-        }
-        same = sum(v["chosen_lr"][m] == fixed_of[m] for v in parts["lr"].values() for m in METHODS)
-        grid = r["settings"]["lr_grid"]
-        grid_of = {"lora_r8": grid["lora"], "full_finetune": grid["full"]}
-        at_top = sum(
-            v["chosen_lr"][m] == max(grid_of.get(m, grid["organ"])) for v in parts["lr"].values() for m in METHODS
-        )
+        fixed, grid = r["settings"]["lr"], r["settings"]["lr_grid"]
+        same = sum(v["chosen_lr"][m] == fixed[RATE_KEY[m]] for v in parts["lr"].values() for m in METHODS)
+        at_top = sum(v["chosen_lr"][m] == max(grid[RATE_KEY[m]]) for v in parts["lr"].values() for m in METHODS)
         total = len(parts["lr"]) * len(METHODS)
         lora_over_rec = [
             v["test_at_chosen_lr"]["lora_r8"] / v["test_at_chosen_lr"]["not_recovered"] for v in parts["lr"].values()
@@ -212,10 +204,6 @@ def research_claims(r: dict, quality: dict | None) -> list[str]:
                 "moved early, the damage is not monotone in k.",
             )
         )
-    if "size" in parts:
-        import math
-
-        z = parts["size"]["sizes"]
         uniform = math.log(49152)  # SmolLM2's vocabulary
         out.append(
             "- What the standalone objective learns at these budgets: the wrapper's (embeddings -> organ -> norm -> "
@@ -233,8 +221,6 @@ def research_claims(r: dict, quality: dict | None) -> list[str]:
 def finish_partial_quality(quality: dict) -> None:
     """A full quality run stopped before its end keeps its JSON (written after every domain and seed): render
     its table and position plot from it, and say which domains are missing."""
-    import quality as q
-
     planned = q.PRESETS["full"]["domains"]
     done = sorted({r["domain"] for r in quality["results"]})
     quality["missing_domains"] = [d for d in planned if d not in done]

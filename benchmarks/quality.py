@@ -57,6 +57,15 @@ PRESETS["full"] = {
     "positions": [4, 8, 10, 14],
 }
 ORGAN = (10, 13)
+# The trained methods of the main table, and which of the preset's learning rates each one uses.
+RATE_KEY = {
+    "not_standalone": "organ",
+    "not_recovered": "organ",
+    "organ_in_situ": "organ",
+    "lora_r8": "lora",
+    "full_finetune": "full",
+}
+METHODS = tuple(RATE_KEY)
 
 
 def held_out(docs: list[str], n: int, chars: int) -> list[str]:
@@ -298,10 +307,7 @@ def report(payload: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for domain, m in by_domain.items():
-            cells = [
-                f"{m[k]['mean']:.2f} ± {m[k]['std']:.2f}"
-                for k in ("untouched", "not_standalone", "not_recovered", "organ_in_situ", "lora_r8", "full_finetune")
-            ]
+            cells = [f"{m[k]['mean']:.2f} ± {m[k]['std']:.2f}" for k in ("untouched", *METHODS)]
             lines.append(f"| {domain} | " + " | ".join(cells) + " |")
         lines.append("")
     sittings = payload.get("sittings") or []

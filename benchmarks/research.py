@@ -14,12 +14,13 @@ Parts (each is written to results/research_<preset>.json as soon as it ends; `--
     size       RQ6: organ size k = 1, 2, 3, 4, 6 at its own slot and at an early slot, without and with recovery
 
 Same data, splits and training loop as `quality.py` (16 blocks x 256 tokens of training, 12 validation and 24 test
-documents per domain). A checksum of every recipient weight is compared with the untouched one after every part.
+documents per domain). Every recipient weight's sha256 is checked against the untouched model's after every part.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,14 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, Timer, load_smollm2, machine, preset_parser, write_json, write_markdown  # noqa: E402
-from quality import ORGAN, baseline_model, ppl, prepare, train_args  # noqa: E402
+from quality import METHODS, ORGAN, RATE_KEY, baseline_model, ppl, prepare, train_args  # noqa: E402
 from quality import PRESETS as QUALITY  # noqa: E402
 
 import not_hub  # noqa: E402
+from not_hub.integrity import tensor_sha256  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
-PARTS = ("lr", "epochs", "positions", "multi", "cross", "size")
-METHODS = ("not_standalone", "not_recovered", "organ_in_situ", "lora_r8", "full_finetune")
 DATA_KEYS = ("train_blocks", "block", "val_docs", "test_docs", "eval_chars", "epochs", "recovery_epochs", "lr")
 PRESETS = {
     "quick": dict(
@@ -71,10 +71,9 @@ PRESETS["full"] = {
 SEED = 0
 
 
-def checksum(model) -> float:
-    """A cheap fingerprint of every weight, to check that each part leaves the recipient as it found it."""
-    with torch.no_grad():
-        return float(sum(p.double().abs().sum() + p.double().sum() for p in model.parameters()))
+def state_sha256(model) -> dict[str, str]:
+    """sha256 of every weight, to check that each part leaves the recipient bit-identical."""
+    return {name: tensor_sha256(t) for name, t in model.state_dict().items()}
 
 
 def args_for(preset: dict, lr: float, epochs: float | None = None) -> dict:
@@ -119,7 +118,7 @@ def in_situ(recipient, data, preset, lr, docs: dict, epochs=None) -> dict:
     return out
 
 
-def part_lr(recipient, preset) -> dict:
+def part_lr(recipient, preset, payload) -> dict:
     """Each method trained at every rate of its grid (1 epoch, seed 0); the rate is chosen on validation."""
     grid = preset["lr_grid"]
     out = {}
@@ -153,15 +152,7 @@ def chosen_lr(payload: dict, preset: dict, domain: str) -> dict:
     lr_part = payload["parts"].get("lr", {}).get(domain)
     if lr_part:
         return {**lr_part["chosen_lr"], "source": "validation (lr part)"}
-    fixed = preset["lr"]
-    return {
-        "not_standalone": fixed["organ"],
-        "not_recovered": fixed["organ"],
-        "organ_in_situ": fixed["organ"],
-        "lora_r8": fixed["lora"],
-        "full_finetune": fixed["full"],
-        "source": "fixed (main table)",
-    }
+    return {**{m: preset["lr"][RATE_KEY[m]] for m in METHODS}, "source": "fixed (main table)"}
 
 
 def part_epochs(recipient, preset, payload) -> dict:
@@ -194,7 +185,7 @@ def part_epochs(recipient, preset, payload) -> dict:
     }
 
 
-def part_positions(recipient, preset) -> dict:
+def part_positions(recipient, preset, payload) -> dict:
     """RQ2: the organ (trained once) at every valid replace position, validation perplexity w/o and with recovery."""
     data, val, test = prepare("code", SEED, preset, TOK)
     lr = preset["lr"]["organ"]
@@ -214,7 +205,7 @@ def part_positions(recipient, preset) -> dict:
         summary[key] = {
             "mean": statistics.fmean(values),
             "std": statistics.pstdev(values),
-            "std_of_log": statistics.pstdev([float(torch.tensor(v).log()) for v in values]),
+            "std_of_log": statistics.pstdev([math.log(v) for v in values]),
             "best_position": best,
             "test_at_best": rec[key]["test"],
         }
@@ -226,7 +217,7 @@ def part_positions(recipient, preset) -> dict:
     }
 
 
-def part_multi(recipient, preset) -> dict:
+def part_multi(recipient, preset, payload) -> dict:
     """RQ4: organs trained standalone from layers A, B, C; one (B), two widely spaced (A, C), three (A, B, C), each
     transplanted at its own slot; then the organs and their neighbours (radius 1) recovered jointly."""
     data, _, test = prepare("code", SEED, preset, TOK)
@@ -261,7 +252,7 @@ def part_multi(recipient, preset) -> dict:
     return out
 
 
-def part_cross(recipient, preset) -> dict:
+def part_cross(recipient, preset, payload) -> dict:
     """RQ5: an organ (and, for reference, LoRA) trained on each domain, scored on every domain's test documents."""
     domains = preset["cross_domains"]
     prepared = {d: prepare(d, SEED, preset, TOK) for d in domains}
@@ -280,7 +271,7 @@ def part_cross(recipient, preset) -> dict:
     return out
 
 
-def part_size(recipient, preset) -> dict:
+def part_size(recipient, preset, payload) -> dict:
     """RQ6: organs of k layers from layer 10, at their own slot and at an early slot, without and with recovery."""
     data, _, test = prepare("code", SEED, preset, TOK)
     lr = preset["lr"]["organ"]
@@ -307,10 +298,15 @@ def part_size(recipient, preset) -> dict:
     return out
 
 
-def run_part(name, recipient, preset, payload) -> dict:
-    if name == "epochs":
-        return part_epochs(recipient, preset, payload)
-    return globals()[f"part_{name}"](recipient, preset)
+# Each part takes (recipient, preset, payload): `epochs` reads the rates the `lr` part chose from the payload.
+PARTS = {
+    "lr": part_lr,
+    "epochs": part_epochs,
+    "positions": part_positions,
+    "multi": part_multi,
+    "cross": part_cross,
+    "size": part_size,
+}
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -488,15 +484,15 @@ def main() -> None:
         payload.update(parts=old["parts"], seconds=old["seconds"], recipient_unchanged=old["recipient_unchanged"])
     torch.manual_seed(0)
     recipient, TOK = load_smollm2()
-    reference = checksum(recipient)
+    reference = state_sha256(recipient)
     for part in args.parts:
         if part in payload["parts"]:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {part}", flush=True)
         with Timer() as t:
-            payload["parts"][part] = run_part(part, recipient, preset, payload)
+            payload["parts"][part] = PARTS[part](recipient, preset, payload)
         payload["seconds"][part] = round(t.seconds, 1)
-        payload["recipient_unchanged"][part] = checksum(recipient) == reference
+        payload["recipient_unchanged"][part] = state_sha256(recipient) == reference
         write_json(f"research_{name}", payload)
     plot(payload)
     write_markdown(f"research_{name}", report(payload))
