@@ -17,6 +17,8 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from .errors import DataError, DataFileNotFoundError, InvalidArgumentError
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".java", ".cs", ".py")
 
 
@@ -50,28 +52,62 @@ def load_documents(
     if isinstance(source, (list, tuple)):
         docs = [str(d) for d in source]
     else:
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-            if not files:
-                raise FileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
-            ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
-            docs = _cut(ds["text"], unit or "file")
-        elif path.is_file() and path.suffix in (".json", ".jsonl"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-            if text_field not in ds.column_names:
-                raise ValueError(f"{path} has no field {text_field!r}; its fields are {ds.column_names}")
-            docs = [str(t) for t in ds[text_field]]
-        elif path.is_file():
-            ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
-            docs = _cut(ds["text"], unit or "paragraph")
-        elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-            ds = datasets.load_dataset(str(source), split=split, revision=revision)
-            docs = [str(t) for t in ds[text_field]]
-        else:
-            raise FileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id")
+        docs = _read_source(
+            source, text_field=text_field, split=split, unit=unit, revision=revision, suffixes=suffixes
+        )
     docs = [d.strip() for d in docs if d and d.strip()]
-    return docs[:limit] if limit is not None else docs
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgumentError(f"limit={limit!r} is not allowed; expected an integer >= 1, or None")
+        docs = docs[:limit]
+    if not docs:
+        raise DataError(f"{_name(source)} holds no text (it is empty or blank); pass a file with documents in it")
+    return docs
+
+
+def _name(source) -> str:
+    return f"{len(source)} strings" if isinstance(source, (list, tuple)) else repr(str(source))
+
+
+def _read_source(source, *, text_field, split, unit, revision, suffixes) -> list[str]:
+    """Read one file, folder or Hub dataset through `datasets`; any failure is a `DataError` naming the source."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        if not files:
+            raise DataFileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
+        return _cut(
+            _load("text", source, data_files=[str(f) for f in files], sample_by="document")["text"], unit or "file"
+        )
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        ds = _load("json", source, data_files=str(path))
+        if text_field not in ds.column_names:
+            raise DataError(
+                f"{path} has no field {text_field!r}; its fields are {ds.column_names} (pass --text-field / "
+                "text_field=...)"
+            )
+        return [str(t) for t in ds[text_field] if t is not None]
+    if path.is_file():
+        return _cut(_load("text", source, data_files=str(path), sample_by="document")["text"], unit or "paragraph")
+    if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not path.exists():
+        ds = _load(str(source), source, split=split, revision=revision)
+        if text_field not in ds.column_names:
+            raise DataError(f"dataset {source!s} has no column {text_field!r}; its columns are {ds.column_names}")
+        return [str(t) for t in ds[text_field] if t is not None]
+    raise DataFileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id ('namespace/name')")
+
+
+def _load(builder: str, source, **kwargs) -> datasets.Dataset:
+    kwargs.setdefault("split", "train")
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except Exception as err:  # datasets wraps decoding/parsing/network failures in many types
+        cause = err.__cause__ or err
+        detail = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+        raise DataError(
+            f"could not read documents from {source!s} ({type(cause).__name__}: {detail}); pass UTF-8 text, "
+            ".jsonl/.json records, a folder of text files, or a reachable Hub dataset id"
+        ) from None
 
 
 def _cut(texts: list[str], unit: str) -> list[str]:
@@ -81,7 +117,7 @@ def _cut(texts: list[str], unit: str) -> list[str]:
         return [line for text in texts for line in text.splitlines()]
     if unit == "paragraph":
         return [p for text in texts for p in text.replace("\r\n", "\n").split("\n\n")]
-    raise ValueError(f"unit={unit!r} is not one of 'file', 'line', 'paragraph'")
+    raise InvalidArgumentError(f"unit={unit!r} is not one of 'file', 'line', 'paragraph'")
 
 
 @dataclass
@@ -116,12 +152,20 @@ def split_documents(
     The result depends only on the documents and the seed (not on their order): each document is ranked by a seeded
     hash of its text.
     """
-    if not 0 <= validation < 1 or not 0 <= test < 1 or validation + test >= 1:
-        raise ValueError(f"validation={validation}, test={test}: fractions must be in [0, 1) and sum to < 1")
+    for name, value in (("validation", validation), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InvalidArgumentError(f"{name}={value!r} is not a fraction in [0, 1)")
+    if validation + test >= 1:
+        raise InvalidArgumentError(
+            f"validation={validation} and test={test} leave no training documents; keep the sum < 1"
+        )
     unique = sorted(set(docs), key=lambda d: hashlib.sha256(f"{seed}|{d}".encode()).hexdigest())
     n_val, n_test = round(len(unique) * validation), round(len(unique) * test)
     if (validation and not n_val) or (test and not n_test) or len(unique) - n_val - n_test < 1:
-        raise ValueError(f"{len(unique)} distinct documents are too few for validation={validation}, test={test}")
+        raise DataError(
+            f"{len(unique)} distinct documents are too few for validation={validation}, test={test}: each split "
+            "needs at least one document. Pass more documents, or held-out ones (--validation-data, --test-data)"
+        )
     return DocumentSplits(
         train=unique[n_val + n_test :],
         validation=unique[:n_val],
@@ -185,9 +229,14 @@ def make_blocks(
     splits: DocumentSplits, tokenizer: PreTrainedTokenizerBase, block_size: int = 256, *, seed: int = 0
 ) -> BlockData:
     """Pack a split's train and validation documents into blocks (train documents shuffled with `seed`)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise InvalidArgumentError(
+            f"block_size={block_size!r} is not allowed; expected an integer >= 2 (a block predicts each token "
+            "from the ones before it)"
+        )
     train = pack_blocks(splits.train, tokenizer, block_size, shuffle_seed=seed)
     if len(train) == 0:
-        raise ValueError(
+        raise DataError(
             f"the training documents hold fewer than block_size={block_size} tokens; pass more text or a smaller "
             "block_size"
         )

@@ -48,6 +48,13 @@ class CheckpointFormatError(NotHubError, ValueError):
     """An organ checkpoint is malformed, of a newer format version, or not an organ at all."""
 
 
+class UnsafeCheckpointError(CheckpointFormatError):
+    """A checkpoint names code to run (a layer class outside transformers' own model for its `model_type`).
+
+    Loading never imports a module chosen by the checkpoint; such a checkpoint is refused before anything runs.
+    """
+
+
 class IntegrityError(NotHubError, ValueError):
     """An organ checkpoint's bytes do not match the sha256 recorded when it was saved."""
 
@@ -58,6 +65,34 @@ class OrganNotFoundError(NotHubError, FileNotFoundError):
 
 class TransplantStateError(NotHubError, RuntimeError):
     """A transplant record was used in a state that does not allow it (e.g. explanted twice)."""
+
+
+class InvalidArgumentError(NotHubError, ValueError):
+    """An argument's value is outside what it allows (a training length, rate, block size, radius, prompt, ...)."""
+
+
+class RunDirMismatchError(NotHubError, ValueError):
+    """A training run directory was started by a different run (organ, donor, data or hyper-parameters)."""
+
+
+class DataError(NotHubError, ValueError):
+    """Documents could not be loaded, split or packed (empty, binary, malformed, missing field, too few)."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data path is neither a file, a folder of text files, nor a Hub dataset id."""
+
+
+class ModelLoadError(NotHubError, OSError):
+    """A donor or recipient model (or its tokenizer) could not be loaded from the given id, folder or file."""
+
+
+class HubConnectionError(NotHubError, ConnectionError):
+    """The Hub could not be reached or a download was interrupted (nothing partial is used)."""
+
+
+class InvalidRepoIdError(NotHubError, ValueError):
+    """A Hub repo id is malformed (it must look like 'namespace/name')."""
 
 
 class NotHubWarning(UserWarning):

@@ -13,7 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .architectures import context_length
 from .data import BlockData, tokenize_documents
+from .errors import DataError, InvalidArgumentError, InvalidModeError, InvalidPositionError
+from .transplant import MODES
 
 
 @dataclass
@@ -28,9 +31,29 @@ class PerplexityResult:
 def _as_token_lists(documents, tokenizer) -> list[list[int]]:
     if documents and isinstance(documents[0], str):
         if tokenizer is None:
-            raise ValueError("documents are strings: pass tokenizer=... to tokenise them")
+            raise InvalidArgumentError("documents are strings: pass tokenizer=... to tokenise them")
         return tokenize_documents(documents, tokenizer)
     return [list(map(int, d)) for d in documents]
+
+
+def _check_window(model: nn.Module, max_length, stride) -> None:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(max_length) or max_length < 2:
+        raise InvalidArgumentError(
+            f"max_length={max_length!r} is not allowed; expected an integer >= 2 (a window needs a token of context)"
+        )
+    limit = context_length(getattr(model, "config", None))
+    if limit is not None and max_length > limit:
+        raise InvalidArgumentError(
+            f"max_length={max_length} is longer than the model's context of {limit} tokens; pass max_length <= {limit}"
+        )
+    if stride is not None and (not is_int(stride) or not 1 <= stride <= max_length):
+        raise InvalidArgumentError(
+            f"stride={stride!r} is not allowed; expected an integer in [1, max_length={max_length}], or None "
+            "(max_length // 2)"
+        )
 
 
 @torch.no_grad()
@@ -59,9 +82,8 @@ def perplexity(
     Returns:
         `PerplexityResult(perplexity, nll, tokens)`.
     """
-    stride = stride or max(1, max_length // 2)
-    if not 0 < stride <= max_length:
-        raise ValueError(f"stride={stride} must be in [1, max_length={max_length}]")
+    _check_window(model, max_length, stride)
+    stride = stride if stride is not None else max(1, max_length // 2)
     docs = _as_token_lists(list(documents), tokenizer)
     was_training = model.training
     model.eval()
@@ -90,7 +112,7 @@ def perplexity(
             first, end = end, min(end + step, n)
     model.train(was_training)
     if scored == 0:
-        raise ValueError("no token could be scored: every document is shorter than 2 tokens")
+        raise DataError("no token could be scored: every document is shorter than 2 tokens")
     nll = total_nll / scored
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored)
 
@@ -148,15 +170,25 @@ def position_sweep(
     Returns:
         `SweepResult` with one row per (mode, position), the untouched baseline and `summary()` statistics.
     """
-    docs = _as_token_lists(list(documents), tokenizer)
-    baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
     depth = recipient.config.num_hidden_layers
     k = organ.config.num_layers
-    result = SweepResult(baseline=baseline)
     jobs = []
     for mode in modes:
-        valid = range(0, depth - k + 1) if mode == "replace" else range(0, depth + 1)
-        jobs += [(mode, p) for p in (positions if positions is not None else valid) if p in valid]
+        if mode not in MODES:
+            raise InvalidModeError(f"mode={mode!r} is not supported; expected any of {MODES}")
+        last = depth - k if mode == "replace" else depth
+        outside = [p for p in positions or () if not (isinstance(p, int) and 0 <= p <= last)]
+        if outside:
+            raise InvalidPositionError(
+                f"positions {outside} do not fit a {k}-layer organ in a {depth}-layer recipient in mode={mode!r}; "
+                f"expected 0 <= position <= {last}"
+            )
+        jobs += [(mode, p) for p in (positions if positions is not None else range(0, last + 1))]
+    if not jobs:
+        raise InvalidArgumentError("nothing to sweep: pass at least one mode and one position (or positions=None)")
+    docs = _as_token_lists(list(documents), tokenizer)
+    baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
+    result = SweepResult(baseline=baseline)
     for mode, position in tqdm(jobs, desc="position sweep", unit="transplant", disable=not progress):
         record = organ.transplant_into(recipient, position=position, mode=mode)
         try:

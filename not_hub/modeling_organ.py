@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import build_decoder_layer, import_decoder_layer_class
+from .atomic import replace_folder
 from .bridges import identity_bridge
 from .configuration_organ import OrganConfig
 from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError
@@ -70,8 +71,10 @@ class OrganModel(PreTrainedModel):
                 "OrganConfig has no layer_range or signature; create organs with not_hub.extract_organ(model) "
                 "or load them with OrganModel.from_pretrained(...)"
             )
+        # Resolve the layer class first: it refuses a class outside transformers' own code before anything else
+        # (including the donor config class lookup) runs.
+        layer_cls = import_decoder_layer_class(config.signature.get("decoder_layer_class"), config.donor_model_type)
         donor_config = config.donor_layer_config()
-        layer_cls = import_decoder_layer_class(config.signature["decoder_layer_class"])
         start, stop = config.layer_range
         self.layers = nn.ModuleList(build_decoder_layer(layer_cls, donor_config, i) for i in range(start, stop))
         if config.bridges:
@@ -159,7 +162,11 @@ class OrganModel(PreTrainedModel):
 
         The per-tensor sha256 and the config's sha256 are recomputed on every save, and the card is regenerated
         from the config (no stale numbers). A hand-written `README.md` (one without not_hub's marker) is kept
-        unless `overwrite_card=True`.
+        unless `overwrite_card=True`; other files already in the folder are kept as they are.
+
+        The save is atomic as a folder: the new checkpoint is written completely into a sibling folder, which then
+        takes the place of `save_directory` in one step (an atomic exchange on Linux). A crash at any point leaves
+        either the previous checkpoint or the new one, never new config beside old weights.
 
         Args:
             save_directory: folder to write into (created if needed).
@@ -178,33 +185,28 @@ class OrganModel(PreTrainedModel):
         from .cards import CARD_MARKER, render_card
 
         save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise FileExistsError(f"save_directory={str(save_directory)!r} is a file; pass a folder path")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         self.config.tensor_sha256 = {name: tensor_sha256(t) for name, t in sorted(state.items())}
         self.config.dtype = next(iter(state.values())).dtype
         config_text = self.config.to_json_string(use_diff=False)
         config_hash = config_sha256(json.loads(config_text))
+        card_path = save_directory / CARD_NAME
+        keep_card = (
+            not overwrite_card and card_path.is_file() and CARD_MARKER not in card_path.read_text(errors="replace")
+        )
+        if keep_card:
+            logger.info("keeping the hand-written %s (pass overwrite_card=True to regenerate it)", card_path)
 
-        written = []
-        # Write to temporary names first, then rename: a crash never leaves a half-written checkpoint.
-        with tempfile.TemporaryDirectory(dir=save_directory) as tmp:
-            tmp = Path(tmp)
-            (tmp / CONFIG_NAME).write_text(config_text)
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", _CONFIG_HASH_KEY: config_hash})
-            names = [CONFIG_NAME, WEIGHTS_NAME]
-            card_path = save_directory / CARD_NAME
-            if overwrite_card or not card_path.exists() or CARD_MARKER in card_path.read_text(errors="replace"):
-                (tmp / CARD_NAME).write_text(render_card(self.config, repo_id))
-                names.append(CARD_NAME)
-            else:
-                logger.info("keeping the hand-written %s (pass overwrite_card=True to regenerate it)", card_path)
-            umask = os.umask(0)
-            os.umask(umask)
-            for name in names:
-                os.chmod(tmp / name, 0o666 & ~umask)  # temp files are private; checkpoints are ordinary files
-                os.replace(tmp / name, save_directory / name)
-                written.append(str(save_directory / name))
-        return written
+        def write(folder: Path) -> None:
+            (folder / CONFIG_NAME).write_text(config_text)
+            save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt", _CONFIG_HASH_KEY: config_hash})
+            if not keep_card:
+                (folder / CARD_NAME).write_text(render_card(self.config, repo_id))
+
+        replace_folder(save_directory, write)
+        return [str(save_directory / name) for name in CHECKPOINT_FILES]
 
     def push_to_hub(
         self,
@@ -339,6 +341,11 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
         raw_config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFormatError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(raw_config, dict):
+        raise CheckpointFormatError(
+            f"{config_path} holds a JSON {type(raw_config).__name__}, not an object; an organ config is a JSON "
+            "object written by OrganModel.save_pretrained"
+        )
     if raw_config.get("model_type") != OrganConfig.model_type:
         raise CheckpointFormatError(
             f"{name} is not an organ: its config.json has model_type={raw_config.get('model_type')!r}, expected "

@@ -9,6 +9,7 @@ Only the parameters being trained get gradients; every other weight is left bit-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,14 +29,25 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .architectures import context_length
 from .data import BlockData
-from .transplant import Transplant, standalone_shell
+from .errors import (
+    CheckpointFormatError,
+    IncompatibleOrganError,
+    InvalidArgumentError,
+    InvalidModeError,
+    RunDirMismatchError,
+    TransplantStateError,
+)
+from .integrity import tensor_sha256
+from .transplant import Transplant, check_compatibility, standalone_shell
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("standalone", "in_situ")
 _STATE_FILE = "trainer_state.json"
 _BEST_FILE = "best_params.safetensors"
+_IDENTITY_FILE = "run_identity.json"
 
 
 @dataclass
@@ -78,6 +90,59 @@ class TrainingArguments:
     mixed_precision: str | None = None
     progress: bool = True
 
+    def validate(self) -> TrainingArguments:
+        """Refuse values that would be silently reinterpreted (a zero length, a NaN rate, ...); return self.
+
+        Raises:
+            InvalidArgumentError: the first field out of range, with what is allowed.
+        """
+
+        def number(name: str, value, *, integer: bool = False) -> float:
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+                kind = "an integer" if integer else "a finite number"
+                raise InvalidArgumentError(f"{name}={value!r} is not {kind}")
+            return value
+
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is not allowed; expected {allowed}")
+
+        check("epochs", number("epochs", self.epochs) > 0, "epochs > 0 (use max_steps for a number of steps)")
+        check("lr", number("lr", self.lr) > 0, "a learning rate > 0")
+        check("warmup_ratio", 0 <= number("warmup_ratio", self.warmup_ratio) < 1, "0 <= warmup_ratio < 1")
+        check("weight_decay", number("weight_decay", self.weight_decay) >= 0, "weight_decay >= 0")
+        check("batch_size", number("batch_size", self.batch_size, integer=True) >= 1, "batch_size >= 1")
+        check(
+            "gradient_accumulation_steps",
+            number("gradient_accumulation_steps", self.gradient_accumulation_steps, integer=True) >= 1,
+            "gradient_accumulation_steps >= 1",
+        )
+        for name in ("max_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            check(name, value is None or number(name, value, integer=True) >= 1, f"{name} >= 1, or None")
+        check(
+            "max_grad_norm",
+            self.max_grad_norm is None or number("max_grad_norm", self.max_grad_norm) > 0,
+            "max_grad_norm > 0, or None (no clipping)",
+        )
+        check(
+            "max_seconds",
+            self.max_seconds is None or number("max_seconds", self.max_seconds) >= 0,
+            "max_seconds >= 0, or None (no budget)",
+        )
+        number("seed", self.seed, integer=True)
+        check(
+            "mixed_precision",
+            self.mixed_precision in (None, "no", "bf16", "fp16"),
+            "None (bf16 on a CUDA GPU, else no), 'no', 'bf16' or 'fp16'",
+        )
+        return self
+
+
+# Fields that may change between a run and its resumption (they do not change what the weights become).
+_RESUMABLE_FIELDS = frozenset({"output_dir", "resume", "progress", "max_seconds"})
+
 
 def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
     args = TrainingArguments(**asdict(args)) if args is not None else TrainingArguments()
@@ -85,7 +150,7 @@ def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
         if not hasattr(args, key):
             raise TypeError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
         setattr(args, key, value)
-    return args
+    return args.validate()
 
 
 class _Frozen:
@@ -136,14 +201,110 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def _sha256_of(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(tensor_sha256(t).encode())
+    return h.hexdigest()
+
+
+def run_identity(
+    model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str, mixed: str
+) -> dict[str, Any]:
+    """What a run dir's weights depend on: the starting weights, the frozen model, the data and the
+    hyper-parameters. A run dir records it when training starts; resuming with anything else is refused."""
+    trainable = {id(p) for p in params}
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    config = getattr(model, "config", None)
+    return {
+        "label": label,
+        "trainable_parameters": [names[id(p)] for p in params],
+        "initial_trainable_sha256": _sha256_of(params),
+        "frozen_model_sha256": _sha256_of(frozen),
+        "model_config_sha256": hashlib.sha256(config.to_json_string().encode()).hexdigest() if config else None,
+        "train_data_sha256": _sha256_of([data.train[:]["input_ids"]]),
+        "validation_data_sha256": _sha256_of([data.validation[:]["input_ids"]]) if data.validation is not None else None,
+        "hyper_parameters": {k: v for k, v in sorted(asdict(args).items()) if k not in _RESUMABLE_FIELDS}
+        | {"mixed_precision": mixed},
+    }
+
+
+def _check_run_dir(output_dir: Path, identity: dict, args: TrainingArguments, is_main: bool) -> None:
+    """Refuse a run dir started by another run; record this run's identity in a fresh one."""
+    path = output_dir / _IDENTITY_FILE
+    has_checkpoints = _latest_checkpoint(output_dir) is not None if output_dir.is_dir() else False
+    if path.is_file() and args.resume:
+        try:
+            recorded = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise CheckpointFormatError(f"{path} is unreadable ({err}); delete the run dir or pass another") from None
+        recorded = json.loads(json.dumps(recorded))
+        mine = json.loads(json.dumps(identity, default=str))
+        differs = sorted(k for k in mine if recorded.get(k) != mine[k])
+        if "hyper_parameters" in differs:
+            hp_old, hp_new = recorded.get("hyper_parameters") or {}, mine["hyper_parameters"]
+            differs.remove("hyper_parameters")
+            differs += [f"{k} ({hp_old.get(k)!r} -> {hp_new[k]!r})" for k in hp_new if hp_old.get(k) != hp_new[k]]
+        if differs:
+            raise RunDirMismatchError(
+                f"run dir {output_dir} holds a run started with other settings; differing: {', '.join(differs)}. "
+                "Resuming it would mix two runs. Use a new run dir (--run-dir), delete this one, or pass "
+                "resume=False (--no-resume) to start over in it"
+            )
+        return
+    if has_checkpoints and args.resume:
+        raise RunDirMismatchError(
+            f"run dir {output_dir} holds checkpoints but no {_IDENTITY_FILE} saying which run wrote them, so "
+            "resuming could mix two runs. Use a new run dir, or pass resume=False (--no-resume) to start over in it"
+        )
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / f".{_IDENTITY_FILE}.tmp"
+        tmp.write_text(json.dumps(identity, indent=2, default=str))
+        os.replace(tmp, path)
+
+
+class _ForwardRestored:
+    """accelerate's mixed precision wraps `model.forward` in autocast as an instance attribute; put it back."""
+
+    _KEYS = ("forward", "_original_forward")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = {k: self.model.__dict__[k] for k in self._KEYS if k in self.model.__dict__}
+        return self
+
+    def __exit__(self, *exc):
+        for key in self._KEYS:
+            self.model.__dict__.pop(key, None)
+        self.model.__dict__.update(self.saved)
+        return False
+
+
 def fit_parameters(
     model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str = "training"
 ) -> dict:
     """The shared loop: train `params` of `model` (everything else frozen) on `data.train`; return metrics.
 
     Used by every not_hub training function, and by the benchmarks for baselines (peft LoRA, full fine-tuning),
-    so all methods are trained by the same loop. Leaves the best validation weights in the model.
+    so all methods are trained by the same loop. Leaves the best validation weights in the model, and the model
+    otherwise as it found it (requires_grad flags, train/eval mode, its own `forward`: no autocast wrapper).
+
+    Raises:
+        InvalidArgumentError: a field of `args` is out of range.
+        RunDirMismatchError: `args.output_dir` holds a run started with another model, data or hyper-parameters.
+        CheckpointFormatError: the run dir's newest checkpoint is unreadable.
     """
+    args.validate()
+    limit = context_length(getattr(model, "config", None))
+    if limit is not None and data.block_size > limit:
+        raise InvalidArgumentError(
+            f"block_size={data.block_size} is longer than the model's context of {limit} tokens; pack the data with "
+            f"block_size <= {limit}"
+        )
     if args.mixed_precision is None:
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -152,17 +313,23 @@ def fit_parameters(
     names = {id(p): n for n, p in model.named_parameters()}
     param_names = [names[id(p)] for p in params]
 
-    with _Frozen(model, params):
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None:
+        identity = run_identity(model, params, data, args, label, mixed)
+        _check_run_dir(output_dir, identity, args, accelerator.is_main_process)
+
+    with _Frozen(model, params), _ForwardRestored(model):
         model.train()
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         micro_per_epoch = math.ceil(len(data.train) / (args.batch_size * accelerator.num_processes))
         steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
-        total_steps = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
+        total_steps = (
+            args.max_steps if args.max_steps is not None else max(1, math.ceil(steps_per_epoch * args.epochs))
+        )
         scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
         eval_every = args.eval_every or steps_per_epoch
         save_every = args.save_every or steps_per_epoch
-        output_dir = Path(args.output_dir) if args.output_dir else None
 
         state = {
             "step": 0,
@@ -176,11 +343,18 @@ def fit_parameters(
         best: dict[str, torch.Tensor] | None = None
         checkpoint = _latest_checkpoint(output_dir) if output_dir and args.resume else None
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            state = json.loads((checkpoint / _STATE_FILE).read_text())
-            scheduler.load_state_dict(state.pop("scheduler"))
-            if (checkpoint / _BEST_FILE).is_file():
-                best = load_file(checkpoint / _BEST_FILE)
+            try:
+                accelerator.load_state(str(checkpoint))
+                state = json.loads((checkpoint / _STATE_FILE).read_text())
+                scheduler.load_state_dict(state.pop("scheduler"))
+                if (checkpoint / _BEST_FILE).is_file():
+                    best = load_file(checkpoint / _BEST_FILE)
+            except Exception as err:  # torch, safetensors and json each raise their own type for a damaged file
+                raise CheckpointFormatError(
+                    f"the checkpoint {checkpoint} in run dir {output_dir} cannot be read ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to resume from an earlier "
+                    "one, or start over with resume=False (--no-resume) or another run dir"
+                ) from None
             logger.warning("resuming %s from %s (step %d of %d)", label, checkpoint, state["step"], total_steps)
 
         def snapshot() -> dict[str, torch.Tensor]:
@@ -332,11 +506,26 @@ def train_organ(
         >>> metrics = not_hub.train_organ(organ, donor, blocks, epochs=1, output_dir="runs/organ")
         ```
     """
-    from .errors import InvalidModeError
-
     if method not in METHODS:
-        raise InvalidModeError(f"method={method!r} is not supported; expected one of {METHODS}")
+        raise InvalidArgumentError(f"method={method!r} is not a training method; expected one of {METHODS}")
     args = _args(args, kwargs)
+    # The organ must fit the donor, exactly as a transplant would require: a llama organ inside qwen2's embeddings
+    # and head would train (shapes may even agree) and be saved as if nothing were wrong.
+    report = check_compatibility(organ, donor)
+    if not report.compatible:
+        raise IncompatibleOrganError(
+            f"organ {organ.name_or_path or '(unsaved)'} does not fit the donor {donor.config.model_type} model "
+            f"{getattr(donor, 'name_or_path', '') or ''}: {', '.join(r.field for r in report.blocking)} differ. Train "
+            "an organ inside the model it was cut from (or one of the same architecture and size)",
+            report,
+        )
+    depth = donor.config.num_hidden_layers
+    start, stop = organ.config.layer_range
+    if method == "in_situ" and stop > depth:
+        raise InvalidArgumentError(
+            f"in-situ training puts the organ back at its donor slot [{start}, {stop}), which a {depth}-layer donor "
+            "does not have; use method='standalone' or the model the organ was cut from"
+        )
     torch.manual_seed(args.seed)
     if method == "standalone":
         shell = standalone_shell(organ, donor)
@@ -371,6 +560,10 @@ def recover(
     Returns:
         The training metrics, also stored in the transplant's record (and so in `recipient.config.transplants`).
     """
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise InvalidArgumentError(f"radius={radius!r} is not allowed; expected an integer >= 0 (layers per side)")
+    if not transplant.active:
+        raise TransplantStateError("this transplant was explanted; transplant the organ again before recovery")
     args = _args(args, {"epochs": 3.0, **kwargs})
     torch.manual_seed(args.seed)
     neighbours = transplant.neighbour_layers(radius)
@@ -391,8 +584,6 @@ def train_bridges(
     **kwargs: Any,
 ) -> dict:
     """Train only the bridges of a `mode="bridge"` transplant (the organ and the recipient stay frozen)."""
-    from .errors import InvalidModeError
-
     if transplant.mode != "bridge":
         raise InvalidModeError(
             f"this transplant has mode={transplant.mode!r}; bridges exist only with transplant_into(..., mode='bridge')"

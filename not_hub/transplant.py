@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,8 @@ class Transplant:
     _replaced_per_layer: dict[str, list] = field(default_factory=dict)
     # Recipient layers changed by recovery (module -> state before), restored on explant.
     _neighbour_backup: list[tuple[nn.Module, dict]] = field(default_factory=list)
+    # (device, dtype) the organ's layers were placed with at transplant time.
+    _placed_as: tuple[torch.device, torch.dtype] | None = None
     active: bool = True
 
     @property
@@ -147,6 +150,14 @@ class Transplant:
         start = indices[0]
         stack = get_layer_stack(self.recipient, self._spec)
         config = self.recipient.config
+        # The recipient may have been cast or moved since the transplant (`recipient.to(torch.bfloat16)`): the
+        # layers it got back would then be the only ones left in the old dtype/device and its forward would fail.
+        # They follow the organ layer that held their slot, which moved with the recipient. (Untouched when
+        # nothing changed, so the usual explant stays bit-exact.)
+        for i, layer in enumerate(self._replaced):
+            now = parameter_device_dtype(unwrap(self.layers[i]))
+            if now != self._placed_as:
+                layer.to(device=now[0], dtype=now[1])
         with _rollback_on_error(self.recipient, self._spec):
             new_layers = list(stack)
             if self.mode == "replace":
@@ -218,16 +229,24 @@ class _rollback_on_error:
         return False
 
 
-def _check_position(position: int, mode: str, k: int, depth: int) -> None:
-    if isinstance(position, bool) or not isinstance(position, int):
-        raise InvalidPositionError(f"position={position!r} is not an integer; pass the 0-based index of a layer")
+def _check_position(position, mode: str, k: int, depth: int) -> int:
+    """Validate a position (any integer type, e.g. numpy's; not a bool or a float) and return it as an int."""
+    if isinstance(position, bool):
+        raise InvalidPositionError(f"position={position!r} is a bool; pass the 0-based index of a layer")
+    try:
+        position = operator.index(position)  # ints and numpy integers; refuses floats and strings
+    except TypeError:
+        raise InvalidPositionError(
+            f"position={position!r} is not an integer; pass the 0-based index of a layer"
+        ) from None
     last = depth - k if mode == "replace" else depth
     if not 0 <= position <= last:
-        what = "fit" if mode == "replace" else "be inserted into"
+        what = "fit into" if mode == "replace" else "be inserted into"
         raise InvalidPositionError(
-            f"position={position} with a {k}-layer organ does not {what} a {depth}-layer recipient in "
+            f"position={position} with a {k}-layer organ cannot {what} a {depth}-layer recipient in "
             f"mode={mode!r}; expected 0 <= position <= {last}"
         )
+    return position
 
 
 def _check_overlap(recipient: nn.Module, position: int, mode: str, k: int) -> None:
@@ -301,7 +320,7 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
     depth = len(stack)
     if position is None:
         position = organ.config.layer_range[0]
-    _check_position(position, mode, k, depth)
+    position = _check_position(position, mode, k, depth)
     _check_overlap(recipient, position, mode, k)
 
     # The organ joins the layers around it: same dtype, same device (a device_map'd recipient keeps working).
@@ -366,6 +385,7 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
         _organ_config=copy.deepcopy(organ.config),
         _replaced=replaced,
         _replaced_per_layer=replaced_per_layer,
+        _placed_as=(device, dtype),
     )
     if not hasattr(recipient, _REGISTRY_ATTR):
         object.__setattr__(recipient, _REGISTRY_ATTR, [])

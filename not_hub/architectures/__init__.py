@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import UnsafeCheckpointError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
 
@@ -247,12 +247,43 @@ def decoder_layer_class_path(layer: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def import_decoder_layer_class(path: str) -> type[nn.Module]:
-    """Import a class from `decoder_layer_class_path`'s output."""
-    module_name, _, qualname = path.partition(":")
+def import_decoder_layer_class(path: str, model_type: str | None) -> type[nn.Module]:
+    """The decoder-layer class `path` (`module:QualName`) names, resolved only inside transformers' own model module
+    for `model_type`.
+
+    `path` comes from a checkpoint's config, i.e. from whoever wrote the checkpoint (its sha256 checks say nothing
+    about trust). Importing an arbitrary module named there would run code of the checkpoint's choosing, so the
+    module must be exactly `transformers.models.<family>.modeling_<family>` for the recorded `model_type`, checked
+    *before* anything is imported; the object found must be an `nn.Module` class defined in that module.
+
+    Raises:
+        UnsafeCheckpointError: the path names any other module, or something that is not a layer class there.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    module_name, _, qualname = str(path).partition(":")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UnsafeCheckpointError(
+            f"the organ config records donor model_type={model_type!r}, which transformers does not know; its layer "
+            f"class {path!r} cannot be resolved from transformers' own code, and not_hub never imports a module named "
+            "by a checkpoint. Upgrade transformers if the family is new, or re-extract the organ"
+        )
+    family = model_type_to_module_name(model_type)
+    expected = f"transformers.models.{family}.modeling_{family}"
+    parts = qualname.split(".")
+    if module_name != expected or not all(part.isidentifier() and not part.startswith("_") for part in parts):
+        raise UnsafeCheckpointError(
+            f"the organ config names decoder_layer_class={path!r}; for model_type={model_type!r} only classes of "
+            f"{expected} are loaded (a checkpoint never chooses which code runs). Re-extract the organ with "
+            "not_hub.extract_organ(model) from a transformers model"
+        )
     obj = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    for part in parts:
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module_name):
+        raise UnsafeCheckpointError(
+            f"decoder_layer_class={path!r} is not a layer class defined in {expected}; the organ config is corrupt"
+        )
     return obj
 
 
@@ -288,6 +319,19 @@ def point_layer_config(layer: nn.Module, config) -> None:
     for module in layer.modules():
         if hasattr(module, "config") and not isinstance(module, PreTrainedModel):
             module.config = config
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model's position embeddings allow, if it has a fixed limit (gpt2's `n_positions`).
+
+    Rotary families report `max_position_embeddings` too; going past it degrades them rather than crashing, but it
+    is still the documented limit, so it is enforced the same way.
+    """
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def parameter_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
