@@ -29,6 +29,7 @@ from .transplant import (
     check_compatibility,
     standalone_shell,
     transplant_into,
+    transplanted,
     transplants_of,
 )
 from .version import __version__
@@ -55,5 +56,6 @@ __all__ = [
     "resolve_architecture",
     "standalone_shell",
     "transplant_into",
+    "transplanted",
     "transplants_of",
 ]

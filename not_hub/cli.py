@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 
-from .errors import NotHubError
+from .cli_common import load_model, non_negative_int, output_folder, positive_int
+from .cli_train import add_parsers
+from .errors import InvalidArgumentError, NotHubError
+from .version import __version__
 
 # A short general-English sample (written for this project) for before/after perplexity in the demo.
 SAMPLE_TEXT = (
@@ -35,23 +38,12 @@ SAMPLE_TEXT = (
 DEFAULT_PROMPT = "The capital of France is"
 
 
-def _model(args, name: str, revision: str | None = None):
-    from .loading import load_causal_lm
-
-    t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=revision)
-    print(
-        f"loaded {model.name_or_path} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
-        f"in {time.perf_counter() - t0:.1f}s"
-    )
-    return model, tokenizer
-
-
 def cmd_extract(args) -> int:
     """Cut an organ out of a donor and save it."""
     from .extraction import extract_organ
 
-    donor, _ = _model(args, args.model, args.revision)
+    output_folder(args.out)
+    donor, _ = load_model(args, args.model, args.revision)
     organ = extract_organ(
         donor, layer_range=tuple(args.layer_range) if args.layer_range else None, revision=args.revision
     )
@@ -82,7 +74,7 @@ def cmd_inspect(args) -> int:
     }
     print(json.dumps(info, indent=2, default=str))
     if args.recipient:
-        recipient, _ = _model(args, args.recipient, args.recipient_revision)
+        recipient, _ = load_model(args, args.recipient, args.recipient_revision)
         print(organ.check_compatibility(recipient))
     return 0
 
@@ -100,7 +92,10 @@ def cmd_transplant(args) -> int:
     from .extraction import extract_organ
     from .modeling_organ import OrganModel
 
-    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
+    if not args.prompt.strip():
+        raise InvalidArgumentError("--prompt is empty; pass a few words for the model to continue")
+    output_folder(args.save_to, "--save-to")
+    recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     ids = tokenizer(SAMPLE_TEXT, return_tensors="pt").input_ids
     logits_before = recipient(ids).logits
     ppl_before = perplexity(recipient, [SAMPLE_TEXT], tokenizer=tokenizer).perplexity
@@ -127,24 +122,23 @@ def cmd_transplant(args) -> int:
     print(organ.check_compatibility(recipient))
 
     t0 = time.perf_counter()
-    record = organ.transplant_into(recipient, position=args.position, mode=args.mode)
-    print(
-        f"\ntransplanted: {record} in {1000 * (time.perf_counter() - t0):.1f} ms; recipient now has "
-        f"{recipient.config.num_hidden_layers} layers, organ at {record.layer_indices}"
-    )
-    logits_after = recipient(ids).logits
-    ppl_after = perplexity(recipient, [SAMPLE_TEXT], tokenizer=tokenizer).perplexity
-    print(f"max |logits after - logits before| = {(logits_after - logits_before).abs().max().item():.3g}")
-    print(f"sample perplexity: untouched {ppl_before:.2f} -> transplanted {ppl_after:.2f}")
-    print(
-        f"greedy '{args.prompt}':\n  untouched:    {text_before!r}\n  transplanted: "
-        f"{_greedy(recipient, tokenizer, args.prompt)!r}"
-    )
-    if args.save_to:
-        recipient.save_pretrained(args.save_to)
-        tokenizer.save_pretrained(args.save_to)
-        print(f"saved the transplanted recipient to {args.save_to} (loads with plain transformers)")
-    record.explant()
+    with organ.transplanted(recipient, position=args.position, mode=args.mode) as record:
+        print(
+            f"\ntransplanted: {record} in {1000 * (time.perf_counter() - t0):.1f} ms; recipient now has "
+            f"{recipient.config.num_hidden_layers} layers, organ at {record.layer_indices}"
+        )
+        logits_after = recipient(ids).logits
+        ppl_after = perplexity(recipient, [SAMPLE_TEXT], tokenizer=tokenizer).perplexity
+        print(f"max |logits after - logits before| = {(logits_after - logits_before).abs().max().item():.3g}")
+        print(f"sample perplexity: untouched {ppl_before:.2f} -> transplanted {ppl_after:.2f}")
+        print(
+            f"greedy '{args.prompt}':\n  untouched:    {text_before!r}\n  transplanted: "
+            f"{_greedy(recipient, tokenizer, args.prompt)!r}"
+        )
+        if args.save_to:
+            recipient.save_pretrained(args.save_to)
+            tokenizer.save_pretrained(args.save_to)
+            print(f"saved the transplanted recipient to {args.save_to} (loads with plain transformers)")
     restored = recipient.state_dict()
     exact = restored.keys() == state_before.keys() and all(
         torch.equal(restored[k], v) for k, v in state_before.items()
@@ -207,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="not-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"not_hub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p, revision_help: str, recipient: bool = False):
@@ -223,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="donor: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
     p.add_argument(
         "--layer-range",
-        type=int,
+        type=non_negative_int,
         nargs=2,
         metavar=("START", "STOP"),
         help="half-open range of donor layers (default: 3 layers from floor(L/3))",
@@ -251,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--position",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="0-based index of the first recipient layer the organ occupies (default: its donor start)",
     )
@@ -288,11 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, help="only organs cut from this donor repo id")
     p.add_argument("--author", default=None, help="only repos of this user or organisation")
     p.add_argument("--search", default=None, help="substring of the repo name")
-    p.add_argument("--limit", type=int, default=None, help="at most this many results")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many results")
     p.add_argument("--token", default=None, help="Hub token (to see private repos)")
     p.set_defaults(func=cmd_search)
-
-    from .cli_train import add_parsers
 
     add_parsers(sub, model_options)
     return parser
@@ -303,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (NotHubError, FileNotFoundError, HfHubHTTPError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (NotHubError, HfHubHTTPError) as err:
+        # A user error (bad input, missing file, unreachable Hub): one line, exit 1 as `hf` does. Usage errors
+        # (bad flags or values) exit 2 from argparse. Anything else is a bug and keeps its traceback.
+        print(f"error: {str(err).strip()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

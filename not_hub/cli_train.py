@@ -12,6 +12,15 @@ import json
 import time
 from pathlib import Path
 
+from .cli_common import (
+    block_size,
+    fraction,
+    load_model,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 from .data import DocumentSplits, load_documents, make_blocks, split_documents
 
 
@@ -42,11 +51,11 @@ def add_data_options(p: argparse.ArgumentParser, *, split_choice: bool = False) 
         help="how text files are cut into documents (default: file in folders, paragraph for a file)",
     )
     g.add_argument("--text-field", default="text", help="text column of json/jsonl files and Hub datasets")
-    g.add_argument("--limit-docs", type=int, default=None, help="use at most this many documents per source")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the by-document split (default 0)")
-    g.add_argument("--validation-fraction", type=float, default=0.1, help="share of documents for validation")
-    g.add_argument("--test-fraction", type=float, default=0.1, help="share of documents for test")
-    g.add_argument("--block-size", type=int, default=256, help="tokens per training block (default 256)")
+    g.add_argument("--limit-docs", type=positive_int, default=None, help="use at most this many documents per source")
+    g.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the by-document split (default 0)")
+    g.add_argument("--validation-fraction", type=fraction, default=0.1, help="share of documents for validation")
+    g.add_argument("--test-fraction", type=fraction, default=0.1, help="share of documents for test")
+    g.add_argument("--block-size", type=block_size, default=256, help="tokens per training block (default 256)")
     if split_choice:
         g.add_argument(
             "--split",
@@ -54,23 +63,42 @@ def add_data_options(p: argparse.ArgumentParser, *, split_choice: bool = False) 
             default="validation",
             help="which held-out documents to score (choose on validation, report on test)",
         )
-        g.add_argument("--max-eval-docs", type=int, default=None, help="score at most this many documents")
-        g.add_argument("--max-length", type=int, default=512, help="perplexity window in tokens (default 512)")
-        g.add_argument("--stride", type=int, default=None, help="perplexity window step (default max-length/2)")
+        g.add_argument("--max-eval-docs", type=positive_int, default=None, help="score at most this many documents")
+        g.add_argument(
+            "--max-length",
+            type=block_size,
+            default=None,
+            help="perplexity window in tokens (default 512, or the model's context when shorter)",
+        )
+        g.add_argument(
+            "--stride", type=positive_int, default=None, help="perplexity window step (default max-length/2)"
+        )
 
 
 def add_training_options(p: argparse.ArgumentParser, *, epochs: float) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training blocks (default {epochs})")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of steps (default 0.1)")
-    g.add_argument("--batch-size", type=int, default=8, help="blocks per process per micro-batch (default 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: each epoch)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: each epoch)")
+    g.add_argument(
+        "--epochs", type=positive_float, default=epochs, help=f"passes over the training blocks (default {epochs})"
+    )
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
+    g.add_argument("--warmup-ratio", type=fraction, default=0.1, help="linear warmup share of steps (default 0.1)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="blocks per process per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument(
+        "--eval-every", type=positive_int, default=None, help="validate every N steps (default: each epoch)"
+    )
+    g.add_argument(
+        "--save-every", type=positive_int, default=None, help="checkpoint every N steps (default: each epoch)"
+    )
     g.add_argument("--run-dir", default=None, help="checkpoints here; an interrupted run resumes from them")
-    g.add_argument("--seed", type=int, default=0, help="training seed (data order)")
+    g.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start over in --run-dir even if it holds another run's checkpoints",
+    )
+    g.add_argument("--seed", type=non_negative_int, default=0, help="training seed (data order)")
 
 
 def _sources(values: list[str] | None, args) -> list[str] | None:
@@ -120,6 +148,7 @@ def _training_kwargs(args) -> dict:
         eval_every=args.eval_every,
         save_every=args.save_every,
         output_dir=args.run_dir,
+        resume=args.resume,
         seed=args.seed,
     )
 
@@ -141,12 +170,12 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
-    from .cli import _model
     from .modeling_organ import OrganModel
     from .training import train_organ
 
+    output_folder(args.out)
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
-    donor, tokenizer = _model(args, args.donor or organ.config.base_model, args.donor_revision)
+    donor, tokenizer = load_model(args, args.donor or organ.config.base_model, args.donor_revision)
     splits = _splits(args)
     blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
     print(
@@ -164,12 +193,11 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     """Perplexity of the recipient with the organ at each position (and mode), with mean and variance."""
-    from .cli import _model
     from .evaluation import position_sweep
     from .modeling_organ import OrganModel
 
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
-    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
+    recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     splits = _splits(args)
     docs = _held_out(args, splits)
     t0 = time.perf_counter()
@@ -233,12 +261,13 @@ def plot_sweep(result: dict, path: str) -> None:
 
 def cmd_recover(args) -> int:
     """Transplant an organ, then recovery-fine-tune it and its neighbouring layers (everything else frozen)."""
-    from .cli import _model
     from .modeling_organ import OrganModel
     from .training import recover
 
+    output_folder(args.organ_out, "--organ-out")
+    output_folder(args.save_to, "--save-to")
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
-    recipient, tokenizer = _model(args, args.recipient, args.recipient_revision)
+    recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     splits = _splits(args)
     blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
     record = organ.transplant_into(recipient, position=args.position, mode=args.mode)
@@ -259,11 +288,10 @@ def cmd_recover(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Perplexity on held-out documents: the model as is and, with --organ, with the organ transplanted."""
-    from .cli import _model
     from .evaluation import add_evaluation_result, perplexity
     from .modeling_organ import OrganModel
 
-    model, tokenizer = _model(args, args.model, args.recipient_revision)
+    model, tokenizer = load_model(args, args.model, args.recipient_revision)
     docs = _held_out(args, _splits(args))
     t0 = time.perf_counter()
     base = perplexity(model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True)
@@ -279,12 +307,11 @@ def cmd_evaluate(args) -> int:
     print(f"{args.model}: {args.split} perplexity {base.perplexity:.3f} over {base.tokens:,} tokens")
     if args.organ:
         organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
-        record = organ.transplant_into(model, position=args.position, mode=args.mode)
-        t0 = time.perf_counter()
-        grafted = perplexity(
-            model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True
-        )
-        record.explant()
+        with organ.transplanted(model, position=args.position, mode=args.mode) as record:
+            t0 = time.perf_counter()
+            grafted = perplexity(
+                model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True
+            )
         result["transplanted"] = {
             "organ": args.organ,
             "position": record.position,
@@ -340,7 +367,9 @@ def add_parsers(sub, model_options) -> None:
         default=["replace"],
         help="transplant modes to sweep (default: replace)",
     )
-    p.add_argument("--positions", type=int, nargs="+", default=None, help="positions (default: all valid)")
+    p.add_argument(
+        "--positions", type=non_negative_int, nargs="+", default=None, help="positions (default: all valid)"
+    )
     p.add_argument("--out", default=None, help="write the sweep as JSON here")
     p.add_argument("--plot", default=None, help="write a perplexity-vs-position PNG here")
     add_data_options(p, split_choice=True)
@@ -350,9 +379,13 @@ def add_parsers(sub, model_options) -> None:
     p = sub.add_parser("recover", help=cmd_recover.__doc__, description=cmd_recover.__doc__)
     p.add_argument("organ", help="organ folder or Hub repo id")
     p.add_argument("--recipient", default="smollm2", help="recipient model (default: the embedded SmolLM2)")
-    p.add_argument("--position", type=int, required=True, help="where to transplant (e.g. the sweep's best)")
+    p.add_argument(
+        "--position", type=non_negative_int, required=True, help="where to transplant (e.g. the sweep's best)"
+    )
     p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
-    p.add_argument("--radius", type=int, default=1, help="neighbouring layers trained on each side (default 1)")
+    p.add_argument(
+        "--radius", type=non_negative_int, default=1, help="neighbouring layers trained on each side (default 1)"
+    )
     p.add_argument("--organ-out", default=None, help="save the recovered organ here")
     p.add_argument("--save-to", default=None, help="save the recovered recipient (plain transformers model) here")
     add_data_options(p)
@@ -363,7 +396,9 @@ def add_parsers(sub, model_options) -> None:
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     p.add_argument("model", help="model to score: Hub id, folder, .gguf file or 'smollm2'")
     p.add_argument("--organ", default=None, help="also score the model with this organ transplanted")
-    p.add_argument("--position", type=int, default=None, help="transplant position (default: the organ's start)")
+    p.add_argument(
+        "--position", type=non_negative_int, default=None, help="transplant position (default: the organ's start)"
+    )
     p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
     p.add_argument("--record", action="store_true", help="write the result into the organ's config and card")
     p.add_argument("--dataset-name", default=None, help="dataset name recorded with --record")

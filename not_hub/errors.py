@@ -95,6 +95,10 @@ class InvalidRepoIdError(NotHubError, ValueError):
     """A Hub repo id is malformed (it must look like 'namespace/name')."""
 
 
+class OutputPathError(NotHubError, FileExistsError):
+    """An output path cannot be written as asked (e.g. a checkpoint folder path that is an existing file)."""
+
+
 class NotHubWarning(UserWarning):
     """Base class of every warning emitted by not_hub."""
 

@@ -36,15 +36,23 @@ def _as_token_lists(documents, tokenizer) -> list[list[int]]:
     return [list(map(int, d)) for d in documents]
 
 
-def _check_window(model: nn.Module, max_length, stride) -> None:
+DEFAULT_MAX_LENGTH = 512
+
+
+def _check_window(model: nn.Module, max_length, stride) -> int:
+    """Validate the window; return `max_length` (None: 512, or the model's context when that is shorter)."""
+
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
+
+    limit = context_length(getattr(model, "config", None))
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
 
     if not is_int(max_length) or max_length < 2:
         raise InvalidArgumentError(
             f"max_length={max_length!r} is not allowed; expected an integer >= 2 (a window needs a token of context)"
         )
-    limit = context_length(getattr(model, "config", None))
     if limit is not None and max_length > limit:
         raise InvalidArgumentError(
             f"max_length={max_length} is longer than the model's context of {limit} tokens; pass max_length <= {limit}"
@@ -54,6 +62,7 @@ def _check_window(model: nn.Module, max_length, stride) -> None:
             f"stride={stride!r} is not allowed; expected an integer in [1, max_length={max_length}], or None "
             "(max_length // 2)"
         )
+    return max_length
 
 
 @torch.no_grad()
@@ -62,7 +71,7 @@ def perplexity(
     documents: Sequence[str] | Sequence[Sequence[int]],
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int = 512,
+    max_length: int | None = None,
     stride: int | None = None,
     progress: bool = False,
 ) -> PerplexityResult:
@@ -76,13 +85,14 @@ def perplexity(
     Args:
         model: a causal LM (eval mode is used, and restored).
         documents: strings (with `tokenizer`) or token-id lists.
-        max_length: window length in tokens.
+        max_length: window length in tokens (default 512, or the model's context when shorter; a longer
+            window than the model's context is refused).
         stride: window step; smaller gives each token more context at more compute.
 
     Returns:
         `PerplexityResult(perplexity, nll, tokens)`.
     """
-    _check_window(model, max_length, stride)
+    max_length = _check_window(model, max_length, stride)
     stride = stride if stride is not None else max(1, max_length // 2)
     docs = _as_token_lists(list(documents), tokenizer)
     was_training = model.training
@@ -150,7 +160,7 @@ def position_sweep(
     positions: Sequence[int] | None = None,
     modes: Sequence[str] = ("replace",),
     tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int = 512,
+    max_length: int | None = None,
     stride: int | None = None,
     recovery_data: BlockData | None = None,
     recovery_kwargs: dict | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import operator
 from pathlib import Path
 
 import torch
@@ -12,6 +14,8 @@ from .compatibility import structural_signature
 from .configuration_organ import OrganConfig
 from .errors import InvalidLayerRangeError
 from .modeling_organ import OrganModel
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ORGAN_LAYERS = 3
 
@@ -24,9 +28,14 @@ def default_layer_range(num_layers: int, k: int = DEFAULT_ORGAN_LAYERS) -> tuple
 
 def check_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
     """Validate a half-open `(start, stop)` range against a stack of `num_layers` layers."""
+    # Exactly two integers (numpy integers too): a float, a bool or a string such as "13" is refused, not coerced.
     try:
-        start, stop = (int(x) for x in layer_range)
-    except (TypeError, ValueError):
+        if isinstance(layer_range, (str, bytes)) or len(layer_range) != 2:
+            raise TypeError
+        if any(isinstance(x, bool) for x in layer_range):
+            raise TypeError
+        start, stop = (operator.index(x) for x in layer_range)
+    except TypeError:
         raise InvalidLayerRangeError(
             f"layer_range={layer_range!r} is not a pair of integers; pass layer_range=(start, stop)"
         ) from None
@@ -51,7 +60,11 @@ def donor_license(base_model: str | None) -> str | None:
         cached = try_to_load_from_cache(base_model, "README.md")
         card_path = Path(cached) if isinstance(cached, str) else None
     if card_path is not None and card_path.is_file():
-        license = ModelCard.load(card_path).data.license
+        try:
+            license = ModelCard.load(card_path).data.license
+        except Exception as err:  # a malformed card (YAML errors, odd metadata) must not stop extraction
+            logger.warning("could not read the licence from %s (%s); leaving it unset", card_path, err)
+            license = None
         if license:
             return license
     return KNOWN_LICENSES.get(base_model)

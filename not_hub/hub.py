@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +16,64 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
-from .errors import OrganNotFoundError, TransplantStateError
+try:  # the HTTP client huggingface_hub uses: httpx2 from huggingface_hub 2.x, httpx before
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - huggingface_hub 1.x
+    import httpx
+
+from .errors import (
+    HubConnectionError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    OrganNotFoundError,
+    TransplantStateError,
+)
 
 _ALLOW = ["config.json", "model.safetensors", "README.md"]
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Validate a Hub repo id ('namespace/name') with huggingface_hub's own rules.
+
+    Raises:
+        InvalidRepoIdError: the id is malformed (bad characters, '..', surrounding spaces, too long, ...).
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InvalidRepoIdError(f"repo id {repo_id!r} is malformed: {err}") from None
+    if repo_id.count("/") != 1:
+        raise InvalidRepoIdError(f"repo id {repo_id!r} is malformed; expected 'namespace/name'")
+    return repo_id
+
+
+@contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn connection-level failures of a Hub call into `HubConnectionError` (one line, no traceback)."""
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise HubConnectionError(
+            f"{what}: the Hub is disabled (HF_HUB_OFFLINE=1); unset it to reach the Hub, or use local folders"
+        ) from None
+    except HFValidationError as err:
+        raise InvalidRepoIdError(f"{what}: {err}") from None
+    except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
+        if isinstance(err, HfHubHTTPError):
+            raise
+        raise HubConnectionError(
+            f"{what}: the Hub could not be reached or the transfer was interrupted ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else ''}); nothing partial was kept. Check the connection "
+            "(HF_ENDPOINT) and retry"
+        ) from None
 
 
 def resolve_checkpoint(
@@ -41,10 +93,11 @@ def resolve_checkpoint(
     if path.is_dir():
         return path, False
     repo_id = str(name_or_path)
-    if path.exists() or repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+    if path.exists() or repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise OrganNotFoundError(
             f"{repo_id!r} is neither a folder holding an organ nor a Hub repo id of the form 'namespace/name'"
         )
+    check_repo_id(repo_id)
     try:
         folder = Path(
             snapshot_download(
@@ -77,6 +130,13 @@ def resolve_checkpoint(
         ) from None
     except HfHubHTTPError as err:
         raise OrganNotFoundError(f"could not download organ repo {repo_id!r}: {err}") from None
+    except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
+        # e.g. the server closed the connection mid-file: huggingface_hub keeps the partial download under
+        # .incomplete and never links it into the snapshot, so nothing half-downloaded can be loaded later.
+        raise HubConnectionError(
+            f"downloading organ repo {repo_id!r} was interrupted or the Hub could not be reached ({type(err).__name__}"
+            f": {str(err).splitlines()[0][:160] if str(err) else ''}); nothing partial is used. Retry"
+        ) from None
 
 
 def evict_snapshot(folder: Path) -> None:
@@ -90,10 +150,12 @@ def evict_snapshot(folder: Path) -> None:
 
 def prepare_repo(repo_id: str, *, revision: str | None, private: bool | None, token: str | bool | None) -> HfApi:
     """Create the model repo if needed, and the branch `revision` (from main) if it does not exist."""
+    check_repo_id(repo_id)
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with hub_errors(f"creating repo {repo_id!r}"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api
 
 
@@ -137,8 +199,13 @@ def list_organs(
     from .cards import LIBRARY_TAG, ORGAN_TAG
 
     tags = [LIBRARY_TAG, ORGAN_TAG] + ([f"base_model:{base_model}"] if base_model else [])
-    models = HfApi(token=token).list_models(filter=tags, author=author, search=search, limit=limit, cardData=True)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidArgumentError(f"limit={limit!r} is not allowed; expected an integer >= 1, or None (all)")
     found = []
+    with hub_errors("searching organ repos"):
+        models = list(
+            HfApi(token=token).list_models(filter=tags, author=author, search=search, limit=limit, cardData=True)
+        )
     for info in models:
         card = info.card_data
         found.append(
@@ -182,11 +249,12 @@ def push_recipient(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (Path(tmp) / "README.md").write_text(render_recipient_card(recipient, repo_id))
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            revision=revision,
-            commit_message=commit_message or f"Upload transplanted {recipient.config.model_type} model",
-            create_pr=create_pr,
-        )
+        with hub_errors(f"pushing to {repo_id!r}"):
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=commit_message or f"Upload transplanted {recipient.config.model_type} model",
+                create_pr=create_pr,
+            )
     return info.pr_url if create_pr else info.commit_url

