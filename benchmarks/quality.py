@@ -30,6 +30,7 @@ from domains import DOMAINS  # noqa: E402
 import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
 from not_hub.evaluation import perplexity  # noqa: E402
+from not_hub.plots import sweep_figure  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_bridges, train_organ  # noqa: E402
 
 PRESETS = {
@@ -116,7 +117,7 @@ def run_baseline(kind: str, recipient, blocks: BlockData, test, tok, preset, see
     """peft LoRA or full fine-tuning on a copy of the recipient, trained by the same loop as the organs."""
     args = TrainingArguments(**train_args(preset, seed, preset["lr"][kind], budget=budget))
     model, metrics = baseline_model(kind, recipient, blocks, args)
-    return {"test_ppl": ppl(model, test, tok), "train_s": metrics["wall_clock_s"], "steps": metrics["steps"]}
+    return {"test_ppl": ppl(model, test, tok), "train_s": metrics.wall_clock_s, "steps": metrics.steps}
 
 
 def prepare(domain: str, seed: int, preset: dict, tok) -> tuple[BlockData, list[str], list[str]]:
@@ -153,50 +154,46 @@ def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
             m = train_organ(organ, recipient, data, **train_args(preset, seed, lr, budget=budget))
         sweep = {p: None for p in preset["positions"]}
         for p in sweep:
-            record = organ.transplant_into(recipient, position=p)
-            sweep[p] = ppl(recipient, val_docs, tok)
-            record.explant()
+            with organ.transplanted(recipient, position=p):
+                sweep[p] = ppl(recipient, val_docs, tok)
         best = min(sweep, key=sweep.get)
-        record = organ.transplant_into(recipient, position=best)
-        res["not_standalone"] = {
-            "test_ppl": ppl(recipient, test, tok),
-            "train_s": t.seconds,
-            "position": best,
-            "steps": m["steps"],
-        }
-        with Timer() as t_rec:
-            recover(
-                recipient,
-                record,
-                data,
-                radius=1,
-                **train_args(preset, seed, lr, budget=budget, epochs=preset["recovery_epochs"]),
-            )
-        res["not_recovered"] = {
-            "test_ppl": ppl(recipient, test, tok),
-            "train_s": t.seconds + t_rec.seconds,
-            "position": best,
-        }
-        record.explant()
+        with organ.transplanted(recipient, position=best) as transplant:
+            res["not_standalone"] = {
+                "test_ppl": ppl(recipient, test, tok),
+                "train_s": t.seconds,
+                "position": best,
+                "steps": m.steps,
+            }
+            with Timer() as t_rec:
+                recover(
+                    recipient,
+                    transplant,
+                    data,
+                    radius=1,
+                    **train_args(preset, seed, lr, budget=budget, epochs=preset["recovery_epochs"]),
+                )
+            res["not_recovered"] = {
+                "test_ppl": ppl(recipient, test, tok),
+                "train_s": t.seconds + t_rec.seconds,
+                "position": best,
+            }
         if regime == "epochs":
             out["position_sweep_validation"] = sweep
             # Direct replacement vs bridge-mediated insertion at the chosen position.
-            bridged = organ.transplant_into(recipient, position=best, mode="bridge")
-            untrained_bridge = ppl(recipient, test, tok)
-            train_bridges(recipient, bridged, data, **train_args(preset, seed, 1e-3, budget=False))
-            out["bridge"] = {
-                "position": best,
-                "test_ppl_untrained_bridges": untrained_bridge,
-                "test_ppl_trained_bridges": ppl(recipient, test, tok),
-            }
-            bridged.explant()
+            with organ.transplanted(recipient, position=best, mode="bridge") as bridged:
+                untrained_bridge = ppl(recipient, test, tok)
+                train_bridges(recipient, bridged, data, **train_args(preset, seed, 1e-3, budget=False))
+                out["bridge"] = {
+                    "position": best,
+                    "test_ppl_untrained_bridges": untrained_bridge,
+                    "test_ppl_trained_bridges": ppl(recipient, test, tok),
+                }
         # In-situ organ: trained at its own slot inside the frozen model, evaluated there.
         insitu = not_hub.extract_organ(recipient, layer_range=ORGAN)
         with Timer() as t:
             train_organ(insitu, recipient, data, method="in_situ", **train_args(preset, seed, lr, budget=budget))
-        record = insitu.transplant_into(recipient, position=ORGAN[0])
-        res["organ_in_situ"] = {"test_ppl": ppl(recipient, test, tok), "train_s": t.seconds}
-        record.explant()
+        with insitu.transplanted(recipient, position=ORGAN[0]):
+            res["organ_in_situ"] = {"test_ppl": ppl(recipient, test, tok), "train_s": t.seconds}
         res["lora_r8"] = run_baseline("lora", recipient, data, test, tok, preset, seed, budget)
         res["full_finetune"] = run_baseline("full", recipient, data, test, tok, preset, seed, budget)
         out[regime] = res
@@ -223,9 +220,8 @@ def integrity_check(recipient, tok, test) -> dict:
     with torch.no_grad():  # a changed organ, so the check is not trivially the untouched model
         for p in organ.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
-    record = organ.transplant_into(recipient, position=6)
-    here = ppl(recipient, test, tok)
-    record.explant()
+    with organ.transplanted(recipient, position=6):
+        here = ppl(recipient, test, tok)
     hub = LocalHub().start()
     tmp = tempfile.mkdtemp()
     script = f"""
@@ -334,32 +330,22 @@ def report(payload: dict) -> str:
 
 
 def plot_sweeps(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = {}
     for domain in sorted({r["domain"] for r in results}):
         rows = [r for r in results if r["domain"] == domain and "position_sweep_validation" in r]
         positions = sorted({int(p) for r in rows for p in r["position_sweep_validation"]})
-        means = [
-            statistics.fmean(
-                r["position_sweep_validation"][p if p in r["position_sweep_validation"] else str(p)]
-                / r["untouched"]["val_ppl"]
-                for r in rows
+        curves[domain] = [
+            (
+                p,
+                statistics.fmean(
+                    r["position_sweep_validation"][p if p in r["position_sweep_validation"] else str(p)]
+                    / r["untouched"]["val_ppl"]
+                    for r in rows
+                ),
             )
             for p in positions
         ]
-        ax.plot(positions, means, marker="o", label=domain)
-    ax.axhline(1.0, color="grey", linestyle="--", label="untouched")
-    ax.set_yscale("log")
-    ax.set_xlabel("replace position")
-    ax.set_ylabel("validation perplexity / untouched (no recovery)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep_figure(curves, baseline=1.0, ylabel="validation perplexity / untouched (no recovery)", path=path)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import math
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ from quality import PRESETS as QUALITY  # noqa: E402
 
 import not_hub  # noqa: E402
 from not_hub.integrity import tensor_sha256  # noqa: E402
-from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
+from not_hub.plots import sweep_figure  # noqa: E402
+from not_hub.training import TrainingArguments, recover, train_organ  # noqa: E402
 
 DATA_KEYS = ("train_blocks", "block", "val_docs", "test_docs", "eval_chars", "epochs", "recovery_epochs", "lr")
 PRESETS = {
@@ -88,33 +90,27 @@ def trained_organ(recipient, data, preset, lr, layer_range=ORGAN, epochs=None):
 
 def not_with_recovery(organ, recipient, data, preset, lr, position, docs: dict, epochs=None) -> dict:
     """Transplant (replace) at `position`, score `docs` ({name: documents}); recover (radius 1); score again."""
-    record = organ.transplant_into(recipient, position=position)
-    try:
+    with organ.transplanted(recipient, position=position) as transplant:
         before = {name: ppl(recipient, d, TOK) for name, d in docs.items()}
         with Timer() as t:
-            recover(recipient, record, data, radius=1, **args_for(preset, lr, epochs or preset["recovery_epochs"]))
+            recover(recipient, transplant, data, radius=1, **args_for(preset, lr, epochs or preset["recovery_epochs"]))
         after = {name: ppl(recipient, d, TOK) for name, d in docs.items()}
-    finally:
-        record.explant()
     return {"without_recovery": before, "with_recovery": after, "recovery_s": round(t.seconds, 1)}
 
 
 def baseline(kind, recipient, data, preset, lr, docs: dict, epochs=None) -> dict:
     model, metrics = baseline_model(kind, recipient, data, TrainingArguments(**args_for(preset, lr, epochs)))
     out = {name: ppl(model, d, TOK) for name, d in docs.items()}
-    out["train_s"] = metrics["wall_clock_s"]
+    out["train_s"] = metrics.wall_clock_s
     return out
 
 
 def in_situ(recipient, data, preset, lr, docs: dict, epochs=None) -> dict:
     organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
     metrics = train_organ(organ, recipient, data, method="in_situ", **args_for(preset, lr, epochs))
-    record = organ.transplant_into(recipient, position=ORGAN[0])
-    try:
+    with organ.transplanted(recipient, position=ORGAN[0]):
         out = {name: ppl(recipient, d, TOK) for name, d in docs.items()}
-    finally:
-        record.explant()
-    out["train_s"] = metrics["wall_clock_s"]
+    out["train_s"] = metrics.wall_clock_s
     return out
 
 
@@ -165,9 +161,8 @@ def part_epochs(recipient, preset, payload) -> dict:
         organ, _ = trained_organ(recipient, data, preset, lrs["not_recovered"], epochs=epochs)
     sweep = {}
     for p in preset["candidate_positions"]:
-        record = organ.transplant_into(recipient, position=p)
-        sweep[p] = ppl(recipient, val, TOK)
-        record.explant()
+        with organ.transplanted(recipient, position=p):
+            sweep[p] = ppl(recipient, val, TOK)
     best = min(sweep, key=sweep.get)
     r = not_with_recovery(organ, recipient, data, preset, lrs["not_recovered"], best, {"test": test}, epochs=epochs)
     res["not_standalone"] = {"test": r["without_recovery"]["test"], "train_s": round(t.seconds, 1), "position": best}
@@ -226,27 +221,29 @@ def part_multi(recipient, preset, payload) -> dict:
     a, b, c = organs
     out = {"domain": "code", "organs": preset["organs"], "untouched": {"test": ppl(recipient, test, TOK)}}
     for name, group in (("one", [b]), ("two", [a, c]), ("three", [a, b, c])):
-        records = [o.transplant_into(recipient, position=o.config.layer_range[0]) for o in group]
-        try:
+        with ExitStack() as stack:
+            transplants = [
+                stack.enter_context(o.transplanted(recipient, position=o.config.layer_range[0])) for o in group
+            ]
             before = ppl(recipient, test, TOK)
-            params = []
-            for record in records:
-                neighbours = record.neighbour_layers(1)
-                record.backup_neighbours(neighbours)
-                params += [p for layer in [*record.layers, *neighbours] for p in layer.parameters()]
-            args = TrainingArguments(**args_for(preset, lr, preset["recovery_epochs"]))
-            metrics = fit_parameters(recipient, params, data, args, f"joint recovery ({name})")
-            recipient.eval()
+            metrics = recover(
+                recipient, transplants, data, radius=1, **args_for(preset, lr, preset["recovery_epochs"])
+            )
             after = ppl(recipient, test, TOK)
-        finally:
-            for record in reversed(records):
-                record.explant()
+            params = list(
+                {
+                    id(p): p
+                    for t in transplants
+                    for layer in [*t.layers, *t.neighbour_layers(1)]
+                    for p in layer.parameters()
+                }.values()
+            )
         out[name] = {
             "layer_ranges": [list(o.config.layer_range) for o in group],
             "test_without_recovery": before,
             "test_with_recovery": after,
             "recovery_trainable_params": sum(p.numel() for p in params),
-            "recovery_s": metrics["wall_clock_s"],
+            "recovery_s": metrics.wall_clock_s,
         }
         print(f"  {name}: {before:.2f} -> {after:.2f}", flush=True)
     return out
@@ -284,7 +281,7 @@ def part_size(recipient, preset, payload) -> dict:
             "layer_range": list(layer_range),
             "parameters": sum(p.numel() for p in organ.parameters()),
             "train_s": round(t.seconds, 1),
-            "wrapper_validation_loss": metrics["best_validation_loss"],
+            "wrapper_validation_loss": metrics.best_validation_loss,
         }
         for where, position in (("own_slot", ORGAN[0]), ("early", preset["early_position"])):
             r = not_with_recovery(organ, recipient, data, preset, lr, position, {"test": test})
@@ -427,24 +424,20 @@ def plot(payload: dict) -> None:
     if "positions" in parts:
         s = parts["positions"]
         positions = sorted(int(p) for p in s["rows"])
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("without_recovery", "organ only"), ("with_recovery", "organ + recovery")):
-            ax.plot(
-                positions,
-                [s["rows"][p if p in s["rows"] else str(p)][key]["val"] / s["untouched"]["val"] for p in positions],
-                marker="o",
-                label=label,
-            )
-        ax.axhline(1.0, color="grey", linestyle="--", label="untouched")
-        ax.axvline(ORGAN[0], color="grey", linestyle=":", label="organ's own slot")
-        ax.set_yscale("log")
-        ax.set_xlabel("replace position")
-        ax.set_ylabel("validation perplexity / untouched")
-        ax.set_title(f"{s['domain']}: organ of donor layers {list(ORGAN)} at every position")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"research_{name}_positions.png", dpi=120)
-        plt.close(fig)
+        sweep_figure(
+            {
+                label: [
+                    (p, s["rows"][p if p in s["rows"] else str(p)][key]["val"] / s["untouched"]["val"])
+                    for p in positions
+                ]
+                for key, label in (("without_recovery", "organ only"), ("with_recovery", "organ + recovery"))
+            },
+            baseline=1.0,
+            ylabel="validation perplexity / untouched",
+            title=f"{s['domain']}: organ of donor layers {list(ORGAN)} at every position",
+            own_slot=ORGAN[0],
+            path=RESULTS / f"research_{name}_positions.png",
+        )
     if "cross" in parts:
         c = parts["cross"]
         d = c["domains"]

@@ -7,10 +7,11 @@ Example:
     ```python
     >>> import not_hub
     >>> organ = not_hub.extract_organ(donor, layer_range=(10, 13))
+    >>> not_hub.train_organ(organ, donor, blocks, epochs=1)
     >>> organ.save_pretrained("my-organ")
     >>> organ = not_hub.OrganModel.from_pretrained("my-organ")
-    >>> record = organ.transplant_into(recipient, position=4, mode="replace")
-    >>> record.explant()
+    >>> with organ.transplanted(recipient, position=10) as transplant:
+    ...     print(not_hub.perplexity(recipient, docs, tokenizer=tokenizer))
     ```
 """
 
@@ -20,42 +21,51 @@ from . import errors
 from .architectures import SUPPORTED_MODEL_TYPES, resolve_architecture
 from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
+from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents
+from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
 from .extraction import default_layer_range, extract_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
-from .transplant import (
-    Transplant,
-    capture_layer_inputs,
-    check_compatibility,
-    standalone_shell,
-    transplant_into,
-    transplanted,
-    transplants_of,
-)
+from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
+from .training import TrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
+from .transplant import Transplant, transplants_of
 from .version import __version__
 
 AutoConfig.register(OrganConfig.model_type, OrganConfig, exist_ok=True)
 AutoModel.register(OrganConfig, OrganModel, exist_ok=True)
 
 __all__ = [
+    "MODES",
     "SUPPORTED_MODEL_TYPES",
+    "BlockData",
     "CompatibilityReport",
     "CompatibilityRow",
+    "DocumentSplits",
     "OrganConfig",
     "OrganInfo",
     "OrganModel",
+    "PerplexityResult",
+    "SweepResult",
+    "TrainingArguments",
+    "TrainingMetrics",
     "Transplant",
+    "TransplantPlan",
     "__version__",
-    "capture_layer_inputs",
-    "check_compatibility",
     "default_layer_range",
     "errors",
     "extract_organ",
     "list_organs",
+    "load_documents",
+    "make_blocks",
+    "perplexity",
+    "plan_transplant",
+    "position_sweep",
     "push_recipient",
+    "recover",
     "resolve_architecture",
-    "standalone_shell",
-    "transplant_into",
-    "transplanted",
+    "split_documents",
+    "train_bridges",
+    "train_organ",
     "transplants_of",
+    "valid_positions",
 ]

@@ -15,8 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .architectures import context_length
 from .data import BlockData, tokenize_documents
-from .errors import DataError, InvalidArgumentError, InvalidModeError, InvalidPositionError
-from .transplant import MODES
+from .errors import DataError, InvalidArgumentError, InvalidPositionError
+from .plan import get_mode, valid_positions
+from .training import recover
 
 
 @dataclass
@@ -184,30 +185,28 @@ def position_sweep(
     k = organ.config.num_layers
     jobs = []
     for mode in modes:
-        if mode not in MODES:
-            raise InvalidModeError(f"mode={mode!r} is not supported; expected any of {MODES}")
-        last = depth - k if mode == "replace" else depth
-        outside = [p for p in positions or () if not (isinstance(p, int) and 0 <= p <= last)]
+        get_mode(mode)
+        valid = valid_positions(mode, k, depth)
+        outside = [p for p in positions or () if p not in valid]
         if outside:
             raise InvalidPositionError(
                 f"positions {outside} do not fit a {k}-layer organ in a {depth}-layer recipient in mode={mode!r}; "
-                f"expected 0 <= position <= {last}"
+                f"expected {valid.start} <= position <= {valid.stop - 1}"
             )
-        jobs += [(mode, p) for p in (positions if positions is not None else range(0, last + 1))]
+        jobs += [(mode, p) for p in (positions if positions is not None else valid)]
     if not jobs:
         raise InvalidArgumentError("nothing to sweep: pass at least one mode and one position (or positions=None)")
     docs = _as_token_lists(list(documents), tokenizer)
     baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
     result = SweepResult(baseline=baseline)
     for mode, position in tqdm(jobs, desc="position sweep", unit="transplant", disable=not progress):
-        record = organ.transplant_into(recipient, position=position, mode=mode)
-        try:
+        with organ.transplanted(recipient, position=position, mode=mode) as transplant:
             row: dict[str, Any] = {"mode": mode, "position": position}
             if recovery_data is not None:
-                from .training import recover
-
-                metrics = recover(recipient, record, recovery_data, **{"progress": False, **(recovery_kwargs or {})})
-                row["recovery_wall_clock_s"] = metrics["wall_clock_s"]
+                metrics = recover(
+                    recipient, transplant, recovery_data, **{"progress": False, **(recovery_kwargs or {})}
+                )
+                row["recovery_wall_clock_s"] = metrics.wall_clock_s
             ppl = perplexity(recipient, docs, max_length=max_length, stride=stride)
             row.update(
                 perplexity=ppl.perplexity,
@@ -216,8 +215,6 @@ def position_sweep(
                 ratio_to_baseline=ppl.perplexity / baseline.perplexity,
             )
             result.rows.append(row)
-        finally:
-            record.explant()
         if on_row is not None:
             on_row(row, len(result.rows), len(jobs))
     return result

@@ -7,12 +7,14 @@ import operator
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, try_to_load_from_cache
 from torch import nn
 
 from .architectures import get_layer_stack, parameter_device_dtype, resolve_architecture
 from .compatibility import structural_signature
 from .configuration_organ import OrganConfig
 from .errors import InvalidLayerRangeError
+from .loading import KNOWN_LICENSES
 from .modeling_organ import OrganModel
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,6 @@ def check_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[in
 
 def donor_license(base_model: str | None) -> str | None:
     """The donor's licence from its model card, if one is at hand offline (a local folder or the Hub cache)."""
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
-    from .loading import KNOWN_LICENSES
-
     if not base_model:
         return None
     card_path = Path(base_model) / "README.md"

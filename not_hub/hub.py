@@ -29,6 +29,7 @@ try:  # the HTTP client huggingface_hub uses: httpx2 from huggingface_hub 2.x, h
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
     import httpx
 
+from .cards import LIBRARY_TAG, ORGAN_TAG, render_recipient_card
 from .errors import (
     HubConnectionError,
     InvalidArgumentError,
@@ -36,6 +37,7 @@ from .errors import (
     OrganNotFoundError,
     TransplantStateError,
 )
+from .transplant import refuse_bridge_save
 
 _ALLOW = ["config.json", "model.safetensors", "README.md"]
 
@@ -196,8 +198,6 @@ def list_organs(
         ['someone/smollm2-code-organ']
         ```
     """
-    from .cards import LIBRARY_TAG, ORGAN_TAG
-
     tags = [LIBRARY_TAG, ORGAN_TAG] + ([f"base_model:{base_model}"] if base_model else [])
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidArgumentError(f"limit={limit!r} is not allowed; expected an integer >= 1, or None (all)")
@@ -239,8 +239,8 @@ def push_recipient(
     Returns:
         The commit URL (or the pull request URL with `create_pr=True`).
     """
-    from .cards import render_recipient_card
-
+    if any(entry.get("mode") == "bridge" for entry in getattr(recipient.config, "transplants", None) or []):
+        refuse_bridge_save()  # before creating any repo: a bridge-mode recipient has no plain-checkpoint form
     if not getattr(recipient.config, "transplants", None):
         raise TransplantStateError("this model carries no transplant; push it with model.push_to_hub(repo_id) instead")
     api = prepare_repo(repo_id, revision=revision, private=private, token=token)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import CommitOperationAdd
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -23,9 +24,12 @@ from transformers import PreTrainedModel
 from .architectures import build_decoder_layer, import_decoder_layer_class
 from .atomic import replace_folder
 from .bridges import identity_bridge
+from .cards import CARD_MARKER, render_card
 from .configuration_organ import OrganConfig
 from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError, OutputPathError
+from .hub import evict_snapshot, hub_errors, prepare_repo, resolve_checkpoint
 from .integrity import config_sha256, tensor_sha256
+from .transplant import Transplant, check_compatibility, transplant_into, transplanted
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +58,8 @@ class OrganModel(PreTrainedModel):
         >>> organ = not_hub.extract_organ(donor)  # layers [10, 13)
         >>> organ.save_pretrained("smollm2-organ")
         >>> organ = not_hub.OrganModel.from_pretrained("smollm2-organ")
-        >>> record = organ.transplant_into(donor, position=4)
-        >>> record.explant()
+        >>> transplant = organ.transplant_into(donor, position=4)
+        >>> transplant.explant()
         ```
     """
 
@@ -135,24 +139,43 @@ class OrganModel(PreTrainedModel):
         Raises:
             UnsupportedArchitectureError: the recipient is not a decoder-only causal LM.
         """
-        from .transplant import check_compatibility
-
         return check_compatibility(self, recipient)
 
-    def transplant_into(self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
-        """Graft this organ into `recipient` in place ("replace", "insert" or "bridge").
+    def transplant_into(
+        self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace", remove: int | None = None
+    ) -> Transplant:
+        """Graft this organ into `recipient`, in place; returns a `Transplant` whose `.explant()` undoes it.
 
-        See `not_hub.transplant.transplant_into` for the arguments; returns a `Transplant` with `.explant()`.
+        Args:
+            recipient: a transformers decoder-only causal LM (`AutoModelForCausalLM`).
+            position: 0-based index of the first recipient layer the organ occupies (default: its donor start).
+            mode: "replace", "insert", "bridge" or "splice" (see `not_hub.plan.MODES`).
+            remove: recipient layers to take out, for mode="splice".
+
+        Raises:
+            IncompatibleOrganError, InvalidPositionError, InvalidModeError, UnsupportedArchitectureError; the
+            recipient is left exactly as it was.
+
+        Example:
+            ```python
+            >>> transplant = organ.transplant_into(recipient, position=4, mode="insert")
+            >>> transplant.explant()
+            ```
         """
-        from .transplant import transplant_into
+        return transplant_into(self, recipient, position=position, mode=mode, remove=remove)
 
-        return transplant_into(self, recipient, position=position, mode=mode)
+    def transplanted(
+        self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace", remove: int | None = None
+    ):
+        """A context manager: transplant on entry, explant on exit (also on error). Arguments as `transplant_into`.
 
-    def transplanted(self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace"):
-        """`with organ.transplanted(recipient, position=..., mode=...) as t:` transplants, then explants on exit."""
-        from .transplant import transplanted
-
-        return transplanted(self, recipient, position=position, mode=mode)
+        Example:
+            ```python
+            >>> with organ.transplanted(recipient, position=4) as transplant:
+            ...     perplexity(recipient, docs, tokenizer=tokenizer)
+            ```
+        """
+        return transplanted(self, recipient, position=position, mode=mode, remove=remove)
 
     # ------------------------------------------------------------------ saving
 
@@ -188,8 +211,6 @@ class OrganModel(PreTrainedModel):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
-        from .cards import CARD_MARKER, render_card
-
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise OutputPathError(f"save_directory={str(save_directory)!r} is an existing file; pass a folder path")
@@ -240,10 +261,6 @@ class OrganModel(PreTrainedModel):
         Returns:
             The commit URL (or the pull request URL with `create_pr=True`).
         """
-        from huggingface_hub import CommitOperationAdd
-
-        from .hub import hub_errors, prepare_repo
-
         if kwargs:
             raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
         api = prepare_repo(repo_id, revision=revision, private=private, token=token)
@@ -300,8 +317,6 @@ class OrganModel(PreTrainedModel):
             kwargs.pop(ignored, None)
         if model_args or kwargs:
             raise TypeError(f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}")
-        from .hub import resolve_checkpoint
-
         folder, from_hub = resolve_checkpoint(
             pretrained_model_name_or_path,
             revision=revision,
@@ -315,8 +330,6 @@ class OrganModel(PreTrainedModel):
             if from_hub:
                 # Drop the bad download from the Hub cache, so a retry downloads it again instead of failing the same
                 # way (or, worse, loading it later with verify_integrity=False by mistake).
-                from .hub import evict_snapshot
-
                 evict_snapshot(folder)
             raise
         model = cls(config)

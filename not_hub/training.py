@@ -41,7 +41,8 @@ from .errors import (
     TransplantStateError,
 )
 from .integrity import tensor_sha256
-from .transplant import Transplant, check_compatibility, standalone_shell
+from .shells import standalone_shell
+from .transplant import Transplant, check_compatibility
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,47 @@ def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
             raise TypeError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
         setattr(args, key, value)
     return args.validate()
+
+
+@dataclass
+class TrainingMetrics:
+    """What a training run did, returned by every training function (and stored, as a dict, in the organ's config).
+
+    Attributes:
+        steps: optimizer steps taken. epochs: passes over the training blocks (fractional with `max_steps`).
+        tokens_seen: training tokens, all processes together. wall_clock_s: training time including validation;
+        validation_s: the validation part. final_train_loss: an EMA of the training loss. best_validation_loss /
+        best_step: the kept weights' validation loss and step (None without validation data). history: one entry
+        per validation. The rest echo the run's settings.
+    """
+
+    steps: int
+    epochs: float
+    tokens_seen: int
+    lr: float
+    warmup_ratio: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    num_processes: int
+    mixed_precision: str
+    seed: int
+    final_train_loss: float | None
+    best_validation_loss: float | None
+    best_step: int | None
+    wall_clock_s: float
+    validation_s: float
+    history: list[dict[str, Any]]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput, validation excluded."""
+        return self.tokens_seen / max(self.wall_clock_s - self.validation_s, 1e-9)
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        if not history:
+            out.pop("history")
+        return out
 
 
 class _Frozen:
@@ -289,7 +331,7 @@ class _ForwardRestored:
 
 def fit_parameters(
     model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str = "training"
-) -> dict:
+) -> TrainingMetrics:
     """The shared loop: train `params` of `model` (everything else frozen) on `data.train`; return metrics.
 
     Used by every not_hub training function, and by the benchmarks for baselines (peft LoRA, full fine-tuning),
@@ -466,24 +508,24 @@ def fit_parameters(
                 for name, p in zip(param_names, params, strict=True):
                     p.copy_(best[name].to(p.device, p.dtype))
         accelerator.free_memory()
-    return {
-        "steps": state["step"],
-        "epochs": args.epochs if not args.max_steps else state["step"] / steps_per_epoch,
-        "tokens_seen": state["tokens_seen"],
-        "lr": args.lr,
-        "warmup_ratio": args.warmup_ratio,
-        "batch_size": args.batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": mixed,
-        "seed": args.seed,
-        "final_train_loss": state["train_loss"],
-        "best_validation_loss": state["best_validation_loss"],
-        "best_step": state["best_step"],
-        "wall_clock_s": round(state["wall_clock_s"], 2),
-        "validation_s": round(state.get("validation_s", 0.0), 2),
-        "history": state["history"],
-    }
+    return TrainingMetrics(
+        steps=state["step"],
+        epochs=args.epochs if not args.max_steps else state["step"] / steps_per_epoch,
+        tokens_seen=state["tokens_seen"],
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        mixed_precision=mixed,
+        seed=args.seed,
+        final_train_loss=state["train_loss"],
+        best_validation_loss=state["best_validation_loss"],
+        best_step=state["best_step"],
+        wall_clock_s=round(state["wall_clock_s"], 2),
+        validation_s=round(state.get("validation_s", 0.0), 2),
+        history=state["history"],
+    )
 
 
 def train_organ(
@@ -494,7 +536,7 @@ def train_organ(
     method: str = "standalone",
     args: TrainingArguments | None = None,
     **kwargs: Any,
-) -> dict:
+) -> TrainingMetrics:
     """Train an organ's layers; only organ weights get gradients, the donor is left bit-identical.
 
     Args:
@@ -539,47 +581,67 @@ def train_organ(
         shell = standalone_shell(organ, donor)
         metrics = fit_parameters(shell, list(organ.parameters()), data, args, "organ (standalone)")
     else:
-        record = organ.transplant_into(donor, position=organ.config.layer_range[0], mode="replace")
-        try:
-            params = [p for layer in record.layers for p in layer.parameters()]
+        with organ.transplanted(donor, position=organ.config.layer_range[0], mode="replace") as transplant:
+            params = [p for layer in transplant.layers for p in layer.parameters()]
             metrics = fit_parameters(donor, params, data, args, "organ (in situ)")
-            organ.load_state_dict(record.to_organ().state_dict())
-        finally:
-            record.explant()
+            organ.load_state_dict(transplant.to_organ().state_dict())
     organ.eval()
-    organ.config.training = {"method": method, "data": data.description, **metrics}
+    organ.config.training = {"method": method, "data": data.description, **metrics.to_dict()}
     return metrics
 
 
 def recover(
     recipient: nn.Module,
-    transplant: Transplant,
+    transplant: Transplant | list[Transplant],
     data: BlockData,
     *,
     radius: int = 1,
     args: TrainingArguments | None = None,
     **kwargs: Any,
-) -> dict:
-    """Recovery fine-tuning: train the transplanted organ and `radius` neighbouring layers on each side.
+) -> TrainingMetrics:
+    """Recovery fine-tuning: train the transplanted organ(s) and `radius` neighbouring layers on each side.
 
-    Everything else in the recipient stays frozen. The neighbours' weights before recovery are kept in the
-    transplant record, so `transplant.explant()` still restores the recipient bit-exactly. Paper: 3-5 epochs.
+    With several transplants (a list), they are recovered jointly in one run: every organ and every neighbour
+    trains together. Everything else in the recipient stays frozen. The neighbours' weights before recovery are
+    kept in the transplant that owns them, so `explant()` still restores the recipient bit-exactly, in any order.
+    Paper: 3-5 epochs.
 
     Returns:
-        The training metrics, also stored in the transplant's record (and so in `recipient.config.transplants`).
+        The training metrics, also stored in each transplant's entry (and so in `recipient.config.transplants`).
+
+    Raises:
+        InvalidArgumentError: `radius` is negative or not an integer, or a training argument is out of range.
+        TransplantStateError: a transplant was already explanted or belongs to another model.
     """
+    transplants = [transplant] if isinstance(transplant, Transplant) else list(transplant)
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise InvalidArgumentError(f"radius={radius!r} is not allowed; expected an integer >= 0 (layers per side)")
-    if not transplant.active:
-        raise TransplantStateError("this transplant was explanted; transplant the organ again before recovery")
+    if not transplants:
+        raise InvalidArgumentError("recover() needs at least one transplant")
+    for t in transplants:
+        if not t.active or t.recipient is not recipient:
+            raise TransplantStateError(
+                "recover() needs live transplants of this recipient; one was explanted or belongs to another model"
+            )
     args = _args(args, {"epochs": 3.0, **kwargs})
     torch.manual_seed(args.seed)
-    neighbours = transplant.neighbour_layers(radius)
-    transplant.backup_neighbours(neighbours)
-    params = [p for layer in [*transplant.layers, *neighbours] for p in layer.parameters()]
-    metrics = fit_parameters(recipient, params, data, args, f"recovery (radius {radius})")
+    # A neighbour that is another organ's layer trains as that organ's layer; it is not backed up as a neighbour
+    # (its owner's explant takes it out), so explant order never undoes another organ's recovery.
+    organ_layers = {id(layer) for t in transplants for layer in t.layers}
+    trained, seen = [], set()
+    for t in transplants:
+        neighbours = [layer for layer in t.neighbour_layers(radius) if id(layer) not in organ_layers]
+        t.backup_neighbours(neighbours)
+        for layer in [*t.layers, *neighbours]:
+            if id(layer) not in seen:
+                seen.add(id(layer))
+                trained.append(layer)
+    params = [p for layer in trained for p in layer.parameters()]
+    label = f"recovery (radius {radius}" + (f", {len(transplants)} organs jointly)" if len(transplants) > 1 else ")")
+    metrics = fit_parameters(recipient, params, data, args, label)
     recipient.eval()
-    transplant.record["recovery"] = {"radius": radius, **{k: v for k, v in metrics.items() if k != "history"}}
+    for t in transplants:
+        t.entry["recovery"] = {"radius": radius, "joint": len(transplants), **metrics.to_dict(history=False)}
     return metrics
 
 
@@ -590,7 +652,7 @@ def train_bridges(
     *,
     args: TrainingArguments | None = None,
     **kwargs: Any,
-) -> dict:
+) -> TrainingMetrics:
     """Train only the bridges of a `mode="bridge"` transplant (the organ and the recipient stay frozen)."""
     if transplant.mode != "bridge":
         raise InvalidModeError(
@@ -601,5 +663,5 @@ def train_bridges(
     params = [p for bridge in transplant.bridges for p in bridge.parameters()]
     metrics = fit_parameters(recipient, params, data, args, "bridges")
     recipient.eval()
-    transplant.record["bridge_training"] = {k: v for k, v in metrics.items() if k != "history"}
+    transplant.entry["bridge_training"] = metrics.to_dict(history=False)
     return metrics

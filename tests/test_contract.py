@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import not_hub
 from not_hub.errors import IncompatibleOrganError, IntegrityError, InvalidPositionError
+from not_hub.probes import capture_layer_inputs
 
 RANGE = (1, 3)
 
@@ -38,8 +39,8 @@ def test_identity_transplant_reproduces_donor_logits(donor):
 def test_organ_on_donor_hidden_state_reproduces_next_hidden_state(donor):
     ids = tiny_input_ids()
     organ = not_hub.extract_organ(donor, layer_range=RANGE)
-    hidden_in, layer_inputs = not_hub.capture_layer_inputs(donor, RANGE, ids)
-    hidden_out, _ = not_hub.capture_layer_inputs(donor, (RANGE[1], RANGE[1] + 1), ids)
+    hidden_in, layer_inputs = capture_layer_inputs(donor, RANGE, ids)
+    hidden_out, _ = capture_layer_inputs(donor, (RANGE[1], RANGE[1] + 1), ids)
     # The organ's layers read the donor's runtime config (attention implementation), as in a transplant.
     for layer in organ.layers:
         not_hub.architectures.point_layer_config(layer, donor.config)

@@ -19,6 +19,7 @@ import not_hub
 from not_hub.data import load_documents, make_blocks, pack_blocks, split_documents
 from not_hub.errors import InvalidModeError
 from not_hub.evaluation import add_evaluation_result, perplexity, position_sweep
+from not_hub.shells import standalone_shell
 from not_hub.training import recover, train_bridges, train_organ, validation_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,14 +84,14 @@ def test_standalone_training_lowers_wrapper_loss_and_freezes_the_donor(blocks, h
     flags = [p.requires_grad for p in donor.parameters()]
     before = hash_state(donor)
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
-    shell = not_hub.standalone_shell(organ, donor)
+    shell = standalone_shell(organ, donor)
     loss_before = validation_loss(shell, blocks.train)
     metrics = train_organ(organ, donor, blocks, **FAST)
-    assert validation_loss(not_hub.standalone_shell(organ, donor), blocks.train) < loss_before - 0.5
+    assert validation_loss(standalone_shell(organ, donor), blocks.train) < loss_before - 0.5
     assert hash_state(donor) == before  # frozen weights bit-identical
     assert [p.requires_grad for p in donor.parameters()] == flags
     training = organ.config.training
-    assert training["method"] == "standalone" and training["steps"] == metrics["steps"] == 2 * math.ceil(
+    assert training["method"] == "standalone" and training["steps"] == metrics.steps == 2 * math.ceil(
         len(blocks.train) / 8
     )
     assert training["tokens_seen"] == 2 * len(blocks.train) * 32 and training["data"]["block_size"] == 32
@@ -315,7 +316,7 @@ def test_standalone_wrapper_shares_the_donor_weights():
     """The wrapper holds no second copy of the donor's frozen weights: every tensor is the donor's or the organ's."""
     donor = tiny_model("llama")
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
-    shell = not_hub.standalone_shell(organ, donor)
+    shell = standalone_shell(organ, donor)
     owned = {p.data_ptr() for p in donor.parameters()} | {p.data_ptr() for p in organ.parameters()}
     assert {p.data_ptr() for p in shell.parameters()} <= owned
     assert shell.get_input_embeddings().weight is donor.get_input_embeddings().weight
@@ -328,7 +329,7 @@ def test_wall_clock_budget_stops_training(blocks):
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
     before = params_of(organ.layers)
     metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.0, progress=False)
-    assert metrics["steps"] == 0 and all(torch.equal(v, params_of(organ.layers)[k]) for k, v in before.items())
+    assert metrics.steps == 0 and all(torch.equal(v, params_of(organ.layers)[k]) for k, v in before.items())
     metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.5, lr=3e-3, batch_size=8, progress=False)
-    assert 0 < metrics["steps"] < 50 * math.ceil(len(blocks.train) / 8)
-    assert metrics["wall_clock_s"] - metrics["validation_s"] < 0.5 + 2.0  # stops within a step of the budget
+    assert 0 < metrics.steps < 50 * math.ceil(len(blocks.train) / 8)
+    assert metrics.wall_clock_s - metrics.validation_s < 0.5 + 2.0  # stops within a step of the budget

@@ -27,6 +27,7 @@ from not_hub.architectures import context_length
 from not_hub.errors import ModelLoadError
 from not_hub.evaluation import perplexity, position_sweep
 from not_hub.loading import load_causal_lm
+from not_hub.plots import sweep_figure, sweep_result_curves
 
 HERE = Path(__file__).parent
 DEFAULT_RECIPIENT = os.environ.get("NOT_HUB_SPACE_RECIPIENT", "smollm2")
@@ -158,7 +159,8 @@ def position_range(organ_ref: str, recipient_name: str, mode: str) -> tuple[int,
     """The valid positions (inclusive) for this organ, recipient and mode."""
     organ = CACHE.organ(organ_ref)
     depth = CACHE.recipient(recipient_name).model.config.num_hidden_layers
-    return (0, depth - organ.config.num_layers) if mode == "replace" else (0, depth)
+    valid = not_hub.valid_positions(mode, organ.config.num_layers, depth)
+    return valid.start, valid.stop - 1
 
 
 def _window(model) -> int:
@@ -219,13 +221,10 @@ def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, posit
         loaded.model, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model)
     ).perplexity
     with loaded.lock:
-        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
-        try:
+        with organ.transplanted(loaded.working, position=int(position), mode=mode):
             domain_after = perplexity(loaded.working, DOMAIN_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             depth_after = loaded.working.config.num_hidden_layers
-        finally:
-            record.explant()
     depth = loaded.model.config.num_hidden_layers
     figure = layer_stack_figure(depth, organ.config.num_layers, int(position), mode, organ.config.layer_range)
     return TransplantReport(
@@ -322,19 +321,7 @@ def sweep(
             else None,
         )
     rows, baseline, stats = result.rows, result.baseline, result.summary()[mode]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([r["position"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=mode)
-    ax.axhline(baseline.perplexity, color="grey", linestyle="--", label="untouched")
-    ax.set_xlabel("position")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
+    fig = sweep_figure(sweep_result_curves(rows), baseline=baseline.perplexity, size=(6, 3.2), title=" ")
     return {
         "baseline": baseline.perplexity,
         "rows": rows,
@@ -353,11 +340,8 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
     loaded = CACHE.recipient(recipient_name)
     out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
     with loaded.lock:
-        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
-        try:
+        with organ.transplanted(loaded.working, position=int(position), mode=mode):
             loaded.working.save_pretrained(out / "model")
-        finally:
-            record.explant()
     loaded.tokenizer.save_pretrained(out / "model")
     archive = shutil.make_archive(str(out / f"transplanted-{mode}-{position}"), "zip", out / "model")
     shutil.rmtree(out / "model")
@@ -377,8 +361,5 @@ def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id:
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     with loaded.lock:
-        record = organ.transplant_into(loaded.working, position=int(position), mode=mode)
-        try:
+        with organ.transplanted(loaded.working, position=int(position), mode=mode):
             return not_hub.push_recipient(loaded.working, repo_id, tokenizer=loaded.tokenizer, token=token or None)
-        finally:
-            record.explant()

@@ -12,16 +12,26 @@ import json
 import time
 from pathlib import Path
 
-from .cli_common import (
+from ..data import DocumentSplits, load_documents, make_blocks, split_documents
+from ..errors import InvalidArgumentError
+from ..evaluation import add_evaluation_result, perplexity, position_sweep
+from ..modeling_organ import OrganModel
+from ..plan import MODES, get_mode
+from ..plots import sweep_figure, sweep_result_curves
+from ..training import recover, train_organ
+from .common import (
     block_size,
     fraction,
     load_model,
+    model_options,
     non_negative_int,
     output_folder,
     positive_float,
     positive_int,
 )
-from .data import DocumentSplits, load_documents, make_blocks, split_documents
+
+# Modes the CLI offers: those that need no extra size (a splice's `remove` is an API argument).
+CLI_MODES = [name for name, mode in MODES.items() if mode.removes != "given"]
 
 
 def add_data_options(p: argparse.ArgumentParser, *, split_choice: bool = False) -> None:
@@ -170,8 +180,6 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
-    from .modeling_organ import OrganModel
-    from .training import train_organ
 
     output_folder(args.out)
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
@@ -185,16 +193,14 @@ def cmd_train(args) -> int:
     metrics = train_organ(organ, donor, blocks, method=args.method, **_training_kwargs(args))
     organ.save_pretrained(args.out)
     print(
-        f"trained in {metrics['wall_clock_s']:.0f}s: final train loss {metrics['final_train_loss']:.4f}, best "
-        f"validation loss {metrics['best_validation_loss']} at step {metrics['best_step']}; saved to {args.out}"
+        f"trained in {metrics.wall_clock_s:.0f}s: final train loss {metrics.final_train_loss:.4f}, best "
+        f"validation loss {metrics.best_validation_loss} at step {metrics.best_step}; saved to {args.out}"
     )
     return 0
 
 
 def cmd_sweep(args) -> int:
     """Perplexity of the recipient with the organ at each position (and mode), with mean and variance."""
-    from .evaluation import position_sweep
-    from .modeling_organ import OrganModel
 
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
     recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
@@ -231,53 +237,39 @@ def cmd_sweep(args) -> int:
         )
     _write_json(args.out, result)
     if args.plot:
-        plot_sweep(result, args.plot)
+        sweep_figure(
+            sweep_result_curves(sweep.rows),
+            baseline=sweep.baseline.perplexity,
+            ylabel=f"{args.split} perplexity",
+            own_slot=organ.config.layer_range[0],
+            path=args.plot,
+        )
+        print(f"wrote {args.plot}")
     return 0
-
-
-def plot_sweep(result: dict, path: str) -> None:
-    """Perplexity vs position, one line per mode, with the untouched model as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in sorted({r["mode"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["mode"] == mode]
-        ax.plot([r["position"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=mode)
-    ax.axhline(result["baseline"]["perplexity"], color="grey", linestyle="--", label="untouched")
-    ax.set_xlabel("position (first recipient layer the organ occupies)")
-    ax.set_ylabel(f"{result['split']} perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Organ position sweep")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def cmd_recover(args) -> int:
     """Transplant an organ, then recovery-fine-tune it and its neighbouring layers (everything else frozen)."""
-    from .modeling_organ import OrganModel
-    from .training import recover
 
     output_folder(args.organ_out, "--organ-out")
     output_folder(args.save_to, "--save-to")
+    if args.save_to and get_mode(args.mode).bridges:
+        raise InvalidArgumentError(
+            "--save-to with --mode bridge: a bridge-mode recipient is not a plain transformers model (a reload "
+            "would lose the bridges). Use --organ-out to keep the organ with its bridges, or --mode replace/insert"
+        )
     organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
     recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     splits = _splits(args)
     blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
-    record = organ.transplant_into(recipient, position=args.position, mode=args.mode)
-    metrics = recover(recipient, record, blocks, radius=args.radius, **_training_kwargs(args))
+    transplant = organ.transplant_into(recipient, position=args.position, mode=args.mode)
+    metrics = recover(recipient, transplant, blocks, radius=args.radius, **_training_kwargs(args))
     print(
-        f"recovered in {metrics['wall_clock_s']:.0f}s: best validation loss {metrics['best_validation_loss']} at "
-        f"step {metrics['best_step']}"
+        f"recovered in {metrics.wall_clock_s:.0f}s: best validation loss {metrics.best_validation_loss} at "
+        f"step {metrics.best_step}"
     )
     if args.organ_out:
-        record.to_organ().save_pretrained(args.organ_out)
+        transplant.to_organ().save_pretrained(args.organ_out)
         print(f"saved the recovered organ to {args.organ_out} (neighbour changes live in the recipient only)")
     if args.save_to:
         recipient.save_pretrained(args.save_to)
@@ -288,8 +280,6 @@ def cmd_recover(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Perplexity on held-out documents: the model as is and, with --organ, with the organ transplanted."""
-    from .evaluation import add_evaluation_result, perplexity
-    from .modeling_organ import OrganModel
 
     model, tokenizer = load_model(args, args.model, args.recipient_revision)
     docs = _held_out(args, _splits(args))
@@ -307,21 +297,21 @@ def cmd_evaluate(args) -> int:
     print(f"{args.model}: {args.split} perplexity {base.perplexity:.3f} over {base.tokens:,} tokens")
     if args.organ:
         organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
-        with organ.transplanted(model, position=args.position, mode=args.mode) as record:
+        with organ.transplanted(model, position=args.position, mode=args.mode) as transplant:
             t0 = time.perf_counter()
             grafted = perplexity(
                 model, docs, tokenizer=tokenizer, max_length=args.max_length, stride=args.stride, progress=True
             )
         result["transplanted"] = {
             "organ": args.organ,
-            "position": record.position,
+            "position": transplant.position,
             "mode": args.mode,
             "perplexity": grafted.perplexity,
             "nll": grafted.nll,
             "wall_clock_s": round(time.perf_counter() - t0, 1),
         }
         print(
-            f"with {args.organ} at {record.position} ({args.mode}): {grafted.perplexity:.3f} "
+            f"with {args.organ} at {transplant.position} ({args.mode}): {grafted.perplexity:.3f} "
             f"({grafted.perplexity / base.perplexity:.3f}x untouched)"
         )
         if args.record:
@@ -331,7 +321,7 @@ def cmd_evaluate(args) -> int:
                 split=args.split,
                 value=grafted.perplexity,
                 baseline=base.perplexity,
-                position=record.position,
+                position=transplant.position,
                 mode=args.mode,
             )
             organ.save_pretrained(args.organ)
@@ -340,8 +330,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def add_parsers(sub, model_options) -> None:
-    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("organ", help="organ folder or Hub repo id to start from (e.g. from `not-hub extract`)")
     p.add_argument("--donor", default=None, help="the donor model (default: the organ's base_model)")
     p.add_argument("--donor-revision", default=None, help="the donor repo's revision")
@@ -355,15 +344,15 @@ def add_parsers(sub, model_options) -> None:
     add_data_options(p)
     add_training_options(p, epochs=5.0)
     model_options(p, "branch, tag or commit sha of the organ repo")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
+
+def sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("organ", help="organ folder or Hub repo id")
     p.add_argument("--recipient", default="smollm2", help="recipient model (default: the embedded SmolLM2)")
     p.add_argument(
         "--modes",
         nargs="+",
-        choices=["replace", "insert", "bridge"],
+        choices=CLI_MODES,
         default=["replace"],
         help="transplant modes to sweep (default: replace)",
     )
@@ -374,15 +363,15 @@ def add_parsers(sub, model_options) -> None:
     p.add_argument("--plot", default=None, help="write a perplexity-vs-position PNG here")
     add_data_options(p, split_choice=True)
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
-    p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("recover", help=cmd_recover.__doc__, description=cmd_recover.__doc__)
+
+def recover_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("organ", help="organ folder or Hub repo id")
     p.add_argument("--recipient", default="smollm2", help="recipient model (default: the embedded SmolLM2)")
     p.add_argument(
         "--position", type=non_negative_int, required=True, help="where to transplant (e.g. the sweep's best)"
     )
-    p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
+    p.add_argument("--mode", choices=CLI_MODES, default="replace", help="transplant mode")
     p.add_argument(
         "--radius", type=non_negative_int, default=1, help="neighbouring layers trained on each side (default 1)"
     )
@@ -391,18 +380,17 @@ def add_parsers(sub, model_options) -> None:
     add_data_options(p)
     add_training_options(p, epochs=3.0)
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
-    p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model to score: Hub id, folder, .gguf file or 'smollm2'")
     p.add_argument("--organ", default=None, help="also score the model with this organ transplanted")
     p.add_argument(
         "--position", type=non_negative_int, default=None, help="transplant position (default: the organ's start)"
     )
-    p.add_argument("--mode", choices=["replace", "insert", "bridge"], default="replace", help="transplant mode")
+    p.add_argument("--mode", choices=CLI_MODES, default="replace", help="transplant mode")
     p.add_argument("--record", action="store_true", help="write the result into the organ's config and card")
     p.add_argument("--dataset-name", default=None, help="dataset name recorded with --record")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     add_data_options(p, split_choice=True)
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
-    p.set_defaults(func=cmd_evaluate)

