@@ -29,7 +29,7 @@ from domains import DOMAINS  # noqa: E402
 
 import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
-from not_hub.evaluation import perplexity  # noqa: E402
+from not_hub.evaluation import perplexity, position_sweep  # noqa: E402
 from not_hub.plots import sweep_figure  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_bridges, train_organ  # noqa: E402
 
@@ -152,10 +152,10 @@ def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
         organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
         with Timer() as t:
             m = train_organ(organ, recipient, data, **train_args(preset, seed, lr, budget=budget))
-        sweep = {p: None for p in preset["positions"]}
-        for p in sweep:
-            with organ.transplanted(recipient, position=p):
-                sweep[p] = ppl(recipient, val_docs, tok)
+        rows = position_sweep(
+            organ, recipient, val_docs, tokenizer=tok, positions=preset["positions"], max_length=512, progress=False
+        ).rows
+        sweep = {r["position"]: r["perplexity"] for r in rows}
         best = min(sweep, key=sweep.get)
         with organ.transplanted(recipient, position=best) as transplant:
             res["not_standalone"] = {

@@ -35,6 +35,7 @@ from quality import METHODS, ORGAN, RATE_KEY, baseline_model, ppl, prepare, trai
 from quality import PRESETS as QUALITY  # noqa: E402
 
 import not_hub  # noqa: E402
+from not_hub.evaluation import position_sweep  # noqa: E402
 from not_hub.integrity import tensor_sha256  # noqa: E402
 from not_hub.plots import sweep_figure  # noqa: E402
 from not_hub.training import TrainingArguments, recover, train_organ  # noqa: E402
@@ -159,10 +160,10 @@ def part_epochs(recipient, preset, payload) -> dict:
     res = {}
     with Timer() as t:
         organ, _ = trained_organ(recipient, data, preset, lrs["not_recovered"], epochs=epochs)
-    sweep = {}
-    for p in preset["candidate_positions"]:
-        with organ.transplanted(recipient, position=p):
-            sweep[p] = ppl(recipient, val, TOK)
+    rows = position_sweep(
+        organ, recipient, val, tokenizer=TOK, positions=preset["candidate_positions"], max_length=512, progress=False
+    ).rows
+    sweep = {r["position"]: r["perplexity"] for r in rows}
     best = min(sweep, key=sweep.get)
     r = not_with_recovery(organ, recipient, data, preset, lrs["not_recovered"], best, {"test": test}, epochs=epochs)
     res["not_standalone"] = {"test": r["without_recovery"]["test"], "train_s": round(t.seconds, 1), "position": best}

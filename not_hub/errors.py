@@ -91,6 +91,14 @@ class HubConnectionError(NotHubError, ConnectionError):
     """The Hub could not be reached or a download was interrupted (nothing partial is used)."""
 
 
+class HubRequestError(NotHubError, OSError):
+    """The Hub refused a request (an HTTP error status: unauthorised, forbidden, conflict, server error, ...)."""
+
+
+class UnexpectedArgumentError(NotHubError, TypeError):
+    """A keyword argument a function does not take (or one that cannot apply to an organ)."""
+
+
 class InvalidRepoIdError(NotHubError, ValueError):
     """A Hub repo id is malformed (it must look like 'namespace/name')."""
 

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - huggingface_hub 1.x
 from .cards import LIBRARY_TAG, ORGAN_TAG, render_recipient_card
 from .errors import (
     HubConnectionError,
+    HubRequestError,
     InvalidArgumentError,
     InvalidRepoIdError,
     OrganNotFoundError,
@@ -68,9 +69,13 @@ def hub_errors(what: str) -> Iterator[None]:
         ) from None
     except HFValidationError as err:
         raise InvalidRepoIdError(f"{what}: {err}") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        raise HubRequestError(
+            f"{what}: the Hub refused the request (HTTP {status}): {str(err).splitlines()[0][:200]}. Check the repo "
+            "id, your token's permissions (--token / HF_TOKEN) and retry"
+        ) from None
     except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
-        if isinstance(err, HfHubHTTPError):
-            raise
         raise HubConnectionError(
             f"{what}: the Hub could not be reached or the transfer was interrupted ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160] if str(err) else ''}); nothing partial was kept. Check the connection "

@@ -26,7 +26,14 @@ from .atomic import replace_folder
 from .bridges import identity_bridge
 from .cards import CARD_MARKER, render_card
 from .configuration_organ import OrganConfig
-from .errors import CheckpointFormatError, IntegrityError, OrganNotFoundError, OutputPathError
+from .errors import (
+    CheckpointFormatError,
+    IntegrityError,
+    InvalidArgumentError,
+    OrganNotFoundError,
+    OutputPathError,
+    UnexpectedArgumentError,
+)
 from .hub import evict_snapshot, hub_errors, prepare_repo, resolve_checkpoint
 from .integrity import config_sha256, tensor_sha256
 from .transplant import Transplant, check_compatibility, transplant_into, transplanted
@@ -117,7 +124,9 @@ class OrganModel(PreTrainedModel):
         `(args, kwargs)` per layer in `layer_inputs`, as recorded by `not_hub.capture_layer_inputs`.
         """
         if layer_inputs is not None and len(layer_inputs) != len(self.layers):
-            raise ValueError(f"layer_inputs has {len(layer_inputs)} entries for an organ of {len(self.layers)} layers")
+            raise InvalidArgumentError(
+                f"layer_inputs has {len(layer_inputs)} entries for an organ of {len(self.layers)} layers"
+            )
         for i, layer in enumerate(self.layers):
             if layer_inputs is not None:
                 layer_args, layer_kwargs = layer_inputs[i]
@@ -206,11 +215,11 @@ class OrganModel(PreTrainedModel):
             The paths written.
         """
         if kwargs.pop("push_to_hub", False):
-            raise TypeError("use organ.push_to_hub(repo_id) to upload an organ")
+            raise UnexpectedArgumentError("use organ.push_to_hub(repo_id) to upload an organ")
         for ignored in ("safe_serialization", "max_shard_size", "is_main_process", "state_dict"):
             kwargs.pop(ignored, None)
         if kwargs:
-            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
+            raise UnexpectedArgumentError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise OutputPathError(f"save_directory={str(save_directory)!r} is an existing file; pass a folder path")
@@ -262,7 +271,7 @@ class OrganModel(PreTrainedModel):
             The commit URL (or the pull request URL with `create_pr=True`).
         """
         if kwargs:
-            raise TypeError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
+            raise UnexpectedArgumentError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
         api = prepare_repo(repo_id, revision=revision, private=private, token=token)
         start, stop = self.config.layer_range
         message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"
@@ -316,7 +325,9 @@ class OrganModel(PreTrainedModel):
         for ignored in ("config", "_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_hash"):
             kwargs.pop(ignored, None)
         if model_args or kwargs:
-            raise TypeError(f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}")
+            raise UnexpectedArgumentError(
+                f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}"
+            )
         folder, from_hub = resolve_checkpoint(
             pretrained_model_name_or_path,
             revision=revision,

@@ -39,6 +39,7 @@ from .errors import (
     InvalidModeError,
     RunDirMismatchError,
     TransplantStateError,
+    UnexpectedArgumentError,
 )
 from .integrity import tensor_sha256
 from .shells import standalone_shell
@@ -150,7 +151,7 @@ def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
     args = TrainingArguments(**asdict(args)) if args is not None else TrainingArguments()
     for key, value in kwargs.items():
         if not hasattr(args, key):
-            raise TypeError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
+            raise UnexpectedArgumentError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
         setattr(args, key, value)
     return args.validate()
 

@@ -160,14 +160,40 @@ def test_incompatible_family_is_refused(family, hash_state):
     assert hash_state(recipient) == before
 
 
+def _kind(layer) -> tuple:
+    """What a layer is: its class, and the per-layer choices families make at build time (attention kind, sliding
+    window), wherever the family keeps them."""
+    attn = next((m for name, m in layer.named_modules() if name.endswith(("attn", "attention"))), None)
+    return (
+        type(layer).__name__,
+        getattr(layer, "attention_type", None),
+        getattr(attn, "sliding_window", None) if attn is not None else None,
+        getattr(attn, "is_sliding", None) if attn is not None else None,
+    )
+
+
 def test_organ_keeps_its_donor_layer_kinds(donor):
-    """Moved layers keep their kind (sliding/full attention); the recipient's per-layer config follows them."""
+    """Moved layers keep their kind (class, sliding/full attention); the recipient's per-layer config lists follow
+    them, and every layer's KV-cache slot is its new index. Asserted for every family."""
+    spec = not_hub.resolve_architecture(donor)
+    source = [_kind(donor.get_submodule(spec.layers)[i]) for i in range(*RANGE)]
     organ = not_hub.extract_organ(donor, layer_range=RANGE)
-    original = list(getattr(donor.config, "layer_types", None) or [])
-    organ.transplant_into(donor, position=0, mode="replace")
-    if original:
-        assert donor.config.layer_types[0:2] == original[RANGE[0] : RANGE[1]]
-        assert donor.config.layer_types[2:] == original[2:]
+    depth = donor.config.num_hidden_layers
+    lists = {
+        n: list(getattr(donor.config, n))
+        for n in spec.per_layer_config
+        if isinstance(getattr(donor.config, n, None), list)
+    }
+    with organ.transplanted(donor, position=0, mode="insert"):
+        stack = donor.get_submodule(spec.layers)
+        assert [_kind(layer) for layer in stack[:2]] == source
+        assert donor.config.num_hidden_layers == len(stack) == depth + 2
+        for name, values in lists.items():
+            assert getattr(donor.config, name) == values[RANGE[0] : RANGE[1]] + values
+        slots = [
+            [m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)] for layer in stack
+        ]
+        assert all(slot and set(slot) == {i} for i, slot in enumerate(slots)), slots
 
 
 def test_architecture_file_points_at_real_modules(donor):

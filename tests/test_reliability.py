@@ -3,6 +3,7 @@
 Each test is a finding of the fault probes (issue 14) turned into a check that fails on the code that had it.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -389,9 +390,9 @@ def test_space_bounds_the_prompt_and_never_holds_the_lock_between_tokens(tmp_pat
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     not_hub.extract_organ(gpt2, layer_range=(1, 3)).save_pretrained(tmp_path / "organ")
     recipient, organ = str(tmp_path / "gpt2"), str(tmp_path / "organ")
-    with pytest.raises(engine.SpaceError, match="characters"):
+    with pytest.raises(not_hub.errors.InvalidArgumentError, match="characters"):
         next(engine.stream_side_by_side(recipient, organ, "replace", 1, "x" * 100_000))
-    with pytest.raises(engine.SpaceError, match="context of 64 tokens"):
+    with pytest.raises(not_hub.errors.InvalidArgumentError, match="context of 64 tokens"):
         next(engine.stream_side_by_side(recipient, organ, "replace", 1, "int a = 1; " * 40))
     stream = engine.stream_side_by_side(recipient, organ, "replace", 1, "public int f() {")
     next(stream)  # a visitor reads one token, then stops reading
@@ -459,6 +460,19 @@ def _train(w, *extra, data="train.txt"):
         "1",
         *extra,
     ]
+
+
+def _command(w, cmd, data):
+    head = {
+        "sweep": ["sweep", w / "organ", "--recipient", w / "model"],
+        "recover": ["recover", w / "organ", "--recipient", w / "model", "--position", "2"],
+        "evaluate": ["evaluate", w / "model"],
+    }[cmd]
+    return (
+        [*head, "--data", w / data, "--block-size", "16", "--max-steps", "1"]
+        if cmd == "recover"
+        else [*head, "--data", w / data]
+    )
 
 
 def _eval(w, *extra):
@@ -560,6 +574,44 @@ CLI_CASES = {
         1,
         "context of 64 tokens",
     ),
+    # every data-reading command, on each kind of bad data; every Hub command on a bad repo
+    **{
+        f"{cmd}: {what}": (
+            functools.partial(_command, cmd=cmd, data=data),
+            1,
+            text,
+        )
+        for cmd in ("sweep", "recover", "evaluate")
+        for what, data, text in (
+            ("empty file", "empty.txt", "holds no text"),
+            ("missing file", "nowhere.txt", "neither a file"),
+            ("too few documents", "few.txt", "too few"),
+        )
+    },
+    "recover: bad position": (
+        lambda w: [
+            "recover",
+            w / "organ",
+            "--recipient",
+            w / "model",
+            "--position",
+            "9",
+            "--data",
+            w / "train.txt",
+            "--unit",
+            "line",
+        ],
+        1,
+        "expected 0 <= position <= 4",
+    ),
+    "sweep: no such organ": (
+        lambda w: ["sweep", w / "nowhere", "--recipient", w / "model", "--data", w / "train.txt"],
+        1,
+        "neither a folder",
+    ),
+    "push: no such folder": (lambda w: ["push", w / "nowhere", "user/organ"], 1, "neither a folder"),
+    "push: malformed repo id": (lambda w: ["push", w / "organ", "user/.."], 1, "malformed"),
+    "pull: malformed repo id": (lambda w: ["pull", "a/.."], 1, "malformed"),
     # usage errors: argparse exits 2 naming the flag
     "search: --limit -1": (lambda w: ["search", "--limit", "-1"], 2, "--limit"),
     "train: --validation-fraction 1.5": (lambda w: _train(w, "--validation-fraction", "1.5"), 2, "fraction"),

@@ -88,7 +88,7 @@ def test_export_gives_a_plain_transformers_folder(assets, tmp_path):
 
 def test_bad_inputs_give_clear_errors(assets):
     recipient, organ = str(assets / "recipient"), str(assets / "organ")
-    with pytest.raises(engine.SpaceError, match="could not load recipient 'nobody/nothing'"):
+    with pytest.raises(not_hub.errors.ModelLoadError, match="could not load recipient 'nobody/nothing'"):
         engine.CACHE.recipient("nobody/nothing")
     with pytest.raises(not_hub.errors.UnsupportedArchitectureError, match="encoder-only"):
         engine.CACHE.recipient(str(assets / "bert"))
@@ -96,9 +96,9 @@ def test_bad_inputs_give_clear_errors(assets):
         engine.transplant_and_measure(recipient, str(assets / "qwen2-organ"), "replace", 0)
     with pytest.raises(not_hub.errors.InvalidPositionError, match="expected 0 <= position <= 4"):
         engine.transplant_and_measure(recipient, organ, "replace", 9)
-    with pytest.raises(engine.SpaceError, match="prompt is empty"):
+    with pytest.raises(not_hub.errors.InvalidArgumentError, match="prompt is empty"):
         next(engine.stream_side_by_side(recipient, organ, "replace", 0, "   "))
-    with pytest.raises(engine.SpaceError, match="offline"):
+    with pytest.raises(not_hub.errors.HubConnectionError, match="offline"):
         engine.push(recipient, organ, "replace", 0, "me/x", "")
 
 

@@ -43,7 +43,7 @@ def on_check(recipient, organ, mode):
         status = "Compatible: choose a mode and a position." if ok else "**Incompatible**: rows marked BLOCKS differ."
         table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
         return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=value), status
-    except (NotHubError, ValueError, OSError) as err:
+    except NotHubError as err:
         return "", "", gr.update(), _error(err)
 
 
@@ -63,7 +63,7 @@ def on_mode(recipient, organ, mode):
     try:
         lo, hi = engine.position_range(organ, recipient, mode)
         return gr.update(minimum=lo, maximum=hi)
-    except (NotHubError, ValueError, OSError):
+    except NotHubError:
         return gr.update()
 
 
@@ -71,7 +71,7 @@ def on_transplant(recipient, organ, mode, position, prompt):
     """Transplant, show the stack and perplexities, then stream both generations side by side."""
     try:
         report = engine.transplant_and_measure(recipient, organ, mode, int(position))
-    except (NotHubError, ValueError, OSError) as err:
+    except NotHubError as err:
         yield None, "", "", "", _error(err), None
         return
     table = (
@@ -87,14 +87,14 @@ def on_transplant(recipient, organ, mode, position, prompt):
     try:
         for before, after in engine.stream_side_by_side(recipient, organ, mode, int(position), prompt):
             yield report.figure, table, before, after, status, state
-    except (NotHubError, ValueError) as err:
+    except NotHubError as err:
         yield report.figure, table, "", "", _error(err), state
 
 
 def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
     try:
         result = engine.sweep(recipient, organ, mode, progress=lambda f, d: progress(f, desc=d))
-    except (NotHubError, ValueError, OSError) as err:
+    except NotHubError as err:
         return None, _error(err)
     return result["figure"], (
         f"Untouched: {result['baseline']:.2f}. Best position {result['best_position']}; mean {result['mean']:.2f}, "
@@ -113,7 +113,7 @@ def on_download(state):
         return None, "Transplant first, then download."
     try:
         path = engine.export_folder(state["recipient"], state["organ"], state["mode"], state["position"])
-    except (NotHubError, ValueError, OSError) as err:
+    except NotHubError as err:
         return None, _error(err)
     return path, f"Archive ready: {Path(path).name}"
 
@@ -123,7 +123,7 @@ def on_push(state, repo_id, token):
         return "Transplant first, then push."
     try:
         url = engine.push(state["recipient"], state["organ"], state["mode"], state["position"], repo_id, token)
-    except (NotHubError, ValueError, OSError) as err:
+    except NotHubError as err:
         return _error(err)
     return f"Pushed: {url}"
 

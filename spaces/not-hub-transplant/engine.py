@@ -1,7 +1,7 @@
 """The transplant Space's logic: loading (cached, memory-bounded), compatibility, transplant, sweep, export.
 
 No gradio here (app.py is the UI). Every public function takes plain values and returns plain values or raises a
-`not_hub.errors` error / `SpaceError` with a message meant for the page.
+`not_hub.errors` error (one catalogue, shared with the library and the CLI) with a message meant for the page.
 
 Concurrency: a recipient is loaded once (the untouched reference) plus one *working copy* that transplants happen
 in. Each request takes the working copy's lock, transplants, computes, and explants before releasing it, so
@@ -24,7 +24,7 @@ import torch
 
 import not_hub
 from not_hub.architectures import context_length
-from not_hub.errors import ModelLoadError
+from not_hub.errors import HubConnectionError, InvalidArgumentError, InvalidRepoIdError, ModelLoadError
 from not_hub.evaluation import perplexity, position_sweep
 from not_hub.loading import load_causal_lm
 from not_hub.plots import sweep_figure, sweep_result_curves
@@ -57,10 +57,6 @@ GENERAL_SAMPLE = [
 DEFAULT_PROMPT = "public int max(int a, int b) {"
 
 
-class SpaceError(ValueError):
-    """A bad input the page should explain (empty prompt, unloadable model, ...)."""
-
-
 @dataclass
 class Loaded:
     model: torch.nn.Module  # untouched reference, never transplanted into
@@ -87,7 +83,7 @@ class ModelCache:
         try:
             model, tokenizer = load_causal_lm(name)
         except ModelLoadError as err:  # unknown repo, unreachable Hub, a folder that holds no model, ...
-            raise SpaceError(
+            raise ModelLoadError(
                 f"could not load recipient {name!r}: {str(err).splitlines()[0][:300].rstrip('.')}. Give a Hub repo "
                 "id of a decoder-only causal LM, a local folder, or 'smollm2'"
             ) from None
@@ -170,7 +166,7 @@ def _window(model) -> int:
 
 def _check_prompt(prompt: str) -> str:
     if not prompt or not prompt.strip():
-        raise SpaceError("the prompt is empty: type a few words for both models to continue")
+        raise InvalidArgumentError("the prompt is empty: type a few words for both models to continue")
     return prompt
 
 
@@ -247,13 +243,13 @@ def check_prompt_fits(prompt: str, tokenizer, model, max_new_tokens: int) -> tor
     """
     _check_prompt(prompt)
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise SpaceError(
+        raise InvalidArgumentError(
             f"the prompt has {len(prompt):,} characters; this page continues prompts of up to {MAX_PROMPT_CHARS:,}"
         )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     limit = context_length(model.config)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise SpaceError(
+        raise InvalidArgumentError(
             f"the prompt is {ids.shape[1]:,} tokens; with {max_new_tokens} new tokens that exceeds the recipient's "
             f"context of {limit:,} tokens. Shorten it to at most {limit - max_new_tokens:,} tokens"
         )
@@ -335,7 +331,9 @@ def sweep(
 def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int) -> str:
     """A .zip of the transplanted recipient (plain transformers folder + tokenizer); returns its path."""
     if mode == "bridge":
-        raise SpaceError("a bridge-mode recipient is not a plain transformers model: download replace or insert")
+        raise InvalidArgumentError(
+            "a bridge-mode recipient is not a plain transformers model: download replace or insert"
+        )
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
@@ -353,11 +351,11 @@ def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise SpaceError("the Hub is not reachable from here (offline mode): use the download button instead")
+        raise HubConnectionError("the Hub is not reachable from here (offline mode): use the download button instead")
     if not repo_id or repo_id.count("/") != 1:
-        raise SpaceError(f"repo id {repo_id!r} should look like 'your-name/your-model'")
+        raise InvalidRepoIdError(f"repo id {repo_id!r} should look like 'your-name/your-model'")
     if mode == "bridge":
-        raise SpaceError("a bridge-mode recipient is not a plain transformers model: push replace or insert")
+        raise InvalidArgumentError("a bridge-mode recipient is not a plain transformers model: push replace or insert")
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     with loaded.lock:
