@@ -30,8 +30,16 @@ PRESETS = {
     "quick": dict(batch=4, seq=256, warmup=1, steps=3, matmul_n=1024, gen_tokens=32, latency_repeats=3),
     "full": dict(batch=4, seq=256, warmup=2, steps=8, matmul_n=2048, gen_tokens=64, latency_repeats=10),
 }
-METHODS = ("organ_standalone", "organ_in_situ", "lora_r8", "full_finetune")
+METHODS = (
+    "organ_standalone",
+    "organ_in_situ",
+    "organ_in_situ_cached",
+    "organ_tail_cached",
+    "lora_r8",
+    "full_finetune",
+)
 ORGAN = (10, 13)
+TAIL = (27, 30)  # the last 3 of SmolLM2's 30 layers: in situ there, nothing sits above the organ
 
 
 # ------------------------------------------------------------------------------------------- one method, one process
@@ -55,6 +63,17 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
         organ = not_hub.extract_organ(model, layer_range=ORGAN)
         transplant = organ.transplant_into(model, position=ORGAN[0])  # a throwaway worker process: never explanted
         net, params = model, [p for layer in transplant.layers for p in layer.parameters()]
+    elif method in ("organ_in_situ_cached", "organ_tail_cached"):
+        from not_hub.prefix_cache import CachedPrefixModel, PrefixCache
+
+        layer_range = ORGAN if method == "organ_in_situ_cached" else TAIL
+        organ = not_hub.extract_organ(model, layer_range=layer_range)
+        transplant = organ.transplant_into(model, position=layer_range[0])  # throwaway worker: never explanted
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        t_cache = time.perf_counter()
+        cache = PrefixCache.build(model, layer_range[0], [ids], batch_size=batch)
+        cache_build_s = time.perf_counter() - t_cache
+        net, params = CachedPrefixModel(model, cache), [p for layer in transplant.layers for p in layer.parameters()]
     elif method == "lora_r8":
         from peft import LoraConfig, get_peft_model
 
@@ -72,7 +91,7 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
         p.requires_grad_(id(p) in trainable)
     net.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -89,6 +108,11 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
         "tokens_per_second": batch * seq * len(times) / sum(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_loaded / 1024,
+        **(
+            {"cache_build_s": cache_build_s, "cache_bytes_per_token": cache.bytes_per_token}
+            if method.endswith("_cached")
+            else {}
+        ),
     }
 
 
@@ -114,6 +138,10 @@ def flops_per_token(method: str, config, seq: int) -> float:
     if method == "organ_in_situ":  # forward all; backward: head + layers above the organ, organ 2x
         above = L - ORGAN[1]
         return L * f_layer + f_head + f_head + above * f_layer + 2 * k * f_layer
+    if method in ("organ_in_situ_cached", "organ_tail_cached"):  # no prefix: from the organ up, forward + backward
+        start, stop = ORGAN if method == "organ_in_situ_cached" else TAIL
+        above = L - stop
+        return (L - start) * f_layer + f_head + f_head + above * f_layer + 2 * k * f_layer
     if method == "lora_r8":  # forward all; backward: activation gradients through everything (LoRA everywhere)
         return 2 * (L * f_layer + f_head)
     if method == "full_finetune":
@@ -289,6 +317,13 @@ def main() -> None:
         training.append(r)
     by = {r["method"]: r for r in training}
     ratios = {m: by["organ_standalone"]["tokens_per_second"] / by[m]["tokens_per_second"] for m in METHODS}
+    tps = {m: by[m]["tokens_per_second"] for m in METHODS}
+    in_situ_ratios = {
+        "cached_over_uncached_in_situ": tps["organ_in_situ_cached"] / tps["organ_in_situ"],
+        "tail_cached_over_lora_r8": tps["organ_tail_cached"] / tps["lora_r8"],
+        "tail_cached_over_standalone": tps["organ_tail_cached"] / tps["organ_standalone"],
+        "cached_in_situ_over_lora_r8": tps["organ_in_situ_cached"] / tps["lora_r8"],
+    }
     print("transplant latency ...", flush=True)
     latency = run_worker("latency", f"--repeats={preset['latency_repeats']}")
     print("inference after transplant ...", flush=True)
@@ -300,6 +335,7 @@ def main() -> None:
         "matmul_flops_per_second": peak,
         "training": training,
         "standalone_speedup_over": ratios,
+        "in_situ_ratios": in_situ_ratios,
         "transplant_latency": latency,
         "inference": infer,
         "command": f"benchmarks/speed.py --{name}",
@@ -331,6 +367,18 @@ def report(r: dict) -> str:
             f"{r['standalone_speedup_over'][t['method']]:.2f}x | {t['peak_rss_mb']:.0f} | "
             f"{t['achieved_flops'] / 1e9:.1f} | {t['fraction_of_matmul_peak']:.0%} |"
         )
+    if "in_situ_ratios" in r:
+        q = r["in_situ_ratios"]
+        cached = next(t for t in r["training"] if t["method"] == "organ_in_situ_cached")
+        lines += [
+            "",
+            f"In situ with the frozen prefix cached (`not_hub.prefix_cache`, {cached['cache_bytes_per_token']:,} bytes "
+            f"per token, built once in {cached['cache_build_s']:.2f} s for this batch): "
+            f"{q['cached_over_uncached_in_situ']:.2f}x the uncached in-situ rate at the middle slot "
+            f"{list(ORGAN)}; {q['cached_in_situ_over_lora_r8']:.2f}x LoRA r=8. Tail organ {list(TAIL)}, cached: "
+            f"{q['tail_cached_over_lora_r8']:.2f}x LoRA r=8 and {q['tail_cached_over_standalone']:.2f}x the standalone "
+            "organ.",
+        ]
     lat = r["transplant_latency"]["median_seconds"]
     lines += [
         "",

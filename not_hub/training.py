@@ -42,6 +42,7 @@ from .errors import (
     UnexpectedArgumentError,
 )
 from .integrity import tensor_sha256
+from .prefix_cache import DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
 from .transplant import Transplant, check_compatibility
 
@@ -536,6 +537,8 @@ def train_organ(
     *,
     method: str = "standalone",
     args: TrainingArguments | None = None,
+    cache_prefix: bool = True,
+    cache_memory_limit: int = DEFAULT_MEMORY_LIMIT,
     **kwargs: Any,
 ) -> TrainingMetrics:
     """Train an organ's layers; only organ weights get gradients, the donor is left bit-identical.
@@ -546,6 +549,10 @@ def train_organ(
         data: packed blocks (`not_hub.data.make_blocks`).
         method: "standalone" (the paper: embeddings -> organ -> final norm -> LM head) or "in_situ" (the organ at
             its own slot inside the frozen donor, every other weight frozen).
+        cache_prefix: in situ, run the frozen layers below the organ once per block and reuse their output every
+            epoch (`not_hub.prefix_cache`); the losses equal the uncached run's within float tolerance.
+        cache_memory_limit: bytes of cached hidden states kept in memory (hidden_size * 4 per token in fp32); a
+            larger cache is written to a memory-mapped safetensors file (in `output_dir`, else a temp folder).
         args / kwargs: `TrainingArguments` (kwargs override fields, e.g. `epochs=1, lr=3e-4`).
 
     Returns:
@@ -582,12 +589,45 @@ def train_organ(
         shell = standalone_shell(organ, donor)
         metrics = fit_parameters(shell, list(organ.parameters()), data, args, "organ (standalone)")
     else:
-        with organ.transplanted(donor, position=organ.config.layer_range[0], mode="replace") as transplant:
+        cache_info = None
+        with organ.transplanted(donor, position=start, mode="replace") as transplant:
             params = [p for layer in transplant.layers for p in layer.parameters()]
-            metrics = fit_parameters(donor, params, data, args, "organ (in situ)")
+            model, label = donor, "organ (in situ)"
+            dropout = prefix_dropout(donor, start) if cache_prefix and start > 0 else None
+            if dropout:
+                logger.warning(
+                    "not caching the layers below the organ: %s is active in training mode, so a cached prefix "
+                    "would change the result; training in situ without the cache",
+                    dropout,
+                )
+                cache_info = {"skipped": f"dropout below the organ: {dropout}"}
+            elif cache_prefix and start > 0:
+                t0 = time.perf_counter()
+                blocks = [data.train[:]["input_ids"]]
+                if data.validation is not None:
+                    blocks.append(data.validation[:]["input_ids"])
+                cache = PrefixCache.build(
+                    donor,
+                    start,
+                    blocks,
+                    batch_size=args.batch_size,
+                    memory_limit=cache_memory_limit,
+                    cache_dir=Path(args.output_dir) / "prefix_cache" if args.output_dir else None,
+                )
+                model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
+                cache_info = {
+                    "layers": [0, start],
+                    "bytes": cache.nbytes,
+                    "bytes_per_token": cache.bytes_per_token,
+                    "storage": "memory-mapped safetensors" if cache.path else "memory",
+                    "build_s": round(time.perf_counter() - t0, 2),
+                }
+            metrics = fit_parameters(model, params, data, args, label)
             organ.load_state_dict(transplant.to_organ().state_dict())
     organ.eval()
     organ.config.training = {"method": method, "data": data.description, **metrics.to_dict()}
+    if method == "in_situ":
+        organ.config.training["prefix_cache"] = cache_info
     return metrics
 
 

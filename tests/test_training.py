@@ -168,13 +168,15 @@ def test_trained_bridges_are_saved_and_loaded_with_the_organ(blocks, tmp_path):
     assert torch.equal(donor(ids).logits, expected)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("method", ["standalone", "in_situ"])  # in situ: with the cached prefix
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
     sys.path.insert(0, str(FIXTURES))
     from train_run import run
 
-    run(tmp_path / "reference")  # uninterrupted, in this process
+    run(tmp_path / "reference", method=method)  # uninterrupted, in this process
+    flags = ["--slow"] + (["--in-situ"] if method == "in_situ" else [])
     proc = subprocess.Popen(
-        [sys.executable, str(FIXTURES / "train_run.py"), str(tmp_path / "killed"), "--slow"],
+        [sys.executable, str(FIXTURES / "train_run.py"), str(tmp_path / "killed"), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -186,7 +188,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "organ-rank0.safetensors").exists()
-    run(tmp_path / "killed")  # resumes from the newest checkpoint
+    run(tmp_path / "killed", method=method)  # resumes from the newest checkpoint
     reference = load_file(tmp_path / "reference" / "organ-rank0.safetensors")
     resumed = load_file(tmp_path / "killed" / "organ-rank0.safetensors")
     for name, tensor in reference.items():

@@ -1,0 +1,82 @@
+"""In-situ training with the frozen prefix computed once: same losses and weights as the uncached run."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from tiny_tokenizer import code_documents, tiny_tokenizer
+
+import not_hub
+from not_hub.data import make_blocks, split_documents
+from not_hub.prefix_cache import CachedPrefixModel, PrefixCache
+from not_hub.training import train_organ
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return make_blocks(split_documents(code_documents(), seed=0), tiny_tokenizer(), 32)
+
+
+NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
+
+
+def _train(family, layer_range, blocks, **kwargs):
+    donor = tiny_model(family, **NO_DROPOUT.get(family, {}))
+    organ = not_hub.extract_organ(donor, layer_range=layer_range)
+    metrics = train_organ(
+        organ, donor, blocks, method="in_situ", max_steps=4, lr=3e-3, batch_size=8, eval_every=2, progress=False,
+        **kwargs,
+    )  # fmt: skip
+    return organ, metrics
+
+
+@pytest.mark.parametrize(
+    "family, layer_range",
+    [("llama", (2, 4)), ("llama", (4, 6)), ("gemma2", (2, 4)), ("gpt2", (3, 5)), ("falcon", (2, 4))],
+    ids=["llama-middle", "llama-tail", "gemma2-sliding", "gpt2-positions", "falcon-tuple"],
+)
+def test_cached_in_situ_training_equals_uncached(family, layer_range, blocks):
+    cached, m_cached = _train(family, layer_range, blocks)
+    plain, m_plain = _train(family, layer_range, blocks, cache_prefix=False)
+    assert cached.config.training["prefix_cache"]["layers"] == [0, layer_range[0]]
+    assert plain.config.training["prefix_cache"] is None
+    assert m_cached.steps == m_plain.steps == 4
+    for a, b in zip(m_cached.history, m_plain.history, strict=True):
+        assert a["validation_loss"] == pytest.approx(b["validation_loss"], rel=1e-5, abs=1e-6)
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+    initial = not_hub.extract_organ(tiny_model(family, **NO_DROPOUT.get(family, {})), layer_range=layer_range)
+    initial = initial.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in cached.state_dict().items())  # it trained
+
+
+def test_cached_model_reproduces_the_donor_logits(blocks):
+    donor = tiny_model("llama")
+    ids = blocks.validation[:4]["input_ids"]
+    cache = PrefixCache.build(donor, 3, [ids])
+    assert cache.bytes_per_token == donor.config.hidden_size * 4 and cache.nbytes == 4 * 32 * cache.bytes_per_token
+    with torch.no_grad():
+        torch.testing.assert_close(CachedPrefixModel(donor, cache)(input_ids=ids).logits, donor(ids).logits)
+
+
+def test_a_cache_over_the_memory_limit_is_a_mapped_file_with_the_same_result(blocks, tmp_path, hash_state):
+    donor = tiny_model("llama")
+    before = hash_state(donor)
+    ids = blocks.validation[:4]["input_ids"]
+    in_memory = PrefixCache.build(donor, 3, [ids])
+    mapped = PrefixCache.build(donor, 3, [ids], memory_limit=0, cache_dir=tmp_path)
+    assert in_memory.path is None and mapped.path is not None and mapped.path.parent == tmp_path
+    assert torch.equal(in_memory.lookup(ids[[2, 0]]), mapped.lookup(ids[[2, 0]]))
+    organ, metrics = _train("llama", (2, 4), blocks, cache_memory_limit=0, output_dir=str(tmp_path / "run"))
+    assert organ.config.training["prefix_cache"]["storage"] == "memory-mapped safetensors"
+    assert (tmp_path / "run" / "prefix_cache" / "prefix-2.safetensors").is_file()
+    reference, _ = _train("llama", (2, 4), blocks)
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(organ.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    assert hash_state(donor) == before
+
+
+def test_dropout_below_the_organ_falls_back_to_the_uncached_run(blocks):
+    donor = tiny_model("gpt2")  # resid/embd/attn dropout 0.1: a cached prefix could not reproduce the run
+    organ = not_hub.extract_organ(donor, layer_range=(3, 5))
+    train_organ(organ, donor, blocks, method="in_situ", max_steps=1, batch_size=8, progress=False)
+    assert "dropout below the organ" in organ.config.training["prefix_cache"]["skipped"]
