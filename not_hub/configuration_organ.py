@@ -48,6 +48,14 @@ class OrganConfig(PreTrainedConfig):
         license (`str`, *optional*): the organ's licence, inherited from the donor when known.
         bridges (`bool`): the checkpoint also holds trained linear bridges (`bridge_in`, `bridge_out`) used by
             `transplant_into(..., mode="bridge")`.
+        layer_sources (`list[dict]`, *optional*): for an organ exported after recovery, one entry per layer, in
+            order: `{"role": "organ" | "neighbour", "index": i}`, where `index` is the layer's index in the model it
+            came from (the donor for the organ's own layers, the recipient for recovered neighbours). None: the
+            layers are exactly donor layers `layer_range`.
+        default_transplant (`dict`, *optional*): how `transplant_into(recipient)` grafts this organ when no mode
+            or position is given, e.g. `{"mode": "splice", "position": 9, "remove": 5}` for an organ that carries
+            its recovered neighbours. None: `mode="replace"` at `layer_range[0]`.
+        neighbours_from (`str`, *optional*): the recipient the recovered neighbours were trained in.
 
     Example:
         ```python
@@ -80,6 +88,9 @@ class OrganConfig(PreTrainedConfig):
         evaluation: dict | None = None,
         license: str | None = None,
         bridges: bool = False,
+        layer_sources: list[dict] | None = None,
+        default_transplant: dict | None = None,
+        neighbours_from: str | None = None,
         **kwargs: Any,
     ):
         _check_format_version(format_version)
@@ -109,13 +120,30 @@ class OrganConfig(PreTrainedConfig):
         self.evaluation = evaluation
         self.license = license
         self.bridges = bool(bridges)
+        self.layer_sources = [dict(source) for source in layer_sources] if layer_sources else None
+        self.default_transplant = dict(default_transplant) if default_transplant else None
+        self.neighbours_from = neighbours_from
         super().__init__(**kwargs)
 
     @property
     def num_layers(self) -> int:
-        """k, the number of decoder layers in the organ."""
+        """The number of decoder layers the checkpoint holds (the organ's own, plus recovered neighbours if any)."""
+        return len(self.layer_indices)
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """Each layer's index in the model it came from (donor indices for the organ's own layers)."""
+        if self.layer_sources:
+            return [int(source["index"]) for source in self.layer_sources]
         start, stop = self.layer_range
-        return stop - start
+        return list(range(start, stop))
+
+    @property
+    def layer_roles(self) -> list[str]:
+        """ "organ" or "neighbour" for each layer."""
+        if self.layer_sources:
+            return [str(source["role"]) for source in self.layer_sources]
+        return ["organ"] * self.num_layers
 
     def donor_layer_config(self) -> PreTrainedConfig:
         """Rebuild the donor's config object (its family's own class), from which its layers are built."""

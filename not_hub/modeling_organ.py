@@ -86,8 +86,9 @@ class OrganModel(PreTrainedModel):
         # (including the donor config class lookup) runs.
         layer_cls = import_decoder_layer_class(config.signature.get("decoder_layer_class"), config.donor_model_type)
         donor_config = config.donor_layer_config()
-        start, stop = config.layer_range
-        self.layers = nn.ModuleList(build_decoder_layer(layer_cls, donor_config, i) for i in range(start, stop))
+        # Each layer is built with its index in the model it came from, so per-layer choices made at build time
+        # (e.g. Gemma's sliding/full alternation) are those of that layer.
+        self.layers = nn.ModuleList(build_decoder_layer(layer_cls, donor_config, i) for i in config.layer_indices)
         if config.bridges:
             self.bridge_in = identity_bridge(config.signature["hidden_size"])
             self.bridge_out = identity_bridge(config.signature["hidden_size"])
@@ -151,14 +152,16 @@ class OrganModel(PreTrainedModel):
         return check_compatibility(self, recipient)
 
     def transplant_into(
-        self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace", remove: int | None = None
+        self, recipient: nn.Module, *, position: int | None = None, mode: str | None = None, remove: int | None = None
     ) -> Transplant:
         """Graft this organ into `recipient`, in place; returns a `Transplant` whose `.explant()` undoes it.
 
         Args:
             recipient: a transformers decoder-only causal LM (`AutoModelForCausalLM`).
-            position: 0-based index of the first recipient layer the organ occupies (default: its donor start).
-            mode: "replace", "insert", "bridge" or "splice" (see `not_hub.plan.MODES`).
+            position: 0-based index of the first recipient layer the organ occupies (default: the organ's
+                `default_transplant`, else its donor start).
+            mode: "replace", "insert", "bridge" or "splice" (see `not_hub.plan.MODES`); default: the organ's
+                `default_transplant` (a recovered organ carrying its neighbours is spliced in), else "replace".
             remove: recipient layers to take out, for mode="splice".
 
         Raises:
@@ -174,7 +177,7 @@ class OrganModel(PreTrainedModel):
         return transplant_into(self, recipient, position=position, mode=mode, remove=remove)
 
     def transplanted(
-        self, recipient: nn.Module, *, position: int | None = None, mode: str = "replace", remove: int | None = None
+        self, recipient: nn.Module, *, position: int | None = None, mode: str | None = None, remove: int | None = None
     ):
         """A context manager: transplant on entry, explant on exit (also on error). Arguments as `transplant_into`.
 

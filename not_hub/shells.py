@@ -13,11 +13,11 @@ def standalone_shell(organ, donor: nn.Module):
     Shares the donor's modules (no second copy of its weights) and runs the organ's own layer objects, so training
     the shell trains the organ.
     """
-    start, stop = organ.config.layer_range
+    indices = organ.config.layer_indices  # each layer's index in the model it came from
     per_layer = {
-        name: (organ.config.donor_config.get(name) or [None] * stop)[start:stop]
+        name: [values[i] for i in indices]
         for name in resolve_architecture(donor).per_layer_config
-        if organ.config.donor_config.get(name)
+        if isinstance(values := organ.config.donor_config.get(name), list)
     }
     shell = build_shell(donor, list(organ.layers), per_layer)
     for layer in organ.layers:

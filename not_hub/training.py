@@ -550,7 +550,8 @@ def train_organ(
         method: "standalone" (the paper: embeddings -> organ -> final norm -> LM head) or "in_situ" (the organ at
             its own slot inside the frozen donor, every other weight frozen).
         cache_prefix: in situ, run the frozen layers below the organ once per block and reuse their output every
-            epoch (`not_hub.prefix_cache`); the losses equal the uncached run's within float tolerance.
+            epoch (`not_hub.prefix_cache`); the losses equal the uncached run's within float tolerance. A
+            wall-clock budget (`max_seconds`) counts the time spent building the cache.
         cache_memory_limit: bytes of cached hidden states kept in memory (hidden_size * 4 per token in fp32); a
             larger cache is written to a memory-mapped safetensors file (in `output_dir`, else a temp folder).
         args / kwargs: `TrainingArguments` (kwargs override fields, e.g. `epochs=1, lr=3e-4`).
@@ -590,7 +591,10 @@ def train_organ(
         metrics = fit_parameters(shell, list(organ.parameters()), data, args, "organ (standalone)")
     else:
         cache_info = None
-        with organ.transplanted(donor, position=start, mode="replace") as transplant:
+        # At the organ's own slot (its default transplant: a replace at its donor start, or, for an organ carrying
+        # recovered neighbours, the splice that puts the whole block back).
+        with organ.transplanted(donor) as transplant:
+            start = transplant.plan.position
             params = [p for layer in transplant.layers for p in layer.parameters()]
             model, label = donor, "organ (in situ)"
             dropout = prefix_dropout(donor, start) if cache_prefix and start > 0 else None
@@ -615,6 +619,8 @@ def train_organ(
                     cache_dir=Path(args.output_dir) / "prefix_cache" if args.output_dir else None,
                 )
                 model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
+                if args.max_seconds is not None:  # building the cache is part of the method's cost
+                    args.max_seconds = max(0.0, args.max_seconds - (time.perf_counter() - t0))
                 cache_info = {
                     "layers": [0, start],
                     "bytes": cache.nbytes,

@@ -194,16 +194,64 @@ class Transplant:
                 state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
                 self._neighbour_backup.append((layer, state))
 
-    def to_organ(self):
-        """An `OrganModel` holding the organ's current weights in the recipient (after training), bridges included.
+    def to_organ(self, *, neighbours: bool | None = None):
+        """An `OrganModel` holding what training and recovery changed: the organ's current weights (bridges
+        included) and, after recovery, the recovered neighbouring layers.
 
-        Save it to keep what training or recovery changed: `transplant.to_organ().save_pretrained(dir)`.
+        With neighbours, the organ is one contiguous block `[left neighbours, organ, right neighbours]`; its
+        `layer_sources` say which layers are the organ's and which are neighbours, and its `default_transplant`
+        splices the block in place of those neighbours (and of whatever the organ replaced), so
+        `organ.transplant_into(fresh_copy_of_the_recipient)` reproduces the recovered recipient exactly.
+
+        Args:
+            neighbours: include the recovered neighbours (default: yes when recovery trained any, except in
+                bridge mode, whose bridges sit around the organ's own layers).
+
+        Raises:
+            TransplantStateError: neighbours asked for in bridge mode, or they no longer sit next to the organ.
         """
+        recovered = [layer for layer, _ in self._neighbour_backup]
+        if neighbours is None:
+            neighbours = bool(recovered) and not self.bridges
+        if neighbours and self.bridges:
+            raise TransplantStateError(
+                "a bridge-mode organ is exported with its bridges only (they wrap the organ's own first and last "
+                "layers); pass neighbours=False, or recover a replace/insert transplant to carry the neighbours"
+            )
         config = copy.deepcopy(self._organ_config)
         config.bridges = bool(self.bridges)
+        layers, sources = list(self.layers), None
+        if neighbours and recovered:
+            stack = get_layer_stack(self.recipient, self._spec)
+            where = {id(layer): i for i, layer in enumerate(stack)}
+            lo, hi = self.layer_indices[0], self.layer_indices[-1] + 1
+            found = sorted(where[id(layer)] for layer in recovered if id(layer) in where)
+            left, right = [i for i in found if i < lo], [i for i in found if i >= hi]
+            if left != list(range(lo - len(left), lo)) or right != list(range(hi, hi + len(right))):
+                raise TransplantStateError(
+                    f"the recovered neighbours sit at {found}, not next to the organ at [{lo}, {hi}); they cannot be "
+                    "exported as one block"
+                )
+            # Indices in the recipient as it was when this transplant was made: left neighbours end at the plan's
+            # position; right neighbours start after the layers the organ replaced.
+            p, removed = self.plan.position, self.plan.remove
+            own = config.layer_sources or [{"role": "organ", "index": i} for i in config.layer_indices]
+            sources = (
+                [{"role": "neighbour", "index": p - len(left) + t} for t in range(len(left))]
+                + own
+                + [{"role": "neighbour", "index": p + removed + t} for t in range(len(right))]
+            )
+            layers = [stack[i] for i in left] + layers + [stack[i] for i in right]
+            config.layer_sources = sources
+            config.default_transplant = {
+                "mode": "splice",
+                "position": p - len(left),
+                "remove": len(left) + removed + len(right),
+            }
+            config.neighbours_from = getattr(self.recipient, "name_or_path", None) or None
         organ = self._organ_cls(config)
         state = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             for key, value in unwrap(layer).state_dict().items():
                 state[f"layers.{i}.{key}"] = value.detach().to("cpu", copy=True)
         if config.bridges:
@@ -268,6 +316,19 @@ class Transplant:
 # ------------------------------------------------------------------------------------------------ transplant
 
 
+def _defaults(config, mode: str | None, position, remove: int | None) -> tuple[str, Any, int | None]:
+    """Mode, position and removed-layer count: as given, else the organ's `default_transplant`, else a replace at
+    the organ's donor start."""
+    default = config.default_transplant or {}
+    uses_default = bool(default) and mode in (None, default.get("mode"))
+    mode = default.get("mode", "replace") if mode is None else mode
+    if uses_default:
+        remove = default.get("remove") if remove is None else remove
+        position = default.get("position") if position is None else position
+    position = config.layer_range[0] if position is None else position
+    return mode, position, remove
+
+
 def _occupied(recipient: nn.Module) -> list[tuple[int, int]]:
     ranges = []
     for other in getattr(recipient, _REGISTRY_ATTR, []):
@@ -282,7 +343,7 @@ def _incoming_per_layer(organ, recipient: nn.Module, spec: ArchitectureSpec, pla
     The organ keeps its donor layers' kinds, which were fixed when its layers were built; the recipient's list must
     say so for masks and the KV cache. Without a donor list, the recipient's values around the position are used.
     """
-    start, stop = organ.config.layer_range
+    indices = organ.config.layer_indices
     values = {}
     for name in spec.per_layer_config:
         current = getattr(recipient.config, name, None)
@@ -290,8 +351,8 @@ def _incoming_per_layer(organ, recipient: nn.Module, spec: ArchitectureSpec, pla
             values[name] = []
             continue
         donor = organ.config.donor_config.get(name)
-        if isinstance(donor, list) and len(donor[start:stop]) == plan.insert:
-            values[name] = list(donor[start:stop])
+        if isinstance(donor, list) and all(0 <= i < len(donor) for i in indices):
+            values[name] = [donor[i] for i in indices]
         else:
             near = current[plan.position : plan.position + plan.insert] or current[-1:]
             values[name] = (near + [near[-1]] * plan.insert)[: plan.insert]
@@ -304,7 +365,7 @@ def transplant_into(
     recipient: nn.Module,
     *,
     position: int | None = None,
-    mode: str = "replace",
+    mode: str | None = None,
     remove: int | None = None,
 ) -> Transplant:
     """Graft `organ` into `recipient`, in place (the implementation of `OrganModel.transplant_into`).
@@ -336,6 +397,7 @@ def transplant_into(
         InvalidPositionError: `position` is out of range or overlaps an organ already transplanted.
         InvalidModeError: `mode` is not one of the modes.
     """
+    mode, position, remove = _defaults(organ.config, mode, position, remove)
     mode_spec = get_mode(mode)
     spec = resolve_architecture(recipient)
     stack = get_layer_stack(recipient, spec)
@@ -353,7 +415,7 @@ def transplant_into(
     k = len(organ.layers)
     plan = plan_transplant(
         mode,
-        organ.config.layer_range[0] if position is None else position,
+        position,
         organ_layers=k,
         depth=len(stack),
         occupied=_occupied(recipient),
@@ -414,7 +476,7 @@ def transplant_into(
 
 @contextmanager
 def transplanted(
-    organ, recipient: nn.Module, *, position: int | None = None, mode: str = "replace", remove: int | None = None
+    organ, recipient: nn.Module, *, position: int | None = None, mode: str | None = None, remove: int | None = None
 ) -> Iterator[Transplant]:
     """Transplant for the duration of a `with` block; the organ is explanted on exit, whatever happens inside.
 

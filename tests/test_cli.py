@@ -58,6 +58,8 @@ def test_cli_pipeline(workspace, capsys):
         )
         == 0
     )
+    out = capsys.readouterr().out
+    assert "validation perplexity (30 documents): donor " in out and "donor with the organ" in out
     trained = not_hub.OrganModel.from_pretrained(w / "trained")
     assert trained.config.training["method"] == "standalone"
     assert trained.config.training["data"]["documents"] == {"train": 240, "validation": 30, "test": 30}

@@ -284,3 +284,64 @@ def test_public_api_is_curated():
     )
     for name in not_hub.__all__:
         assert hasattr(not_hub, name), name
+
+
+# ------------------------------------------------------------------------------- organs that carry their recovery
+
+
+@pytest.mark.parametrize(
+    "mode, position, radius, roles",
+    [
+        ("replace", 2, 1, ["neighbour", "organ", "organ", "neighbour"]),
+        ("insert", 2, 1, ["neighbour", "organ", "organ", "neighbour"]),
+        ("replace", 0, 1, ["organ", "organ", "neighbour"]),  # no layer below: one neighbour only
+        ("insert", 3, 2, ["neighbour", "neighbour", "organ", "organ", "neighbour", "neighbour"]),
+    ],
+)
+def test_a_recovered_organ_exported_whole_reproduces_the_recovered_recipient(
+    mode, position, radius, roles, tmp_path, hash_state
+):
+    blocks = make_blocks(split_documents(code_documents(), seed=0), tiny_tokenizer(), 32)
+    recipient = tiny_model("llama")
+    before = hash_state(recipient)
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    transplant = organ.transplant_into(recipient, position=position, mode=mode)
+    not_hub.recover(recipient, transplant, blocks, radius=radius, max_steps=2, lr=1e-2, progress=False)
+    ids = tiny_input_ids()
+    with torch.no_grad():
+        recovered = recipient(ids).logits
+    exported = transplant.to_organ()
+    assert exported.config.layer_roles == roles
+    exported.save_pretrained(tmp_path / "organ")
+    transplant.explant()
+    assert hash_state(recipient) == before  # explant still restores the recipient bit for bit
+
+    loaded = not_hub.OrganModel.from_pretrained(tmp_path / "organ")
+    card = (tmp_path / "organ" / "README.md").read_text()
+    assert "carries its recovery" in card and "recovered neighbour" in card
+    fresh = tiny_model("llama")
+    with loaded.transplanted(fresh) as grafted:  # position and mode taken from the organ
+        assert grafted.mode == "splice"
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, recovered)
+            cached = fresh.generate(ids[:1], max_new_tokens=4, do_sample=False, use_cache=True)
+            assert torch.equal(cached, fresh.generate(ids[:1], max_new_tokens=4, do_sample=False, use_cache=False))
+    assert hash_state(fresh) == before
+
+
+def test_a_splice_refuses_bad_input_and_leaves_the_recipient_unchanged(hash_state):
+    recipient = tiny_model("llama")
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    before = hash_state(recipient)
+    for kwargs, match in (
+        (dict(position=5, remove=2), "expected 0 <= position <= 4"),
+        (dict(position=0, remove=7), "expected 0 <= position <= -1"),
+        (dict(position=1, remove=-1), "remove="),
+        (dict(position=1), "remove="),
+    ):
+        with pytest.raises(InvalidPositionError, match=match):
+            organ.transplant_into(recipient, mode="splice", **kwargs)
+    with organ.transplanted(recipient, position=4, mode="insert"):
+        with pytest.raises(InvalidPositionError, match="overlaps"):
+            organ.transplant_into(recipient, position=3, mode="splice", remove=2)
+    assert hash_state(recipient) == before

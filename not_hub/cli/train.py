@@ -196,6 +196,16 @@ def cmd_train(args) -> int:
         f"trained in {metrics.wall_clock_s:.0f}s: final train loss {metrics.final_train_loss:.4f}, best "
         f"validation loss {metrics.best_validation_loss} at step {metrics.best_step}; saved to {args.out}"
     )
+    # What a user pulling this organ gets: the donor's validation perplexity with and without it.
+    docs = splits.validation[: args.eval_docs]
+    if docs:
+        base = perplexity(donor, docs, tokenizer=tokenizer)
+        with organ.transplanted(donor):
+            grafted = perplexity(donor, docs, tokenizer=tokenizer)
+        print(
+            f"validation perplexity ({len(docs)} documents): donor {base.perplexity:.3f}, donor with the organ "
+            f"{grafted.perplexity:.3f} ({grafted.perplexity / base.perplexity:.3f}x)"
+        )
     return 0
 
 
@@ -331,6 +341,12 @@ def cmd_evaluate(args) -> int:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--eval-docs",
+        type=positive_int,
+        default=64,
+        help="validation documents scored after training, donor with and without the organ (default 64)",
+    )
     p.add_argument("organ", help="organ folder or Hub repo id to start from (e.g. from `not-hub extract`)")
     p.add_argument("--donor", default=None, help="the donor model (default: the organ's base_model)")
     p.add_argument("--donor-revision", default=None, help="the donor repo's revision")

@@ -1,0 +1,349 @@
+"""Gain by repo id: does an organ pulled from the Hub make a fresh recipient better, as much as LoRA, at equal time?
+
+For each domain and seed, every method trains on the same blocks for the same wall-clock budget (validation time
+excluded) with a learning rate chosen on validation from a grid (short selection runs; a choice at the grid's edge
+extends the grid one step past it). The chosen run's artifact is pushed to a local Hub-protocol server
+(tests/fixtures/hub_server.py), pulled by repo id in a fresh process into a fresh SmolLM2-135M (LoRA through
+`PeftModel.from_pretrained`, organs through `OrganModel.from_pretrained(...).transplant_into(recipient)` with the
+organ's own defaults) and scored on test, beside the untouched model.
+
+Methods: the paper's standalone organ (layers [10, 13)); standalone + recovery (half the budget each) exported as one
+organ carrying its recovered neighbours; the organ trained in situ with the cached prefix at the better of a middle
+slot [10, 13) and the tail [27, 30) (chosen on validation); peft LoRA r=8 on q,k,v,o and on every linear layer; full
+fine-tuning as a reference (scored in-process: a full checkpoint is not an artifact anyone would pull).
+
+    python benchmarks/gain.py --quick        # smoke: tiny budgets, code, seed 0
+    python benchmarks/gain.py --preset code  # code, seed 0, 120 s per method
+    python benchmarks/gain.py --full         # four domains, seeds 0-2 on code, 120 s per method
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "fixtures"))
+from hub_server import LocalHub  # noqa: E402
+
+# huggingface_hub reads its endpoint at import: start the local Hub first.
+HUB = LocalHub().start()
+HF_HOME = tempfile.mkdtemp(prefix="not_hub-gain-")
+HUB_ENV = dict(
+    HF_ENDPOINT=HUB.endpoint,
+    HF_HOME=HF_HOME,
+    HF_TOKEN="bench",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+)
+os.environ.update(HUB_ENV)
+
+import torch  # noqa: E402
+from common import RESULTS, load_smollm2, machine, write_json, write_markdown  # noqa: E402
+from domains import DOMAINS  # noqa: E402
+from quality import held_out, ppl  # noqa: E402
+
+import not_hub  # noqa: E402
+from not_hub.data import BlockData, make_blocks  # noqa: E402
+from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
+
+ORGAN, TAIL = (10, 13), (27, 30)
+PRESETS = {
+    "quick": dict(
+        domains=["code"], seeds={"code": [0]}, budget_s=6, select_s=3, train_blocks=16, block=256, val_docs=8,
+        test_docs=12, eval_chars=1200, batch_size=4,
+    ),
+    "code": dict(
+        domains=["code"], seeds={"code": [0]}, budget_s=120, select_s=30, train_blocks=128, block=256, val_docs=24,
+        test_docs=48, eval_chars=1500, batch_size=4,
+    ),
+}  # fmt: skip
+PRESETS["full"] = {
+    **PRESETS["code"],
+    "domains": ["code", "legal", "biomedical", "general"],
+    "seeds": {"code": [0, 1, 2], "legal": [0], "biomedical": [0], "general": [0]},
+}
+GRIDS = {
+    "standalone": [3e-4, 1e-3, 3e-3],
+    "standalone_recovered": [3e-4, 1e-3, 3e-3],
+    "in_situ_middle": [3e-4, 1e-3, 3e-3],
+    "in_situ_tail": [3e-4, 1e-3, 3e-3],
+    "lora_qkvo": [3e-4, 1e-3, 3e-3],
+    "lora_all": [3e-4, 1e-3, 3e-3],
+    "full_ft": [3e-5, 1e-4, 3e-4],
+}
+LORA_TARGETS = {
+    "lora_qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def args_for(preset: dict, seed: int, lr: float, seconds: float) -> dict:
+    """A wall-clock budget: as many steps as fit, with the schedule laid out far past it (near-constant lr)."""
+    return dict(
+        epochs=50, lr=lr, warmup_ratio=0.0, batch_size=preset["batch_size"], seed=seed, progress=False,
+        max_seconds=seconds,
+    )  # fmt: skip
+
+
+def prepare(domain: str, seed: int, preset: dict, tok) -> tuple[BlockData, list[str], list[str]]:
+    splits = DOMAINS[domain]()
+    blocks = make_blocks(splits, tok, preset["block"], seed=seed)
+    train = blocks.train.select(range(min(preset["train_blocks"], len(blocks.train))))
+    data = BlockData(
+        train=train,
+        validation=blocks.validation.select(range(min(8, len(blocks.validation)))),
+        description={"domain": domain, "train_blocks": len(train), "block_size": preset["block"]},
+    )
+    return (
+        data,
+        held_out(splits.validation, preset["val_docs"], preset["eval_chars"]),
+        held_out(splits.test, preset["test_docs"], preset["eval_chars"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------- one method, one run
+
+
+def train_method(method: str, recipient, data: BlockData, preset: dict, seed: int, lr: float, seconds: float):
+    """Train `method` for `seconds`; return (artifact, scorer, metrics dict). The recipient is left untouched."""
+    torch.manual_seed(seed)
+    if method in ("standalone", "standalone_recovered"):
+        organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
+        first = seconds / 2 if method == "standalone_recovered" else seconds
+        m = train_organ(organ, recipient, data, **args_for(preset, seed, lr, first))
+        info = {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s}
+        if method == "standalone_recovered":
+            with organ.transplanted(recipient) as transplant:
+                r = recover(recipient, transplant, data, radius=1, **args_for(preset, seed, lr, seconds / 2))
+                organ = transplant.to_organ()  # the organ and the two recovered neighbours, as one organ
+            info = {
+                "tokens_seen": m.tokens_seen + r.tokens_seen,
+                "train_s": info["train_s"] + r.wall_clock_s - r.validation_s,
+            }
+        return organ, info
+    if method in ("in_situ_middle", "in_situ_tail"):
+        organ = not_hub.extract_organ(recipient, layer_range=ORGAN if method == "in_situ_middle" else TAIL)
+        m = train_organ(organ, recipient, data, method="in_situ", **args_for(preset, seed, lr, seconds))
+        cache_s = (organ.config.training.get("prefix_cache") or {}).get("build_s", 0.0)  # counted in the budget
+        return organ, {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s + cache_s}
+    model = copy.deepcopy(recipient)
+    if method in LORA_TARGETS:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS[method])
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model.parameters())
+    m = fit_parameters(model, params, data, TrainingArguments(**args_for(preset, seed, lr, seconds)), method)
+    return model.eval(), {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s}
+
+
+def score_in_process(artifact, recipient, docs, tok) -> float:
+    if isinstance(artifact, not_hub.OrganModel):
+        with artifact.transplanted(recipient):
+            return ppl(recipient, docs, tok)
+    return ppl(artifact, docs, tok)
+
+
+def artifact_parameters(artifact) -> int:
+    if isinstance(artifact, not_hub.OrganModel):
+        return sum(p.numel() for p in artifact.parameters())
+    trainable = [p for n, p in artifact.named_parameters() if "lora_" in n]
+    return sum(p.numel() for p in trainable) or sum(p.numel() for p in artifact.parameters())
+
+
+PULL_AND_SCORE = """
+import json, sys
+sys.path.insert(0, {here!r})
+from common import load_smollm2
+import not_hub
+from not_hub.evaluation import perplexity
+kind, repo_id, docs_path = sys.argv[1], sys.argv[2], sys.argv[3]
+model, tok = load_smollm2()  # a fresh recipient in a fresh process
+if kind == "organ":
+    organ = not_hub.OrganModel.from_pretrained(repo_id)  # by repo id, sha256 of every tensor checked
+    organ.transplant_into(model)  # the organ's own defaults: its slot, or the splice that carries its neighbours
+else:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, repo_id)
+print(json.dumps(perplexity(model, json.load(open(docs_path)), tokenizer=tok, max_length=512).perplexity))
+"""
+
+
+def push_pull_score(artifact, repo_id: str, test: list[str]) -> float:
+    if isinstance(artifact, not_hub.OrganModel):
+        kind = "organ"
+        artifact.push_to_hub(repo_id)
+    else:
+        kind = "lora"
+        artifact.push_to_hub(repo_id)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(test, f)
+    out = subprocess.run(
+        [sys.executable, "-c", PULL_AND_SCORE.format(here=str(HERE)), kind, repo_id, f.name],
+        capture_output=True, text=True, env={**os.environ, **HUB_ENV}, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ one domain-seed
+
+
+def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
+    data, val, test = prepare(domain, seed, preset, tok)
+    untouched = {"validation": ppl(recipient, val, tok), "test": ppl(recipient, test, tok)}
+    out = {"domain": domain, "seed": seed, "untouched": untouched, "data": data.description, "selection": {}}
+    chosen = {}
+    for method, grid in GRIDS.items():  # learning rates (and the in-situ slot) chosen on validation
+        tried = {}
+        queue = list(grid)
+        while queue:
+            lr = queue.pop(0)
+            artifact, _ = train_method(method, recipient, data, preset, seed, lr, preset["select_s"])
+            tried[lr] = score_in_process(artifact, recipient, val, tok)
+            del artifact
+            best = min(tried, key=tried.get)
+            ordered = sorted(tried)
+            if not queue and best in (ordered[0], ordered[-1]) and len(tried) == len(grid):
+                queue.append(best / 3 if best == ordered[0] else best * 3)  # extend past the edge once
+        best = min(tried, key=tried.get)
+        ordered = sorted(tried)
+        out["selection"][method] = {
+            "validation_ppl": {f"{k:g}": v for k, v in sorted(tried.items())},
+            "chosen_lr": best,
+            "at_grid_edge": best in (ordered[0], ordered[-1]),
+        }
+        chosen[method] = best
+        print(f"[{domain} seed {seed}] {method}: lr {best:g} (validation {tried[best]:.3f})", flush=True)
+    slot = min(("in_situ_middle", "in_situ_tail"), key=lambda m: min(out["selection"][m]["validation_ppl"].values()))
+    out["in_situ_slot"] = slot
+    finals = ["standalone", "standalone_recovered", slot, "lora_qkvo", "lora_all", "full_ft"]
+    results = {}
+    for method in finals:
+        artifact, info = train_method(method, recipient, data, preset, seed, chosen[method], preset["budget_s"])
+        row = {
+            "lr": chosen[method],
+            **info,
+            "tokens_per_second": info["tokens_seen"] / max(info["train_s"], 1e-9),
+            "artifact_parameters": artifact_parameters(artifact),
+        }
+        row["artifact_bytes_bf16"] = 2 * row["artifact_parameters"]
+        if method == "full_ft":
+            row["test_ppl"] = score_in_process(artifact, recipient, test, tok)
+            row["scored"] = "in process (reference; not pushed)"
+        else:
+            repo_id = f"bench/{domain}-{seed}-{method.replace('_', '-')}"
+            row["in_process_test_ppl"] = score_in_process(artifact, recipient, test, tok)
+            row["test_ppl"] = push_pull_score(artifact, repo_id, test)
+            row["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
+        results["in_situ" if method == slot else method] = row
+        print(f"[{domain} seed {seed}] {method}: test {row['test_ppl']:.3f} (untouched {untouched['test']:.3f})")
+        del artifact
+    best_lora = min(results["lora_qkvo"]["test_ppl"], results["lora_all"]["test_ppl"])
+    for row in results.values():
+        row["ratio_to_untouched"] = row["test_ppl"] / untouched["test"]
+        row["ratio_to_best_lora"] = row["test_ppl"] / best_lora
+    out["results"] = results
+    return out
+
+
+def report(payload: dict) -> str:
+    p = payload["settings"]
+    lines = [
+        f"### Gain by repo id ({payload['preset']} preset: {p['budget_s']} s of training per method, learning rates "
+        f"chosen on validation with {p['select_s']} s selection runs; test perplexity of the artifact pulled by repo "
+        "id into a fresh recipient)",
+        "",
+        "| domain | seed | method | lr | test ppl | / untouched | / best LoRA | tokens seen | tokens/s | artifact (bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in payload["runs"]:
+        lines.append(
+            f"| {run['domain']} | {run['seed']} | untouched | | {run['untouched']['test']:.3f} | 1.000 | | | | |"
+        )
+        for method, r in run["results"].items():
+            name = f"{method} ({run['in_situ_slot'].rsplit('_', 1)[1]} slot)" if method == "in_situ" else method
+            lines.append(
+                f"| {run['domain']} | {run['seed']} | {name} | {r['lr']:g} | {r['test_ppl']:.3f} | "
+                f"{r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | {r['tokens_seen']:,} | "
+                f"{r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
+            )
+    edges = [
+        f"{run['domain']}/{run['seed']}/{m}"
+        for run in payload["runs"]
+        for m, s in run["selection"].items()
+        if s["at_grid_edge"]
+    ]
+    lines += [
+        "",
+        "Learning-rate choices still at the edge of the (once extended) grid: " + (", ".join(edges) or "none") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = payload["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        names = list(run["results"])
+        ax.barh(names, [run["results"][m]["ratio_to_untouched"] for m in names], color="#4c72b0")
+        ax.axvline(1.0, color="grey", linestyle="--")
+        ax.set_xlabel("test perplexity / untouched (pulled by repo id)")
+        ax.set_title(f"{run['domain']}, seed {run['seed']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="smoke preset (default)")
+    group.add_argument("--full", action="store_true", help="four domains, seeds 0-2 on code")
+    group.add_argument("--preset", choices=list(PRESETS), help="a named preset")
+    args = parser.parse_args()
+    name = args.preset or ("full" if args.full else "quick")
+    preset = PRESETS[name]
+    t0 = time.time()
+    recipient, tok = load_smollm2()
+    runs = []
+    try:
+        for domain in preset["domains"]:
+            for seed in preset["seeds"][domain]:
+                runs.append(run_one(domain, seed, preset, recipient, tok))
+    finally:
+        HUB.stop()
+    payload = {
+        "preset": name,
+        "settings": preset,
+        "machine": machine(),
+        "runs": runs,
+        "command": f"benchmarks/gain.py --preset {name}",
+        "wall_clock_s": round(time.time() - t0, 1),
+    }
+    write_json(f"gain_{name}", payload)
+    plot(payload, RESULTS / f"gain_{name}.png")
+    write_markdown(f"gain_{name}", report(payload))
+    print(report(payload))
+
+
+if __name__ == "__main__":
+    main()
