@@ -55,6 +55,7 @@ from not_hub.data import BlockData, make_blocks  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
 ORGAN, TAIL = (10, 13), (27, 30)
+SAVE_DIR: Path | None = None  # --save-organs: keep the trained organs (e.g. for the Space)
 PRESETS = {
     "quick": dict(
         domains=["code"], seeds={"code": [0]}, budget_s=6, select_s=3, train_blocks=16, block=256, val_docs=8,
@@ -75,8 +76,8 @@ GRIDS = {
     "standalone_recovered": [3e-4, 1e-3, 3e-3],
     "in_situ_middle": [3e-4, 1e-3, 3e-3],
     "in_situ_tail": [3e-4, 1e-3, 3e-3],
-    "lora_qkvo": [3e-4, 1e-3, 3e-3],
-    "lora_all": [3e-4, 1e-3, 3e-3],
+    "lora_qkvo": [1e-3, 3e-3, 1e-2],
+    "lora_all": [1e-3, 3e-3, 1e-2],
     "full_ft": [3e-5, 1e-4, 3e-4],
 }
 LORA_TARGETS = {
@@ -214,8 +215,8 @@ def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
             del artifact
             best = min(tried, key=tried.get)
             ordered = sorted(tried)
-            if not queue and best in (ordered[0], ordered[-1]) and len(tried) == len(grid):
-                queue.append(best / 3 if best == ordered[0] else best * 3)  # extend past the edge once
+            if not queue and best in (ordered[0], ordered[-1]) and len(tried) < len(grid) + 2:
+                queue.append(best / 3 if best == ordered[0] else best * 3)  # extend past the edge (twice at most)
         best = min(tried, key=tried.get)
         ordered = sorted(tried)
         out["selection"][method] = {
@@ -247,6 +248,8 @@ def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
             row["test_ppl"] = push_pull_score(artifact, repo_id, test)
             row["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
         results["in_situ" if method == slot else method] = row
+        if SAVE_DIR is not None and isinstance(artifact, not_hub.OrganModel):
+            artifact.save_pretrained(SAVE_DIR / f"{domain}-{seed}-{method}")
         print(f"[{domain} seed {seed}] {method}: test {row['test_ppl']:.3f} (untouched {untouched['test']:.3f})")
         del artifact
     best_lora = min(results["lora_qkvo"]["test_ppl"], results["lora_all"]["test_ppl"])
@@ -286,7 +289,9 @@ def report(payload: dict) -> str:
     ]
     lines += [
         "",
-        "Learning-rate choices still at the edge of the (once extended) grid: " + (", ".join(edges) or "none") + ".",
+        "Learning-rate choices still at the edge of the grid after extending it twice: "
+        + (", ".join(edges) or "none")
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -319,7 +324,10 @@ def main() -> None:
     group.add_argument("--quick", action="store_true", help="smoke preset (default)")
     group.add_argument("--full", action="store_true", help="four domains, seeds 0-2 on code")
     group.add_argument("--preset", choices=list(PRESETS), help="a named preset")
+    parser.add_argument("--save-organs", default=None, help="also save every trained organ artifact into this folder")
     args = parser.parse_args()
+    global SAVE_DIR
+    SAVE_DIR = Path(args.save_organs) if args.save_organs else None
     name = args.preset or ("full" if args.full else "quick")
     preset = PRESETS[name]
     t0 = time.time()
