@@ -234,6 +234,44 @@ def finish_partial_quality(quality: dict) -> None:
     (RESULTS / "quality_full.md").write_text(text)
 
 
+ORGAN_METHODS = ("standalone", "standalone_recovered", "in_situ")
+
+
+def gain_claims(gain: dict, speed: dict | None) -> list[str]:
+    """What the gain-by-repo-id run says, computed from its JSON: the best organ against the best LoRA per run."""
+    lines = []
+    met = 0
+    for run in gain["runs"]:
+        res = run["results"]
+        best = min(ORGAN_METHODS, key=lambda m: res[m]["test_ppl"])
+        lora = min(("lora_qkvo", "lora_all"), key=lambda m: res[m]["test_ppl"])
+        ratio = res[best]["test_ppl"] / res[lora]["test_ppl"]
+        met += ratio <= 1.0
+        lines.append(
+            f"- {run['domain']}, seed {run['seed']}: the best organ pulled by repo id is `{best}` at "
+            f"{res[best]['test_ppl']:.2f} ({res[best]['ratio_to_untouched']:.3f}x the untouched "
+            f"{run['untouched']['test']:.2f}); the best LoRA is `{lora}` at {res[lora]['test_ppl']:.2f}: organ / LoRA "
+            f"= {ratio:.3f} ({'at or below' if ratio <= 1 else 'above'} LoRA); full fine-tuning "
+            f"{res['full_ft']['test_ppl']:.2f}. Tokens per second: {best} {res[best]['tokens_per_second']:.0f}, "
+            f"{lora} {res[lora]['tokens_per_second']:.0f}. In-situ slot chosen on validation: "
+            f"{run['in_situ_slot'].rsplit('_', 1)[1]}."
+        )
+    domains = sorted({run["domain"] for run in gain["runs"]})
+    lines.append(
+        f"- Goal (best organ at or below the best LoRA on at least 3 of 4 domains): {met} of {len(gain['runs'])} "
+        f"runs over {len(domains)} domain(s) ({', '.join(domains)}) meet it"
+        + ("; the other domains have not been run yet." if len(domains) < 4 else ".")
+    )
+    if speed and "in_situ_ratios" in speed:
+        q = speed["in_situ_ratios"]
+        lines.append(
+            f"- Speed (speed.py, same run): cached in situ at the middle slot {q['cached_over_uncached_in_situ']:.2f}x "
+            f"the uncached in-situ rate; the tail organ {q['tail_cached_over_lora_r8']:.2f}x LoRA r=8's tokens/s "
+            f"({'meets' if q['tail_cached_over_lora_r8'] >= 2.8 else 'misses'} the 2.8x goal)."
+        )
+    return lines
+
+
 def main() -> None:
     speed, quality = load("speed_full"), load("quality_full")
     if quality and not (RESULTS / "quality_full.md").exists():
@@ -339,6 +377,18 @@ def main() -> None:
     else:
         lines += [
             "RQ4 (multi-organ), RQ5 (cross-domain) and RQ6 (organ size): `research.py --full` has not been run.",
+            "",
+        ]
+    gain = load("gain_full") or load("gain_code")
+    if gain:
+        name = gain["preset"]
+        lines += [
+            "## Gain by repo id: organs pulled from the Hub against LoRA at equal wall-clock",
+            "",
+            (RESULTS / f"gain_{name}.md").read_text(),
+            f"![gain by repo id](results/gain_{name}.png)",
+            "",
+            *gain_claims(gain, speed),
             "",
         ]
     lines += [

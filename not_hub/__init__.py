@@ -23,7 +23,7 @@ from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
 from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents
 from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
-from .extraction import default_layer_range, extract_organ
+from .extraction import default_layer_range, excise, extract_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
@@ -53,6 +53,7 @@ __all__ = [
     "__version__",
     "default_layer_range",
     "errors",
+    "excise",
     "extract_organ",
     "list_organs",
     "load_documents",

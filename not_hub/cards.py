@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -46,27 +47,39 @@ def eval_results(config: Any) -> list[EvalResult]:
     return results
 
 
-def organ_card_data(config: Any, repo_id: str | None = None) -> ModelCardData:
-    """YAML metadata of an organ card: library, donor as base_model, tags, datasets, licence, model-index."""
+def training_datasets(config: Any) -> list[str] | None:
+    """Hub dataset ids the organ was trained on (local files and folders are not named: they may be private)."""
+    data = (config.training or {}).get("data") or {}
+    sources = [*(data.get("sources") or []), *(data.get("validation_sources") or [])]
+    ids = [str(s) for s in sources if _hub_id(str(s)) and not Path(str(s)).exists()]
+    return sorted(set(ids)) or None
+
+
+def organ_card_data(config: Any, repo_id: str | None = None, tags: list[str] | None = None) -> ModelCardData:
+    """YAML metadata of an organ card: library, donor as base_model with the `adapter` relation (as peft declares
+    its adapters, so the Hub lists the organ under the donor's adapters, not its fine-tunes), tags, datasets,
+    licence, model-index. No `pipeline_tag`: an organ cannot generate text by itself."""
     donor_type = config.donor_model_type or "unknown"
     results = eval_results(config)
+    base = _hub_id(config.base_model)
+    default_tags = [LIBRARY_TAG, ORGAN_TAG, "neural-organ-transplantation", donor_type]
     return ModelCardData(
         library_name=LIBRARY_TAG,
-        base_model=_hub_id(config.base_model),
-        tags=[LIBRARY_TAG, ORGAN_TAG, "neural-organ-transplantation", donor_type],
-        datasets=(config.training or {}).get("datasets") or None,
+        base_model=base,
+        base_model_relation="adapter" if base else None,
+        tags=list(dict.fromkeys([*default_tags, *(tags or [])])),
+        datasets=training_datasets(config) or (config.training or {}).get("datasets") or None,
         license=config.license,
-        pipeline_tag="text-generation",
         model_name=repo_id or f"organ-{config.layer_range[0]}-{config.layer_range[1]}" if results else None,
         eval_results=results or None,
     )
 
 
-def render_card(config: Any, repo_id: str | None = None) -> str:
+def render_card(config: Any, repo_id: str | None = None, tags: list[str] | None = None) -> str:
     """Render an organ's README.md from its `OrganConfig` (metadata YAML + body)."""
     donor_type = config.donor_model_type or "unknown"
     evaluation = config.evaluation or {}
-    card_data = organ_card_data(config, repo_id)
+    card_data = organ_card_data(config, repo_id, tags)
     start, stop = config.layer_range
     card = ModelCard.from_template(
         card_data,
@@ -97,9 +110,13 @@ def render_recipient_card(recipient: Any, repo_id: str | None = None) -> str:
     base = _hub_id(getattr(recipient, "name_or_path", None)) or next(
         (_hub_id(t.get("base_model")) for t in transplants if _hub_id(t.get("base_model"))), None
     )
+    # A transplanted model descends from the recipient and from every donor: the Hub's `merge` relation.
+    donors = [_hub_id(t.get("base_model")) for t in transplants]
+    bases = list(dict.fromkeys(b for b in [base, *donors] if b))
     card_data = ModelCardData(
         library_name="transformers",
-        base_model=base,
+        base_model=bases or None,
+        base_model_relation="merge" if len(bases) > 1 else ("finetune" if bases else None),
         tags=[LIBRARY_TAG, "transplanted", "neural-organ-transplantation", config.model_type],
         pipeline_tag="text-generation",
     )
@@ -114,3 +131,17 @@ def render_recipient_card(recipient: Any, repo_id: str | None = None) -> str:
         transplants=transplants,
     )
     return str(card)
+
+
+def merge_card(existing: str, generated: str) -> str:
+    """Keep a hand-written card's text and merge the generated metadata into its YAML (the hand-written values win;
+    tags are united), as transformers and peft do when they push to a repo that already has a card."""
+    kept, fresh = ModelCard(existing), ModelCard(generated)
+    data = kept.data.to_dict()
+    for key, value in fresh.data.to_dict().items():
+        if key == "tags":
+            data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *(value or [])]))
+        elif data.get(key) in (None, [], ""):
+            data[key] = value
+    kept.data = ModelCardData(**data)
+    return str(kept)

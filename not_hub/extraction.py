@@ -16,6 +16,8 @@ from .configuration_organ import OrganConfig
 from .errors import InvalidLayerRangeError
 from .loading import KNOWN_LICENSES
 from .modeling_organ import OrganModel
+from .plan import plan_transplant
+from .transplant import Transplant, apply_transplant_plan, occupied_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +138,44 @@ def extract_organ(
         state = {k: v.detach().to("cpu", copy=True) for k, v in stack[index].state_dict().items()}
         organ.layers[i].load_state_dict(state, strict=True)
     return organ.eval()
+
+
+@torch.no_grad()
+def excise(
+    model: nn.Module, layer_range: tuple[int, int], *, base_model: str | None = None, revision: str | None = None
+) -> tuple[OrganModel, Transplant]:
+    """Remove decoder layers `[start, stop)` from `model`, in place (layer pruning, as in ShortGPT or BlockPruner).
+
+    The removed layers come back as an `OrganModel` (save or push it like any organ), and the returned `Transplant`
+    puts them back bit for bit with `.explant()`. The pruned model saves as a plain transformers checkpoint
+    (`num_hidden_layers` and per-layer config lists follow) that `AutoModelForCausalLM` loads without not_hub.
+
+    Args:
+        model: a transformers decoder-only causal LM.
+        layer_range: half-open `(start, stop)` of the layers to remove; at least one layer must remain.
+
+    Returns:
+        `(organ, transplant)`: the removed layers, and the record whose `explant()` restores the model.
+
+    Raises:
+        InvalidLayerRangeError: the range does not fit, or would remove every layer.
+        InvalidPositionError: the range cuts into an organ transplanted earlier.
+
+    Example:
+        ```python
+        >>> organ, excision = not_hub.excise(model, (20, 24))
+        >>> model.save_pretrained("pruned")  # 26 layers, plain transformers
+        >>> excision.explant()  # the 30-layer model again
+        ```
+    """
+    spec = resolve_architecture(model)
+    stack = get_layer_stack(model, spec)
+    start, stop = check_layer_range(layer_range, len(stack))
+    if stop - start == len(stack):
+        raise InvalidLayerRangeError(
+            f"layer_range=({start}, {stop}) would remove all {len(stack)} layers; keep at least one"
+        )
+    organ = extract_organ(model, (start, stop), base_model=base_model, revision=revision)
+    plan = plan_transplant("excise", start, organ_layers=0, depth=len(stack), occupied=occupied_ranges(model),
+                           remove=stop - start)  # fmt: skip
+    return organ, apply_transplant_plan(model, spec, plan, organ, incoming=[])

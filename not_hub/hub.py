@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
+    CacheNotFound,
     EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
@@ -39,7 +40,9 @@ from .errors import (
     TransplantStateError,
 )
 from .transplant import refuse_bridge_save
+from .version import __version__
 
+LIBRARY_NAME = "not_hub"  # sent in the User-Agent, as library_name / library_version
 _ALLOW = ["config.json", "model.safetensors", "README.md"]
 
 
@@ -90,6 +93,8 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    subfolder: str = "",
 ) -> tuple[Path, bool]:
     """Return `(folder, from_hub)`: a local folder holding the organ's files, or its Hub cache snapshot.
 
@@ -97,8 +102,12 @@ def resolve_checkpoint(
         OrganNotFoundError: the path does not exist and the repo id, revision or cached copy cannot be found.
     """
     path = Path(name_or_path)
+    subfolder = str(subfolder or "").strip("/")
     if path.is_dir():
-        return path, False
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise OrganNotFoundError(f"{str(path)!r} has no subfolder {subfolder!r}")
+        return folder, False
     repo_id = str(name_or_path)
     if path.exists() or repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise OrganNotFoundError(
@@ -113,10 +122,13 @@ def resolve_checkpoint(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 token=token,
-                allow_patterns=_ALLOW,
+                force_download=force_download,
+                allow_patterns=[f"{subfolder}/{name}" for name in _ALLOW] if subfolder else _ALLOW,
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
             )
         )
-        return folder, True
+        return (folder / subfolder if subfolder else folder), True
     except RepositoryNotFoundError:
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} was not found on the Hub (or is private: pass token=...)"
@@ -147,18 +159,34 @@ def resolve_checkpoint(
 
 
 def evict_snapshot(folder: Path) -> None:
-    """Delete a Hub cache snapshot's files and the blobs they point to (after a failed integrity check)."""
-    for link in folder.iterdir():
-        target = link.resolve()
-        link.unlink(missing_ok=True)
-        if target != link and target.exists():
-            target.unlink(missing_ok=True)
+    """Delete a Hub cache snapshot (after a failed integrity check) with huggingface_hub's own cache tools, so a
+    retry downloads it again."""
+    snapshot = next((p for p in [folder, *folder.parents] if p.parent.name == "snapshots"), None)
+    if snapshot is None:
+        return
+    repo_folder = snapshot.parent.parent
+    cache_dir = repo_folder.parent
+    try:
+        info = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return
+    info.delete_revisions(snapshot.name).execute()
+
+
+def remote_card(api: HfApi, repo_id: str, revision: str | None) -> str | None:
+    """The README.md already in a repo at `revision` (None if the repo, branch or card does not exist yet)."""
+    with hub_errors(f"reading the card of {repo_id!r}"):
+        try:
+            path = api.hf_hub_download(repo_id, "README.md", revision=revision)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError):
+            return None
+    return Path(path).read_text(errors="replace")
 
 
 def prepare_repo(repo_id: str, *, revision: str | None, private: bool | None, token: str | bool | None) -> HfApi:
     """Create the model repo if needed, and the branch `revision` (from main) if it does not exist."""
     check_repo_id(repo_id)
-    api = HfApi(token=token)
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     with hub_errors(f"creating repo {repo_id!r}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and revision != "main":
@@ -209,7 +237,9 @@ def list_organs(
     found = []
     with hub_errors("searching organ repos"):
         models = list(
-            HfApi(token=token).list_models(filter=tags, author=author, search=search, limit=limit, cardData=True)
+            HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__).list_models(
+                filter=tags, author=author, search=search, limit=limit, cardData=True
+            )
         )
     for info in models:
         card = info.card_data

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelLoadError, NotHubError
@@ -29,8 +30,9 @@ KNOWN_LICENSES = {EMBEDDED_REPO_ID: "apache-2.0"}
 
 
 def cache_root() -> Path:
-    """Where converted models are cached: `$NOT_HUB_CACHE`, else `~/.cache/not_hub`."""
-    return Path(os.environ.get("NOT_HUB_CACHE", Path.home() / ".cache" / "not_hub"))
+    """Where converted models are cached: `$NOT_HUB_CACHE`, else `$HF_HOME/not_hub` (the Hugging Face cache home,
+    `~/.cache/huggingface` by default), so clearing or moving HF_HOME covers it."""
+    return Path(os.environ.get("NOT_HUB_CACHE") or Path(constants.HF_HOME) / "not_hub")
 
 
 def embedded_gguf_path() -> Path:
@@ -90,7 +92,8 @@ def load_causal_lm(
     token: str | bool | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer by Hub id, local folder, GGUF file, or the embedded `"smollm2"`.
 
     Args:
@@ -100,6 +103,7 @@ def load_causal_lm(
         token: Hub token.
         dtype: weights dtype (float32 by default: bf16 matmuls are very slow on CPUs).
         attn_implementation: passed to transformers.
+        with_tokenizer: also load the tokenizer (False: the second value is None; a folder without one is fine).
 
     Returns:
         `(model, tokenizer)`, the model in eval mode. `model.name_or_path` is the Hub id when known.
@@ -115,7 +119,7 @@ def load_causal_lm(
             f"model {name!r}: no such folder or file; pass a model folder, a .gguf file, a Hub id or 'smollm2'"
         )
     try:
-        return _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation)
+        return _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation, with_tokenizer)
     except NotHubError:
         raise
     except Exception as err:  # transformers/gguf raise OSError, ValueError, KeyError, struct.error, ... for bad input
@@ -126,7 +130,7 @@ def load_causal_lm(
         ) from None
 
 
-def _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation):
+def _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation, with_tokenizer):
     hub_id = None
     if name == EMBEDDED_ALIAS:
         folder, hub_id = convert_gguf(embedded_gguf_path(), name_or_path=EMBEDDED_REPO_ID), EMBEDDED_REPO_ID
@@ -136,8 +140,6 @@ def _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation
         if Path(name).is_dir():
             gguf_path = Path(name) / gguf_file
         else:
-            from huggingface_hub import hf_hub_download
-
             gguf_path = Path(hf_hub_download(name, gguf_file, revision=revision, token=token))
         folder, hub_id = convert_gguf(gguf_path, name_or_path=name), name
     else:
@@ -146,8 +148,10 @@ def _load_causal_lm(name, gguf_file, revision, token, dtype, attn_implementation
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(
-        folder, **({"revision": revision, "token": token} if folder == name else {})
+    tokenizer = (
+        AutoTokenizer.from_pretrained(folder, **({"revision": revision, "token": token} if folder == name else {}))
+        if with_tokenizer
+        else None
     )
     if hub_id:
         model.name_or_path = hub_id

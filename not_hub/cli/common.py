@@ -5,12 +5,15 @@ checks. Bad values are usage errors (argparse exits 2 with one line); they never
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
 from ..errors import OutputPathError
 from ..loading import load_causal_lm
+from ..modeling_organ import OrganModel
 
 
 def _number(kind, text: str):
@@ -69,10 +72,36 @@ def model_options(p: argparse.ArgumentParser, revision_help: str, recipient: boo
         "--gguf-file", default=None, help="GGUF file name inside the model folder or repo (converted once, cached)"
     )
     p.add_argument("--revision", default=None, help=revision_help)
+    token_option(p)
     if recipient:
         p.add_argument(
             "--recipient-revision", default=None, help="branch, tag or commit sha of the recipient model repo"
         )
+
+
+def token_option(p: argparse.ArgumentParser) -> None:
+    """`--token`, on every command that may reach the Hub (as `hf` has it)."""
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+
+
+def format_options(p: argparse.ArgumentParser, *, quiet: str | None = None) -> None:
+    """`--format text|json` (json: one document on stdout, nothing else there) and, where useful, `-q`."""
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help=quiet)
+
+
+def emit(args, payload, text: str) -> None:
+    """Print `payload` as JSON with --format json, else `text`."""
+    if getattr(args, "format", "text") == "json":
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text)
+
+
+def organ_from(args, ref: str, revision: str | None = None):
+    """Load an organ for a command (folder or repo id), with the command's --token."""
+    return OrganModel.from_pretrained(ref, revision=revision, token=getattr(args, "token", None))
 
 
 def output_folder(path: str | None, what: str = "--out") -> None:
@@ -81,12 +110,17 @@ def output_folder(path: str | None, what: str = "--out") -> None:
         raise OutputPathError(f"{what} {path!r} is an existing file; pass a folder path (it is created if needed)")
 
 
-def load_model(args, name: str, revision: str | None = None):
-    """Load a model and tokenizer for a command, saying what was loaded and how long it took."""
+def load_model(args, name: str, revision: str | None = None, *, with_tokenizer: bool = True):
+    """Load a model and tokenizer for a command, saying what was loaded and how long it took (on stderr, so that
+    `--format json` output stays one document)."""
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(name, gguf_file=args.gguf_file, revision=revision)
+    model, tokenizer = load_causal_lm(
+        name, gguf_file=args.gguf_file, revision=revision, token=getattr(args, "token", None),
+        with_tokenizer=with_tokenizer,
+    )  # fmt: skip
     print(
         f"loaded {model.name_or_path} ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
-        f"in {time.perf_counter() - t0:.1f}s"
+        f"in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr if getattr(args, "format", "text") == "json" else sys.stdout,
     )
     return model, tokenizer

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..hub import list_organs, resolve_checkpoint
 from ..modeling_organ import OrganModel
-from .common import positive_int
+from .common import emit, format_options, positive_int, token_option
 
 
 def cmd_push(args) -> int:
@@ -19,8 +20,11 @@ def cmd_push(args) -> int:
         revision=args.revision,
         private=args.private or None,
         commit_message=args.commit_message,
+        commit_description=args.commit_description,
         token=args.token,
         create_pr=args.create_pr,
+        tags=args.tags,
+        overwrite_card=args.overwrite_card,
     )
     print(url)
     return 0
@@ -36,11 +40,22 @@ def cmd_pull(args) -> int:
         args.repo_id, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True, token=args.token
     )
     start, stop = organ.config.layer_range
-    print(
+    if args.quiet:
+        print(folder)
+        return 0
+    payload = {
+        "repo_id": args.repo_id,
+        "revision": args.revision,
+        "folder": str(folder),
+        "layer_range": [start, stop],
+        "base_model": organ.config.base_model,
+        "tensors_verified": len(organ.config.tensor_sha256),
+    }
+    text = (
         f"{args.repo_id}: layers [{start}, {stop}) of {organ.config.base_model}, "
-        f"{len(organ.config.tensor_sha256)} tensors verified"
+        f"{len(organ.config.tensor_sha256)} tensors verified\n{folder}"
     )
-    print(folder)
+    emit(args, payload, text)
     return 0
 
 
@@ -48,8 +63,11 @@ def cmd_search(args) -> int:
     """List organ repos on the Hub, optionally only those cut from one donor."""
 
     organs = list_organs(args.base_model, author=args.author, search=args.search, limit=args.limit, token=args.token)
-    for info in organs:
-        print(f"{info.repo_id}\tbase_model={info.base_model}\t{info.last_modified or ''}")
+    if args.quiet:
+        print("\n".join(info.repo_id for info in organs))
+    else:
+        rows = [f"{info.repo_id}\tbase_model={info.base_model}\t{info.last_modified or ''}" for info in organs]
+        emit(args, [dataclasses.asdict(info) for info in organs], "\n".join(rows))
     if not organs:
         print("no organ repos found", file=sys.stderr)
     return 0
@@ -61,15 +79,23 @@ def push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch to commit to (created from main if needed)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--commit-description", default=None, help="the commit's longer description")
+    p.add_argument("--tags", nargs="+", default=None, help="extra tags for the card's metadata")
+    p.add_argument(
+        "--overwrite-card",
+        action="store_true",
+        help="replace a hand-written card in the repo (default: merge into it)",
+    )
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    token_option(p)
 
 
 def pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo_id", help="organ repo, 'namespace/name'")
     p.add_argument("--revision", default=None, help="branch, tag or commit sha of the organ repo")
     p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: the huggingface_hub cache)")
-    p.add_argument("--token", default=None, help="Hub token for private repos")
+    token_option(p)
+    format_options(p, quiet="print only the folder")
 
 
 def search_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,4 +103,5 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--author", default=None, help="only repos of this user or organisation")
     p.add_argument("--search", default=None, help="substring of the repo name")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many results")
-    p.add_argument("--token", default=None, help="Hub token (to see private repos)")
+    token_option(p)
+    format_options(p, quiet="print only the repo ids")

@@ -11,9 +11,8 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..evaluation import perplexity
-from ..extraction import extract_organ
-from ..modeling_organ import OrganModel
-from .common import load_model, model_options, non_negative_int, output_folder
+from ..extraction import excise, extract_organ
+from .common import format_options, load_model, model_options, non_negative_int, organ_from, output_folder
 
 # A short general-English sample (written for this project) for before/after perplexity in the demo.
 SAMPLE_TEXT = (
@@ -40,14 +39,15 @@ def cmd_extract(args) -> int:
 
 def cmd_inspect(args) -> int:
     """Show an organ's metadata and, given a recipient, the compatibility report."""
-
-    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    organ = organ_from(args, args.organ, args.revision)
     config = organ.config
     info = {
         "base_model": config.base_model,
         "base_model_revision": config.base_model_revision,
         "donor_model_type": config.donor_model_type,
         "layer_range": list(config.layer_range),
+        "layers": [{"role": r, "index": i} for r, i in zip(config.layer_roles, config.layer_indices, strict=True)],
+        "default_transplant": config.default_transplant,
         "donor_num_hidden_layers": config.donor_num_hidden_layers,
         "format_version": config.format_version,
         "not_hub_version": config.not_hub_version,
@@ -57,10 +57,28 @@ def cmd_inspect(args) -> int:
         "training": config.training,
         "evaluation": config.evaluation,
     }
-    print(json.dumps(info, indent=2, default=str))
-    if args.recipient:
-        recipient, _ = load_model(args, args.recipient, args.recipient_revision)
-        print(organ.check_compatibility(recipient))
+    report = None
+    if args.recipient:  # the compatibility check needs the model only, not its tokenizer
+        recipient, _ = load_model(args, args.recipient, args.recipient_revision, with_tokenizer=False)
+        report = organ.check_compatibility(recipient)
+    if args.format == "json":
+        if report is not None:
+            info["compatibility"] = {
+                "compatible": report.compatible,
+                "rows": [
+                    {"field": r.field, "organ": r.donor, "recipient": r.recipient, "blocking": r.blocking}
+                    for r in report.rows
+                ],
+            }
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if value not in (None, {}, []):
+            print(f"{key:<{width}}  {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+    if report is not None:
+        print()
+        print(report)
     return 0
 
 
@@ -96,7 +114,7 @@ def cmd_transplant(args) -> int:
             f"in {time.perf_counter() - t0:.1f}s"
         )
     t0 = time.perf_counter()
-    organ = OrganModel.from_pretrained(organ_path, revision=args.revision)
+    organ = organ_from(args, str(organ_path), args.revision)
     print(
         f"loaded organ {organ_path} (sha256 of {len(organ.config.tensor_sha256)} tensors verified) "
         f"in {time.perf_counter() - t0:.2f}s"
@@ -129,6 +147,44 @@ def cmd_transplant(args) -> int:
     return 0 if exact else 1
 
 
+def cmd_excise(args) -> int:
+    """Remove a range of layers from a model (layer pruning); save the pruned model and, optionally, the removed
+    layers as an organ that can be put back."""
+    output_folder(args.out)
+    output_folder(args.organ_out, "--organ-out")
+    model, tokenizer = load_model(args, args.model, args.revision)
+    organ, _ = excise(model, tuple(args.layer_range), revision=args.revision)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(
+        f"removed layers [{args.layer_range[0]}, {args.layer_range[1]}): {model.config.num_hidden_layers} layers left; "
+        f"saved the pruned model to {args.out} (loads with plain transformers)"
+    )
+    if args.organ_out:
+        organ.save_pretrained(args.organ_out)
+        print(
+            f"saved the removed layers to {args.organ_out}; put them back with "
+            f"`not-hub transplant --organ {args.organ_out} --recipient {args.out} --position {args.layer_range[0]} "
+            "--mode insert`"
+        )
+    return 0
+
+
+def excise_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
+    p.add_argument(
+        "--layer-range",
+        type=non_negative_int,
+        nargs=2,
+        required=True,
+        metavar=("START", "STOP"),
+        help="half-open range of layers to remove",
+    )
+    p.add_argument("--out", required=True, help="folder to save the pruned model (plain transformers) into")
+    p.add_argument("--organ-out", default=None, help="also save the removed layers as an organ here")
+    model_options(p, "branch, tag or commit sha of the model repo")
+
+
 def extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="donor: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
     p.add_argument(
@@ -146,6 +202,7 @@ def inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("organ", help="organ folder or Hub repo id")
     p.add_argument("--recipient", default=None, help="also print the compatibility report with this model")
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    format_options(p)
 
 
 def transplant_arguments(p: argparse.ArgumentParser) -> None:

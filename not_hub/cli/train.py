@@ -15,16 +15,17 @@ from pathlib import Path
 from ..data import DocumentSplits, load_documents, make_blocks, split_documents
 from ..errors import InvalidArgumentError
 from ..evaluation import add_evaluation_result, perplexity, position_sweep
-from ..modeling_organ import OrganModel
 from ..plan import MODES, get_mode
 from ..plots import sweep_figure, sweep_result_curves
 from ..training import recover, train_organ
 from .common import (
     block_size,
+    format_options,
     fraction,
     load_model,
     model_options,
     non_negative_int,
+    organ_from,
     output_folder,
     positive_float,
     positive_int,
@@ -182,7 +183,7 @@ def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
 
     output_folder(args.out)
-    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    organ = organ_from(args, args.organ, args.revision)
     donor, tokenizer = load_model(args, args.donor or organ.config.base_model, args.donor_revision)
     splits = _splits(args)
     blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
@@ -212,7 +213,7 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     """Perplexity of the recipient with the organ at each position (and mode), with mean and variance."""
 
-    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    organ = organ_from(args, args.organ, args.revision)
     recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     splits = _splits(args)
     docs = _held_out(args, splits)
@@ -246,6 +247,7 @@ def cmd_sweep(args) -> int:
             f"{stats['mean']:.3f}, variance {stats['variance']:.3f}"
         )
     _write_json(args.out, result)
+    args.result = result
     if args.plot:
         sweep_figure(
             sweep_result_curves(sweep.rows),
@@ -268,7 +270,7 @@ def cmd_recover(args) -> int:
             "--save-to with --mode bridge: a bridge-mode recipient is not a plain transformers model (a reload "
             "would lose the bridges). Use --organ-out to keep the organ with its bridges, or --mode replace/insert"
         )
-    organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+    organ = organ_from(args, args.organ, args.revision)
     recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
     splits = _splits(args)
     blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
@@ -280,7 +282,10 @@ def cmd_recover(args) -> int:
     )
     if args.organ_out:
         transplant.to_organ().save_pretrained(args.organ_out)
-        print(f"saved the recovered organ to {args.organ_out} (neighbour changes live in the recipient only)")
+        print(
+            f"saved the recovered organ to {args.organ_out}: the organ and the {2 * args.radius} recovered neighbours "
+            "(fewer at the ends of the stack) as one block; `transplant_into(recipient)` splices it back in"
+        )
     if args.save_to:
         recipient.save_pretrained(args.save_to)
         tokenizer.save_pretrained(args.save_to)
@@ -306,7 +311,7 @@ def cmd_evaluate(args) -> int:
     }
     print(f"{args.model}: {args.split} perplexity {base.perplexity:.3f} over {base.tokens:,} tokens")
     if args.organ:
-        organ = OrganModel.from_pretrained(args.organ, revision=args.revision)
+        organ = organ_from(args, args.organ, args.revision)
         with organ.transplanted(model, position=args.position, mode=args.mode) as transplant:
             t0 = time.perf_counter()
             grafted = perplexity(
@@ -337,6 +342,7 @@ def cmd_evaluate(args) -> int:
             organ.save_pretrained(args.organ)
             print(f"recorded the result in {args.organ}/config.json and its card")
     _write_json(args.out, result)
+    args.result = result
     return 0
 
 
@@ -379,6 +385,7 @@ def sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a perplexity-vs-position PNG here")
     add_data_options(p, split_choice=True)
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    format_options(p)
 
 
 def recover_arguments(p: argparse.ArgumentParser) -> None:
@@ -410,3 +417,4 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     add_data_options(p, split_choice=True)
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
+    format_options(p)

@@ -38,10 +38,13 @@ def on_check(recipient, organ, mode):
     try:
         meta = engine.organ_metadata(organ)
         rows, ok = engine.compatibility(organ, recipient)
-        lo, hi = engine.position_range(organ, recipient, mode) if ok else (0, 0)
-        value = engine.default_position(organ, recipient, mode) if ok else 0
-        status = "Compatible: choose a mode and a position." if ok else "**Incompatible**: rows marked BLOCKS differ."
-        table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
+        table = "| property | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
+        if not ok:
+            # Leave the slider as it is (a 0..0 range is an error in Gradio); the red rows say what blocks.
+            return table, _compat_html(rows), gr.update(), "**Incompatible**: the rows marked BLOCKS differ."
+        lo, hi = engine.position_range(organ, recipient, mode)
+        value = engine.default_position(organ, recipient, mode)
+        status = "Compatible: choose a mode and a position."
         return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=value), status
     except NotHubError as err:
         return "", "", gr.update(), _error(err)
@@ -96,10 +99,7 @@ def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gra
         result = engine.sweep(recipient, organ, mode, progress=lambda f, d: progress(f, desc=d))
     except NotHubError as err:
         return None, _error(err)
-    return result["figure"], (
-        f"Untouched: {result['baseline']:.2f}. Best position {result['best_position']}; mean {result['mean']:.2f}, "
-        f"variance {result['variance']:.2f} over {len(result['rows'])} positions."
-    )
+    return result["figure"], engine.sweep_summary(result, mode)
 
 
 def on_explant(state):

@@ -116,15 +116,30 @@ def organ_metadata(organ_ref: str) -> dict:
     organ = CACHE.organ(organ_ref)
     c = organ.config
     training = c.training or {}
-    return {
-        "organ": organ_ref or DEFAULT_ORGAN,
+    corpus = training.get("corpus") or (training.get("data") or {}).get("domain")
+    page = next((r for r in (c.evaluation or {}).get("results", []) if r.get("split") == "page"), None)
+    name = public_organ_name(organ_ref)
+    info = {
+        "organ": name,
         "donor (base_model)": c.base_model,
-        "donor layers": f"[{c.layer_range[0]}, {c.layer_range[1]}) of {c.donor_num_hidden_layers}",
+        "donor layers": f"[{c.layer_range[0]}, {c.layer_range[1]}) of {c.donor_num_hidden_layers}"
+        + (f" + {c.layer_roles.count('neighbour')} recovered neighbours" if "neighbour" in c.layer_roles else ""),
         "donor model_type": c.donor_model_type,
-        "trained": f"{training.get('method')} on {training.get('tokens_seen', 0):,} tokens" if training else "no",
+        "trained": (
+            f"{training.get('method')} on {training.get('tokens_seen', 0):,} tokens"
+            + (f" of {corpus}" if corpus else "")
+        )
+        if training
+        else "no",
         "parameters": f"{sum(p.numel() for p in organ.parameters()):,}",
         "bridges": c.bridges,
     }
+    if page:
+        info["measured on this page"] = (
+            f"code perplexity {page['value']:.2f} with the organ vs {page['baseline']:.2f} untouched "
+            f"({page['value'] / page['baseline']:.2f}x), {page['mode']} at {page['position']}"
+        )
+    return info
 
 
 def compatibility(organ_ref: str, recipient_name: str) -> tuple[list[list], bool]:
@@ -145,9 +160,14 @@ def compatibility(organ_ref: str, recipient_name: str) -> tuple[list[list], bool
 
 
 def default_position(organ_ref: str, recipient_name: str, mode: str) -> int:
-    """The organ's own donor start when it is a valid position here (the identity slot), else 0."""
+    """Where the organ belongs: its recorded default transplant when that is a replace of as many layers as it holds
+    (an organ carrying its recovered neighbours), else its own donor start (the identity slot), else 0."""
     lo, hi = position_range(organ_ref, recipient_name, mode)
-    start = CACHE.organ(organ_ref).config.layer_range[0]
+    config = CACHE.organ(organ_ref).config
+    default = config.default_transplant or {}
+    start = config.layer_range[0]
+    if mode == "replace" and default.get("remove") == config.num_layers:
+        start = default["position"]
     return start if lo <= start <= hi else lo
 
 
@@ -170,19 +190,35 @@ def _check_prompt(prompt: str) -> str:
     return prompt
 
 
-def layer_stack_figure(depth: int, k: int, position: int, mode: str, donor_range: tuple[int, int]):
-    """The recipient's layers as a column of boxes, the organ's marked with where they came from in the donor."""
+def organ_labels(organ) -> list[str]:
+    """One label per organ layer: where it came from (a donor layer, or a neighbour recovery trained)."""
+    c = organ.config
+    return [
+        f"donor L{i}" if role == "organ" else f"recovered L{i}"
+        for role, i in zip(c.layer_roles, c.layer_indices, strict=True)
+    ]
+
+
+def layer_stack_figure(depth: int, position: int, mode: str, labels: list[str]):
+    """The recipient's layers as a column of boxes: the organ's marked with where they came from, the recipient's
+    labelled by their index in the untouched model (so an insert does not look like a replacement)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    total = depth if mode == "replace" else depth + k
+    k = len(labels)
+    removed = k if mode == "replace" else 0
+    total = depth - removed + k
     fig, ax = plt.subplots(figsize=(3.6, max(4.0, total * 0.22)))
     for i in range(total):
         in_organ = position <= i < position + k
-        ax.add_patch(plt.Rectangle((0, i), 1, 0.85, color="#e4572e" if in_organ else "#a0c4e4"))
-        label = f"donor L{donor_range[0] + i - position}" if in_organ else f"L{i}"
+        if in_organ:
+            label = labels[i - position]
+            color = "#f0a35e" if label.startswith("recovered") else "#e4572e"
+        else:
+            label, color = f"L{i if i < position else i - k + removed}", "#a0c4e4"
+        ax.add_patch(plt.Rectangle((0, i), 1, 0.85, color=color))
         ax.text(0.5, i + 0.42, label, ha="center", va="center", fontsize=7)
     if mode == "bridge":
         for y in (position - 0.1, position + k - 0.05):
@@ -222,7 +258,7 @@ def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, posit
             general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             depth_after = loaded.working.config.num_hidden_layers
     depth = loaded.model.config.num_hidden_layers
-    figure = layer_stack_figure(depth, organ.config.num_layers, int(position), mode, organ.config.layer_range)
+    figure = layer_stack_figure(depth, int(position), mode, organ_labels(organ))
     return TransplantReport(
         int(position),
         mode,
@@ -320,12 +356,41 @@ def sweep(
     fig = sweep_figure(sweep_result_curves(rows), baseline=baseline.perplexity, size=(6, 3.2), title=" ")
     return {
         "baseline": baseline.perplexity,
+        "sample": "code" if use_domain else "general-text",
         "rows": rows,
         "mean": stats["mean"],
         "variance": stats["variance"],
         "best_position": stats["best_position"],
         "figure": fig,
     }
+
+
+def sweep_summary(result: dict, mode: str) -> str:
+    """The sweep in words a visitor reads: the best position, its perplexity and ratio, and what was measured."""
+    best = min(result["rows"], key=lambda r: r["perplexity"])
+    worst = max(result["rows"], key=lambda r: r["perplexity"])
+    return (
+        f"Best: position {best['position']}, perplexity {best['perplexity']:.2f}, "
+        f"{best['perplexity'] / result['baseline']:.2f}x the untouched model ({result['baseline']:.2f}). "
+        f"Worst: position {worst['position']}, {worst['perplexity'] / result['baseline']:.2f}x. "
+        f"{len(result['rows'])} positions, mode {mode}, on the {result.get('sample', 'code')} sample."
+    )
+
+
+def public_organ_name(organ_ref: str) -> str:
+    """How an organ is named in anything a visitor downloads: its repo id, never a path on this server."""
+    ref = (organ_ref or "").strip() or DEFAULT_ORGAN
+    if ref == DEFAULT_ORGAN:
+        return DEFAULT_ORGAN_REPO_ID
+    if ref.count("/") == 1 and not Path(ref).exists():
+        return ref  # a Hub repo id
+    return Path(ref).name
+
+
+def public_model_name(recipient_name: str, model) -> str:
+    """A recipient's Hub id when known (e.g. the embedded SmolLM2), else its folder's name."""
+    name = str(getattr(model, "name_or_path", "") or recipient_name or DEFAULT_RECIPIENT)
+    return name if name.count("/") == 1 and not Path(name).exists() else Path(name).name
 
 
 def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int) -> str:
@@ -338,8 +403,16 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
     loaded = CACHE.recipient(recipient_name)
     out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
     with loaded.lock:
-        with organ.transplanted(loaded.working, position=int(position), mode=mode):
-            loaded.working.save_pretrained(out / "model")
+        config = loaded.working.config
+        name = config.name_or_path
+        with organ.transplanted(loaded.working, position=int(position), mode=mode) as transplant:
+            # No path of this server in the download: the organ and the recipient are named, not located.
+            transplant.entry["organ"] = public_organ_name(organ_ref)
+            config.name_or_path = public_model_name(recipient_name, loaded.model)
+            try:
+                loaded.working.save_pretrained(out / "model")
+            finally:
+                config.name_or_path = name
     loaded.tokenizer.save_pretrained(out / "model")
     archive = shutil.make_archive(str(out / f"transplanted-{mode}-{position}"), "zip", out / "model")
     shutil.rmtree(out / "model")
