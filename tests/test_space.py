@@ -172,9 +172,10 @@ def test_app_check_transplant_sweep_explant(client, assets, tmp_path):
     sweep_plot, summary = client.predict(recipient, organ, "replace", api_name="/sweep")
     assert summary.startswith("Best: position ") and "x the untouched model" in summary
     assert "5 positions, mode replace, on the code sample" in summary
-    _stack, status = client.predict(api_name="/explant")  # the session's state remembers the transplant
-    assert status.startswith("Explanted")
-    _stack, status = client.predict(api_name="/explant")
+    _stack, ppl, before, after, status = client.predict(api_name="/explant")  # the session remembers it
+    assert status.startswith("Explanted") and "every request explants" in status.lower()
+    assert (ppl, before, after) == ("", "", "")  # the transplant's results are cleared: the untouched state
+    *_, status = client.predict(api_name="/explant")
     assert status.startswith("Nothing to explant")
 
 
@@ -233,7 +234,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_browser_clicks_through_a_transplant(app_url, tmp_path):
+def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
     """Headless Chromium (Debian's, driven by Playwright) loads the page, transplants and reads the results."""
     if _chromium() is None:
         if os.environ.get("CI"):
@@ -249,7 +250,10 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
         page.wait_for_selector("#compat-table table", timeout=60_000)
         assert "decoder_layer_class" in page.inner_text("#compat-table")
         page.click("#transplant")
-        page.wait_for_function("document.querySelector('#status').innerText.includes('Transplanted')", timeout=60_000)
+        # status and errors appear next to the button that caused them
+        page.wait_for_function(
+            "document.querySelector('#run-status').innerText.includes('Transplanted')", timeout=60_000
+        )
         page.wait_for_function("document.querySelector('#after textarea').value.length > 0", timeout=60_000)
         assert "domain (code)" in page.inner_text("#perplexity")
         # Let the streamed generation finish (its updates also carry the status line), then explant.
@@ -260,7 +264,20 @@ def test_browser_clicks_through_a_transplant(app_url, tmp_path):
                 previous, stable_since = current, time.time()
             time.sleep(0.2)
         page.click("#explant")
-        page.wait_for_function("document.querySelector('#status').innerText.includes('Explanted')", timeout=30_000)
+        page.wait_for_function("document.querySelector('#run-status').innerText.includes('Explanted')", timeout=30_000)
+        page.wait_for_function("document.querySelector('#after textarea').value === ''", timeout=10_000)
+        assert "domain (code)" not in page.inner_text("#perplexity")  # the untouched state is shown
+        # an incompatible organ: red BLOCKS rows and an "Incompatible" status; the page stays usable
+        page.fill("#organ-input textarea", str(assets / "qwen2-organ"))
+        page.click("#check")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Incompatible')", timeout=60_000)
+        assert "BLOCKS" in page.inner_text("#compat-table")
+        page.click("#transplant")  # an error next to the button, and no stale result
+        page.wait_for_function("document.querySelector('#run-status').innerText.includes('Error')", timeout=60_000)
+        assert "domain (code)" not in page.inner_text("#perplexity")
+        page.fill("#organ-input textarea", str(assets / "organ"))
+        page.click("#check")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Compatible:')", timeout=60_000)
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
         browser.close()
     assert (tmp_path / "space.png").stat().st_size > 10_000

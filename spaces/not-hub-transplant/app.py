@@ -16,6 +16,7 @@ import gradio as gr
 sys.path.insert(0, str(Path(__file__).parent))
 import engine  # noqa: E402
 
+import not_hub  # noqa: E402
 from not_hub.errors import NotHubError  # noqa: E402
 
 TITLE = "not_hub: Neural Organ Transplantation"
@@ -26,6 +27,16 @@ CSS = "#compat-table table {font-size: 12px; width: 100%} #compat-table td {word
 CONCURRENCY_NOTE = (
     "Requests are queued. Each transplant runs on a shared, cached recipient under a lock and is explanted before "
     "the lock is released, so visitors never see each other's organs (the untouched model is a separate copy)."
+)
+
+
+MODE_HELP = "\n".join(
+    f"- **{name}**: {mode.summary}" for name, mode in not_hub.MODES.items() if name in ("replace", "insert", "bridge")
+)
+SAMPLE_HELP = (
+    "Perplexity is measured on two short samples written for this page: **domain (code)**, six one-line Java/C# "
+    "methods (the default organ's domain), and **general text**, two English sentences (to see what the organ costs "
+    "elsewhere). Lower is better; the ratio compares with the untouched model on the same text."
 )
 
 
@@ -73,6 +84,8 @@ def on_mode(recipient, organ, mode):
 def on_transplant(recipient, organ, mode, position, prompt):
     """Transplant, show the stack and perplexities, then stream both generations side by side."""
     try:
+        if engine.is_busy(recipient):  # say it: a sweep or another visitor's request holds the shared model
+            yield None, "", "", "", "Queued: another request is using the shared model; yours runs right after.", None
         report = engine.transplant_and_measure(recipient, organ, mode, int(position))
     except NotHubError as err:
         yield None, "", "", "", _error(err), None
@@ -102,20 +115,31 @@ def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gra
     return result["figure"], engine.sweep_summary(result, mode)
 
 
+EXPLANTED = (
+    "Explanted: the recipient is back to the untouched model, bit for bit. (Every request explants when it is done "
+    "anyway: the shared model never keeps an organ between requests.)"
+)
+
+
 def on_explant(state):
+    """Clear the transplant's results; the page then shows the untouched state."""
     if not state:
-        return None, "Nothing to explant: the recipient is untouched.", None
-    return None, "Explanted: the recipient is back to the untouched model (bit for bit).", None
+        return None, "", "", "", "Nothing to explant: the recipient is untouched.", None
+    return None, "", "", "", EXPLANTED, None
 
 
 def on_download(state):
+    """Say what the archive will take, then build it."""
     if not state:
-        return None, "Transplant first, then download."
+        yield None, "Transplant first, then download."
+        return
     try:
+        yield None, engine.archive_estimate(state["recipient"])
         path = engine.export_folder(state["recipient"], state["organ"], state["mode"], state["position"])
     except NotHubError as err:
-        return None, _error(err)
-    return path, f"Archive ready: {Path(path).name}"
+        yield None, _error(err)
+        return
+    yield path, f"Archive ready: {Path(path).name} ({Path(path).stat().st_size / 1e6:,.0f} MB)"
 
 
 def on_push(state, repo_id, token):
@@ -137,50 +161,63 @@ def build() -> gr.Blocks:
         state = gr.State(None)
         with gr.Row():
             recipient = gr.Textbox(engine.DEFAULT_RECIPIENT, label="Recipient (Hub id, folder or 'smollm2')")
-            organ = gr.Textbox(engine.DEFAULT_ORGAN, label="Organ (Hub id or folder)")
-            check = gr.Button("Check compatibility", variant="secondary")
-        status = gr.Markdown(elem_id="status")
+            organ = gr.Textbox(engine.DEFAULT_ORGAN, label="Organ (Hub id or folder)", elem_id="organ-input")
+            check = gr.Button("Check compatibility", variant="secondary", elem_id="check")
+        status = gr.Markdown(elem_id="status", label="Compatibility status")
         with gr.Row():
-            meta = gr.Markdown(elem_id="organ-meta")
+            meta = gr.Markdown(elem_id="organ-meta", label="Organ")
             compat = gr.HTML(elem_id="compat-table")
         gr.Markdown("Rows marked **BLOCKS** (red) prevent the transplant; depth and vocabulary never block.")
         with gr.Row():
             mode = gr.Radio(MODES, value="replace", label="Mode")
             position = gr.Slider(0, 27, value=10, step=1, label="Position (first recipient layer of the organ)")
+        gr.Markdown(MODE_HELP)
         prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
+        gr.Examples(
+            [
+                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "replace", engine.DEFAULT_PROMPT],
+                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "insert", "public static void main(String[] args) {"],
+                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "bridge", "The capital of France is"],
+            ],
+            [recipient, organ, mode, prompt],
+            label="Typical cases (then press Check compatibility and Transplant)",
+        )
         with gr.Row():
             go = gr.Button("Transplant", variant="primary", elem_id="transplant")
             explant = gr.Button("Explant", elem_id="explant")
             run_sweep = gr.Button("Position sweep", elem_id="sweep")
+        run_status = gr.Markdown(elem_id="run-status", label="Transplant status")
+        gr.Markdown(SAMPLE_HELP)
         with gr.Row():
             stack = gr.Plot(label="Layer stack")
             with gr.Column():
-                ppl = gr.Markdown(elem_id="perplexity")
+                ppl = gr.Markdown(elem_id="perplexity", label="Perplexity")
                 with gr.Row():
                     before = gr.Textbox(label="Untouched model", lines=4, elem_id="before")
                     after = gr.Textbox(label="Transplanted model", lines=4, elem_id="after")
         sweep_plot = gr.Plot(label="Perplexity vs position")
-        sweep_text = gr.Markdown(elem_id="sweep-summary")
+        sweep_text = gr.Markdown(elem_id="sweep-summary", label="Sweep summary")
         with gr.Accordion("Download or push the transplanted model", open=False):
             download = gr.Button("Build archive")
+            download_status = gr.Markdown(label="Archive status")
             archive = gr.File(label="Transplanted model (.zip)")
             with gr.Row():
                 repo_id = gr.Textbox(label="Hub repo id", placeholder="your-name/smollm2-with-organ")
                 token = gr.Textbox(label="Hub token", type="password")
             push = gr.Button("Push to the Hub")
-            push_status = gr.Markdown()
+            push_status = gr.Markdown(label="Push status")
 
         check.click(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name="check")
         mode.change(on_mode, [recipient, organ, mode], [position], api_name=False)
         go.click(
             on_transplant,
             [recipient, organ, mode, position, prompt],
-            [stack, ppl, before, after, status, state],
+            [stack, ppl, before, after, run_status, state],
             api_name="transplant",
         )
         run_sweep.click(on_sweep, [recipient, organ, mode], [sweep_plot, sweep_text], api_name="sweep")
-        explant.click(on_explant, [state], [stack, status, state], api_name="explant")
-        download.click(on_download, [state], [archive, status], api_name="download")
+        explant.click(on_explant, [state], [stack, ppl, before, after, run_status, state], api_name="explant")
+        download.click(on_download, [state], [archive, download_status], api_name="download")
         push.click(on_push, [state, repo_id, token], [push_status], api_name="push")
         demo.load(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name=False)
     return demo

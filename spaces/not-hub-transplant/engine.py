@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ import torch
 
 import not_hub
 from not_hub.architectures import context_length
-from not_hub.errors import HubConnectionError, InvalidArgumentError, InvalidRepoIdError, ModelLoadError
+from not_hub.errors import (
+    HubConnectionError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    ModelLoadError,
+    OrganNotFoundError,
+)
 from not_hub.evaluation import perplexity, position_sweep
 from not_hub.loading import load_causal_lm
 from not_hub.plots import sweep_figure, sweep_result_curves
@@ -100,7 +107,14 @@ class ModelCache:
         with self._lock:
             if ref in self._organs:
                 return self._organs[ref]
-        organ = not_hub.OrganModel.from_pretrained(ref)
+        try:
+            organ = not_hub.OrganModel.from_pretrained(ref)
+        except OrganNotFoundError:
+            # Said to a web visitor: no shell commands or environment variables of this server.
+            raise OrganNotFoundError(
+                f"no organ found at {ref!r}: give the Hub repo id of an organ (e.g. {DEFAULT_ORGAN_REPO_ID}) or "
+                "leave the field empty for this page's default organ"
+            ) from None
         with self._lock:
             self._organs[ref] = organ
             while len(self._organs) > 8:
@@ -338,20 +352,27 @@ def sweep(
     docs = DOMAIN_SAMPLE if use_domain else GENERAL_SAMPLE
     lo, hi = position_range(organ_ref, recipient_name, mode)
     positions = [p for p in (positions or range(lo, hi + 1)) if lo <= p <= hi]
-    with loaded.lock:
-        result = position_sweep(
-            organ,
-            loaded.working,
-            docs,
-            tokenizer=loaded.tokenizer,
-            positions=positions,
-            modes=[mode],
-            max_length=_window(loaded.model),
-            progress=False,
-            on_row=(lambda row, done, total: progress(done / total, f"position {row['position']}"))
-            if progress
-            else None,
-        )
+    # The lock is taken for one position at a time, so a transplant asked for during a sweep waits for one position,
+    # not for the whole sweep.
+    result = None
+    for done, p in enumerate(positions, start=1):
+        with loaded.lock:
+            one = position_sweep(
+                organ,
+                loaded.working,
+                docs,
+                tokenizer=loaded.tokenizer,
+                positions=[p],
+                modes=[mode],
+                max_length=_window(loaded.model),
+                progress=False,
+            )
+        if result is None:
+            result = one
+        else:
+            result.rows += one.rows
+        if progress:
+            progress(done / len(positions), f"position {p}")
     rows, baseline, stats = result.rows, result.baseline, result.summary()[mode]
     fig = sweep_figure(sweep_result_curves(rows), baseline=baseline.perplexity, size=(6, 3.2), title=" ")
     return {
@@ -403,20 +424,32 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
     loaded = CACHE.recipient(recipient_name)
     out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
     with loaded.lock:
-        config = loaded.working.config
-        name = config.name_or_path
         with organ.transplanted(loaded.working, position=int(position), mode=mode) as transplant:
             # No path of this server in the download: the organ and the recipient are named, not located.
             transplant.entry["organ"] = public_organ_name(organ_ref)
-            config.name_or_path = public_model_name(recipient_name, loaded.model)
-            try:
-                loaded.working.save_pretrained(out / "model")
-            finally:
-                config.name_or_path = name
+            copy_ = copy.deepcopy(loaded.working)  # a copy in bf16: half the bytes, and the shared model unchanged
+    copy_.config.name_or_path = public_model_name(recipient_name, loaded.model)
+    copy_.to(torch.bfloat16).save_pretrained(out / "model")
+    del copy_
     loaded.tokenizer.save_pretrained(out / "model")
-    archive = shutil.make_archive(str(out / f"transplanted-{mode}-{position}"), "zip", out / "model")
+    archive = out / f"transplanted-{mode}-{position}.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:  # weights do not compress
+        for path in sorted((out / "model").iterdir()):
+            zf.write(path, path.name)
     shutil.rmtree(out / "model")
-    return archive
+    return str(archive)
+
+
+def archive_estimate(recipient_name: str) -> str:
+    """What building the archive will take, said before it starts."""
+    loaded = CACHE.recipient(recipient_name)
+    mb = 2 * sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    return f"Building the archive: about {mb:,.0f} MB of bfloat16 weights, stored uncompressed (a few seconds)..."
+
+
+def is_busy(recipient_name: str) -> bool:
+    """Whether another request holds the shared model right now (a new one will wait for it)."""
+    return CACHE.recipient(recipient_name).lock.locked()
 
 
 def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id: str, token: str) -> str:
