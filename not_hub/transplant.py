@@ -63,25 +63,33 @@ def apply_plan(
     plan: TransplantPlan,
     incoming: list[nn.Module],
     incoming_per_layer: dict[str, list],
+    transplants: list[dict],
 ) -> tuple[list[nn.Module], dict[str, list]]:
-    """Execute `plan` on `recipient`: splice `incoming` layers (and their per-layer config values) into the stack.
+    """Execute `plan` on `recipient`, all or nothing: splice `incoming` layers (and their per-layer config values)
+    into the stack and record `transplants` as the config's list of transplants.
 
-    Returns the layers and per-layer values that were taken out, which is exactly what `plan.inverse()` needs to
-    undo it. The caller holds `_rollback_on_error`.
+    Transplant, explant (the plan's inverse) and excision all come through here; if anything fails, the stack and
+    config are restored from the snapshot taken on entry before the error propagates. Returns the layers and
+    per-layer values that were taken out, which is exactly what `plan.inverse()` needs to undo it.
     """
-    stack = get_layer_stack(recipient, spec)
-    config = recipient.config
-    layers, removed = plan.splice(list(stack), incoming)
-    _set_stack(stack, layers)
-    removed_per_layer = {}
-    for name in spec.per_layer_config:
-        values = getattr(config, name, None)
-        if isinstance(values, list):  # e.g. `layer_types`: masks and the KV cache read it per layer index
-            new_values, removed_per_layer[name] = plan.splice(values, incoming_per_layer[name])
-            values[:] = new_values
-    config.num_hidden_layers = len(stack)
-    # The KV cache keys its per-layer entries by `layer_idx`: after a splice every layer must carry its new index.
-    renumber_layer_idx(stack)
+    with _rollback_on_error(recipient, spec):
+        stack = get_layer_stack(recipient, spec)
+        config = recipient.config
+        layers, removed = plan.splice(list(stack), incoming)
+        _set_stack(stack, layers)
+        removed_per_layer = {}
+        for name in spec.per_layer_config:
+            values = getattr(config, name, None)
+            if isinstance(values, list):  # e.g. `layer_types`: masks and the KV cache read it per layer index
+                new_values, removed_per_layer[name] = plan.splice(values, incoming_per_layer[name])
+                values[:] = new_values
+        config.num_hidden_layers = len(stack)
+        # The KV cache keys its per-layer entries by `layer_idx`: after a splice every layer has its new index.
+        renumber_layer_idx(stack)
+        if transplants:
+            config.transplants = transplants
+        elif hasattr(config, "transplants"):
+            delattr(config, "transplants")
     return removed, removed_per_layer
 
 
@@ -302,17 +310,12 @@ class Transplant:
             now = parameter_device_dtype(unwrap(reference))
             if now != self._placed_as:
                 layer.to(device=now[0], dtype=now[1])
-        config = self.recipient.config
-        with _rollback_on_error(self.recipient, self._spec):
+        incoming_per_layer = {name: self._removed_per_layer.get(name, []) for name in self._spec.per_layer_config}
+        remaining = [e for e in getattr(self.recipient.config, "transplants", []) if e is not self.entry]
+        apply_plan(self.recipient, self._spec, undo, self._removed, incoming_per_layer, remaining)
+        with torch.no_grad():  # recovery's changes to the neighbours go too (same shapes: this cannot fail halfway)
             for layer, state in self._neighbour_backup:
                 layer.load_state_dict(state)
-            incoming_per_layer = {name: self._removed_per_layer.get(name, []) for name in self._spec.per_layer_config}
-            apply_plan(self.recipient, self._spec, undo, self._removed, incoming_per_layer)
-            transplants = [e for e in getattr(config, "transplants", []) if e is not self.entry]
-            if transplants:
-                config.transplants = transplants
-            else:
-                delattr(config, "transplants")
         registry = getattr(self.recipient, _REGISTRY_ATTR)
         registry.remove(self)
         if not any(get_mode(t.mode).bridges for t in registry):
@@ -469,14 +472,13 @@ def apply_transplant_plan(
     }
     incoming_per_layer = _incoming_per_layer(organ, recipient, spec, plan)
 
-    with _rollback_on_error(recipient, spec):
-        for layer in incoming:
-            point_layer_config(layer, recipient.config)
-            layer.train(recipient.training)
-            if hook is not None:
-                _attach_device_hook(layer, device)
-        removed, removed_per_layer = apply_plan(recipient, spec, plan, incoming, incoming_per_layer)
-        recipient.config.transplants = [*getattr(recipient.config, "transplants", []), entry]
+    for layer in incoming:  # the incoming copies only: nothing of the recipient is touched yet
+        point_layer_config(layer, recipient.config)
+        layer.train(recipient.training)
+        if hook is not None:
+            _attach_device_hook(layer, device)
+    transplants = [*getattr(recipient.config, "transplants", []), entry]
+    removed, removed_per_layer = apply_plan(recipient, spec, plan, incoming, incoming_per_layer, transplants)
 
     transplant = Transplant(
         recipient=recipient,

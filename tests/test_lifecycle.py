@@ -44,6 +44,16 @@ def test_plan_of_every_mode(mode, remove, expected_removed, last):
     assert restored == stack and taken == ["o1", "o2", "o3"]
 
 
+def test_plan_of_an_excision():
+    plan = plan_transplant("excise", 20, organ_layers=0, depth=30, remove=4)
+    assert (plan.remove, plan.insert, plan.depth_after) == (4, 0, 26)
+    assert plan.inverse().splice(*plan.splice(list(range(30)), []))[0] == list(range(30))
+    with pytest.raises(InvalidPositionError, match="expected 0 <= position <= 26"):
+        plan_transplant("excise", 27, organ_layers=0, depth=30, remove=4)
+    with pytest.raises(InvalidPositionError, match="overlaps"):
+        plan_transplant("excise", 3, organ_layers=0, depth=30, remove=4, occupied=[(5, 8)])
+
+
 @pytest.mark.parametrize("position", [True, 2.0, "2", None])
 def test_plan_refuses_positions_that_are_not_integers(position):
     with pytest.raises(InvalidPositionError, match="position="):
@@ -57,7 +67,7 @@ def test_plan_refuses_unknown_modes_and_misused_remove():
         plan_transplant("splice", 0, organ_layers=2, depth=6)
     with pytest.raises(InvalidPositionError, match="mode='splice'"):
         plan_transplant("insert", 0, organ_layers=2, depth=6, remove=1)
-    assert set(MODES) == {"replace", "insert", "bridge", "splice"}
+    assert set(MODES) == {"replace", "insert", "bridge", "splice", "excise"}
 
 
 @pytest.mark.parametrize(
@@ -115,9 +125,9 @@ def test_explant_goes_through_the_same_apply_step(monkeypatch):
     seen = []
     real = not_hub.transplant.apply_plan
 
-    def spy(recipient_, spec, plan, incoming, per_layer):
+    def spy(recipient_, spec, plan, incoming, per_layer, transplants):
         seen.append((plan.mode, plan.position, plan.remove, plan.insert))
-        return real(recipient_, spec, plan, incoming, per_layer)
+        return real(recipient_, spec, plan, incoming, per_layer, transplants)
 
     monkeypatch.setattr(not_hub.transplant, "apply_plan", spy)
     with organ.transplanted(recipient, position=1, mode="insert"):
