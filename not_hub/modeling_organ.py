@@ -30,6 +30,7 @@ from .cards import CARD_MARKER, merge_card, render_card
 from .configuration_organ import OrganConfig
 from .errors import (
     CheckpointFormatError,
+    IncompatibleOrganError,
     IntegrityError,
     InvalidArgumentError,
     OrganNotFoundError,
@@ -104,6 +105,17 @@ class OrganModel(PreTrainedModel):
             self.bridge_in = identity_bridge(self.config.signature["hidden_size"], dtype=dtype)
             self.bridge_out = identity_bridge(self.config.signature["hidden_size"], dtype=dtype)
             self.config.bridges = True
+
+    def carry(self, other: OrganModel) -> None:
+        """Become `other` in place (its config and layers): how a trained organ grows to carry the neighbours its
+        recovery trained (`train_organ(method="recovered")`). `other` must be an organ of the same donor."""
+        if other.config.signature != self.config.signature:
+            raise IncompatibleOrganError("carry(): the other organ has another structural signature")
+        self.config = other.config
+        self.layers = other.layers
+        for name in ("bridge_in", "bridge_out"):
+            if hasattr(other, name):
+                setattr(self, name, getattr(other, name))
 
     def _init_weights(self, module: nn.Module) -> None:
         # An organ's weights always come from a donor or a checkpoint; nothing to initialise.

@@ -48,7 +48,10 @@ from .transplant import Transplant, check_compatibility
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("standalone", "in_situ")
+METHODS = ("standalone", "in_situ", "recovered")
+# The method whose organ, pulled by repo id into a fresh recipient, gave the best test perplexity at equal
+# wall-clock in benchmarks/gain.py (see the README); the paper's "standalone" is one argument away.
+DEFAULT_METHOD = "standalone"
 _STATE_FILE = "trainer_state.json"
 _BEST_FILE = "best_params.safetensors"
 _IDENTITY_FILE = "run_identity.json"
@@ -535,10 +538,11 @@ def train_organ(
     donor: nn.Module,
     data: BlockData,
     *,
-    method: str = "standalone",
+    method: str = DEFAULT_METHOD,
     args: TrainingArguments | None = None,
     cache_prefix: bool = True,
     cache_memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    radius: int = 1,
     **kwargs: Any,
 ) -> TrainingMetrics:
     """Train an organ's layers; only organ weights get gradients, the donor is left bit-identical.
@@ -547,8 +551,12 @@ def train_organ(
         organ: the `OrganModel` to train (in place).
         donor: the model the organ came from (its frozen embeddings, final norm and LM head are used, not copied).
         data: packed blocks (`not_hub.data.make_blocks`).
-        method: "standalone" (the paper: embeddings -> organ -> final norm -> LM head) or "in_situ" (the organ at
-            its own slot inside the frozen donor, every other weight frozen).
+        method: "standalone" (the paper: embeddings -> organ -> final norm -> LM head), "in_situ" (the organ at
+            its own slot inside the frozen donor, every other weight frozen), or "recovered" (standalone for the
+            first half of the epochs / steps / seconds, then recovery of the organ and `radius` neighbours on each
+            side at its slot in the donor for the second half; the organ then *carries* those neighbours: it grows
+            into the block `transplant.to_organ()` exports, grafted back by default with a splice).
+        radius: with method="recovered", the neighbouring layers recovered on each side.
         cache_prefix: in situ, run the frozen layers below the organ once per block and reuse their output every
             epoch (`not_hub.prefix_cache`); the losses equal the uncached run's within float tolerance. A
             wall-clock budget (`max_seconds`) counts the time spent building the cache.
@@ -589,6 +597,8 @@ def train_organ(
     if method == "standalone":
         shell = standalone_shell(organ, donor)
         metrics = fit_parameters(shell, list(organ.parameters()), data, args, "organ (standalone)")
+    elif method == "recovered":
+        metrics = _train_recovered(organ, donor, data, args, radius)
     else:
         cache_info = None
         # At the organ's own slot (its default transplant: a replace at its donor start, or, for an organ carrying
@@ -635,6 +645,38 @@ def train_organ(
     if method == "in_situ":
         organ.config.training["prefix_cache"] = cache_info
     return metrics
+
+
+def _halves(args: TrainingArguments) -> tuple[TrainingArguments, TrainingArguments]:
+    """Split a run's length (epochs, steps, seconds) in two; each half checkpoints in its own sub-folder."""
+    first, second = TrainingArguments(**asdict(args)), TrainingArguments(**asdict(args))
+    for half, name in ((first, "standalone"), (second, "recovery")):
+        half.epochs = args.epochs / 2
+        half.max_steps = max(1, args.max_steps // 2) if args.max_steps is not None else None
+        half.max_seconds = args.max_seconds / 2 if args.max_seconds is not None else None
+        half.output_dir = str(Path(args.output_dir) / name) if args.output_dir else None
+    return first, second
+
+
+def _train_recovered(organ, donor: nn.Module, data: BlockData, args: TrainingArguments, radius: int):
+    first, second = _halves(args)
+    m1 = fit_parameters(standalone_shell(organ, donor), list(organ.parameters()), data, first, "organ (standalone)")
+    with organ.transplanted(donor) as transplant:
+        m2 = recover(donor, transplant, data, radius=radius, args=second)
+        block = transplant.to_organ()
+    organ.carry(block)
+    return TrainingMetrics(
+        **{
+            **m2.to_dict(),
+            "steps": m1.steps + m2.steps,
+            "epochs": m1.epochs + m2.epochs,
+            "tokens_seen": m1.tokens_seen + m2.tokens_seen,
+            "wall_clock_s": round(m1.wall_clock_s + m2.wall_clock_s, 2),
+            "validation_s": round(m1.validation_s + m2.validation_s, 2),
+            "history": [{**h, "phase": "standalone"} for h in m1.history]
+            + [{**h, "phase": "recovery"} for h in m2.history],
+        }
+    )
 
 
 def recover(

@@ -80,3 +80,19 @@ def test_dropout_below_the_organ_falls_back_to_the_uncached_run(blocks):
     organ = not_hub.extract_organ(donor, layer_range=(3, 5))
     train_organ(organ, donor, blocks, method="in_situ", max_steps=1, batch_size=8, progress=False)
     assert "dropout below the organ" in organ.config.training["prefix_cache"]["skipped"]
+
+
+def test_recovered_method_grows_the_organ_into_the_block_it_carries(blocks, hash_state, tmp_path):
+    donor = tiny_model("llama")
+    before = hash_state(donor)
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    metrics = train_organ(organ, donor, blocks, method="recovered", max_steps=4, lr=3e-3, batch_size=8, progress=False)
+    assert metrics.steps == 4 and {h["phase"] for h in metrics.history} == {"standalone", "recovery"}
+    assert organ.config.layer_roles == ["neighbour", "organ", "organ", "neighbour"]
+    assert organ.config.default_transplant == {"mode": "splice", "position": 1, "remove": 4}
+    assert organ.config.training["method"] == "recovered" and hash_state(donor) == before
+    organ.save_pretrained(tmp_path / "organ")
+    pulled = not_hub.OrganModel.from_pretrained(tmp_path / "organ")
+    fresh = tiny_model("llama")
+    with pulled.transplanted(fresh) as transplant:  # the whole block, where it belongs
+        assert transplant.mode == "splice" and transplant.layer_indices == [1, 2, 3, 4]

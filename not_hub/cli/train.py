@@ -17,7 +17,8 @@ from ..errors import InvalidArgumentError
 from ..evaluation import add_evaluation_result, perplexity, position_sweep
 from ..plan import MODES, get_mode
 from ..plots import sweep_figure, sweep_result_curves
-from ..training import recover, train_organ
+from ..training import DEFAULT_METHOD, recover, train_organ
+from ..training import METHODS as TRAINING_METHODS
 from .common import (
     block_size,
     format_options,
@@ -358,9 +359,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--donor-revision", default=None, help="the donor repo's revision")
     p.add_argument(
         "--method",
-        choices=["standalone", "in_situ"],
-        default="standalone",
-        help="standalone (the paper) or in_situ (the organ at its slot in the frozen donor)",
+        choices=list(TRAINING_METHODS),
+        default=DEFAULT_METHOD,
+        help=f"standalone (the paper), in_situ (the organ at its slot in the frozen donor) or recovered (standalone, "
+        f"then recovery with its neighbours, which the organ then carries); default {DEFAULT_METHOD}",
     )
     p.add_argument("--out", required=True, help="folder to save the trained organ into")
     add_data_options(p)
