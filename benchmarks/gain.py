@@ -123,7 +123,7 @@ def train_method(method: str, recipient, data: BlockData, preset: dict, seed: in
     if method in ("standalone", "standalone_recovered"):
         organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
         first = seconds / 2 if method == "standalone_recovered" else seconds
-        m = train_organ(organ, recipient, data, **args_for(preset, seed, lr, first))
+        m = train_organ(organ, recipient, data, method="standalone", **args_for(preset, seed, lr, first))
         info = {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s}
         if method == "standalone_recovered":
             with organ.transplanted(recipient) as transplant:

@@ -151,7 +151,7 @@ def run_domain(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
         # NOT standalone organ: train, choose the position on validation, report on test, then recover.
         organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
         with Timer() as t:
-            m = train_organ(organ, recipient, data, **train_args(preset, seed, lr, budget=budget))
+            m = train_organ(organ, recipient, data, method="standalone", **train_args(preset, seed, lr, budget=budget))
         rows = position_sweep(
             organ, recipient, val_docs, tokenizer=tok, positions=preset["positions"], max_length=512, progress=False
         ).rows

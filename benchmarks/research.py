@@ -85,7 +85,7 @@ def args_for(preset: dict, lr: float, epochs: float | None = None) -> dict:
 
 def trained_organ(recipient, data, preset, lr, layer_range=ORGAN, epochs=None):
     organ = not_hub.extract_organ(recipient, layer_range=tuple(layer_range))
-    metrics = train_organ(organ, recipient, data, **args_for(preset, lr, epochs))
+    metrics = train_organ(organ, recipient, data, method="standalone", **args_for(preset, lr, epochs))
     return organ, metrics
 
 

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("standalone", "in_situ", "recovered")
 # The method whose organ, pulled by repo id into a fresh recipient, gave the best test perplexity at equal
 # wall-clock in benchmarks/gain.py (see the README); the paper's "standalone" is one argument away.
-DEFAULT_METHOD = "standalone"
+DEFAULT_METHOD = "in_situ"
 _STATE_FILE = "trainer_state.json"
 _BEST_FILE = "best_params.safetensors"
 _IDENTITY_FILE = "run_identity.json"

@@ -61,7 +61,7 @@ def test_cli_pipeline(workspace, capsys):
     out = capsys.readouterr().out
     assert "validation perplexity (30 documents): donor " in out and "donor with the organ" in out
     trained = not_hub.OrganModel.from_pretrained(w / "trained")
-    assert trained.config.training["method"] == "standalone"
+    assert trained.config.training["method"] == "in_situ"  # the default (benchmarks/gain.py)
     assert trained.config.training["data"]["documents"] == {"train": 240, "validation": 30, "test": 30}
 
     assert (
@@ -143,7 +143,7 @@ def test_cli_pipeline(workspace, capsys):
     capsys.readouterr()
     assert main(["inspect", str(w / "trained"), "--recipient", str(w / "model")]) == 0
     out = capsys.readouterr().out
-    assert '"method": "standalone"' in out and "=> compatible" in out
+    assert '"method": "in_situ"' in out and "=> compatible" in out
 
 
 def test_cli_reports_errors_without_a_traceback(workspace, capsys):

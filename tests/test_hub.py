@@ -198,7 +198,8 @@ def test_transplanted_recipient_push_reloads_without_not_hub(local_hub, tmp_path
         ids = tiny_input_ids()
         save_file({"ids": ids, "logits": recipient(ids).logits.detach()}, "expected.safetensors")
         card = ModelCard.load("user/transplanted")
-        assert card.data.base_model == "org/recipient" and "not_hub" in card.data.tags, card.data
+        assert card.data.base_model == ["org/recipient", "org/donor"] and "not_hub" in card.data.tags, card.data
+        assert card.data.base_model_relation == "merge", card.data
         assert "| user/donor-organ |" in card.text and "| 2 | insert |" in card.text, card.text
     """,
     )

@@ -173,7 +173,7 @@ def test_block_size_past_the_model_context_is_refused(blocks):
     gpt2 = tiny_model("gpt2", n_positions=16)  # blocks are 32 tokens
     organ = not_hub.extract_organ(gpt2, layer_range=(1, 3))
     with pytest.raises(InvalidArgumentError, match="context of 16 tokens"):
-        train_organ(organ, gpt2, blocks, max_steps=1, progress=False)
+        train_organ(organ, gpt2, blocks, method="standalone", max_steps=1, progress=False)
 
 
 # ------------------------------------------------------------------------------ models left as they were found
@@ -199,7 +199,7 @@ with torch.no_grad():
     assert torch.equal(donor(ids).logits, type(donor).forward(donor, ids).logits)  # no autocast left
 organ = not_hub.extract_organ(donor, layer_range=(1, 3))
 before = {{k: v.clone() for k, v in organ.state_dict().items()}}
-train_organ(organ, donor, blocks, max_steps=2, lr=1e-2, batch_size=4, progress=False)
+train_organ(organ, donor, blocks, method="standalone", max_steps=2, lr=1e-2, batch_size=4, progress=False)
 assert any(not torch.equal(before[k], v) for k, v in organ.state_dict().items()), "the standalone organ trained nothing"
 print("BF16-OK")
 """

@@ -86,7 +86,7 @@ def test_standalone_training_lowers_wrapper_loss_and_freezes_the_donor(blocks, h
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
     shell = standalone_shell(organ, donor)
     loss_before = validation_loss(shell, blocks.train)
-    metrics = train_organ(organ, donor, blocks, **FAST)
+    metrics = train_organ(organ, donor, blocks, method="standalone", **FAST)
     assert validation_loss(standalone_shell(organ, donor), blocks.train) < loss_before - 0.5
     assert hash_state(donor) == before  # frozen weights bit-identical
     assert [p.requires_grad for p in donor.parameters()] == flags
@@ -330,8 +330,10 @@ def test_wall_clock_budget_stops_training(blocks):
     donor = tiny_model("llama")
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
     before = params_of(organ.layers)
-    metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.0, progress=False)
+    metrics = train_organ(organ, donor, blocks, method="standalone", epochs=50, max_seconds=0.0, progress=False)
     assert metrics.steps == 0 and all(torch.equal(v, params_of(organ.layers)[k]) for k, v in before.items())
-    metrics = train_organ(organ, donor, blocks, epochs=50, max_seconds=0.5, lr=3e-3, batch_size=8, progress=False)
+    metrics = train_organ(
+        organ, donor, blocks, method="standalone", epochs=50, max_seconds=0.5, lr=3e-3, batch_size=8, progress=False
+    )
     assert 0 < metrics.steps < 50 * math.ceil(len(blocks.train) / 8)
     assert metrics.wall_clock_s - metrics.validation_s < 0.5 + 2.0  # stops within a step of the budget
