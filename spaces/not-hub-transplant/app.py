@@ -161,7 +161,12 @@ def build() -> gr.Blocks:
         state = gr.State(None)
         with gr.Row():
             recipient = gr.Textbox(engine.DEFAULT_RECIPIENT, label="Recipient (Hub id, folder or 'smollm2')")
-            organ = gr.Textbox(engine.DEFAULT_ORGAN, label="Organ (Hub id or folder)", elem_id="organ-input")
+            organ = gr.Textbox(
+                "",
+                label="Organ (Hub repo id; empty: this page's organ)",
+                placeholder=f"{engine.DEFAULT_ORGAN_REPO_ID} (this page's organ)",
+                elem_id="organ-input",
+            )
             check = gr.Button("Check compatibility", variant="secondary", elem_id="check")
         status = gr.Markdown(elem_id="status", label="Compatibility status")
         with gr.Row():
@@ -175,9 +180,9 @@ def build() -> gr.Blocks:
         prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
         gr.Examples(
             [
-                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "replace", engine.DEFAULT_PROMPT],
-                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "insert", "public static void main(String[] args) {"],
-                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN, "bridge", "The capital of France is"],
+                [engine.DEFAULT_RECIPIENT, "", "replace", engine.DEFAULT_PROMPT],
+                [engine.DEFAULT_RECIPIENT, "", "insert", "public static void main(String[] args) {"],
+                [engine.DEFAULT_RECIPIENT, "", "bridge", "The capital of France is"],
             ],
             [recipient, organ, mode, prompt],
             label="Typical cases (then press Check compatibility and Transplant)",

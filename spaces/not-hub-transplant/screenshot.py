@@ -46,12 +46,12 @@ def main() -> None:
             print(f"first page usable after {time.time() - t0:.0f}s")
             page.click("#transplant")
             page.wait_for_function(
-                "document.querySelector('#status').innerText.includes('Transplanted')", timeout=180_000
+                "document.querySelector('#run-status').innerText.includes('Transplanted')", timeout=180_000
             )
             time.sleep(8)  # let both generations stream
             page.click("#sweep")
             page.wait_for_function(
-                "document.querySelector('#sweep-summary').innerText.includes('Best position')", timeout=300_000
+                "document.querySelector('#sweep-summary').innerText.includes('Best: position')", timeout=300_000
             )
             page.screenshot(path=str(HERE / "screenshot.png"), full_page=True)
             browser.close()
