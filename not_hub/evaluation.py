@@ -167,6 +167,7 @@ def position_sweep(
     recovery_kwargs: dict | None = None,
     progress: bool = True,
     on_row: Callable[[dict[str, Any], int, int], None] | None = None,
+    baseline: PerplexityResult | None = None,
 ) -> SweepResult:
     """Perplexity of `recipient` with `organ` transplanted at each position and mode (explanted after each).
 
@@ -177,6 +178,7 @@ def position_sweep(
         positions: positions to try (default: every valid one for the first mode).
         modes: any of "replace", "insert", "bridge".
         on_row: called as `on_row(row, done, total)` after each transplant is measured (e.g. a UI progress bar).
+        baseline: the untouched recipient's figure on the same documents, if already measured (not recomputed).
 
     Returns:
         `SweepResult` with one row per (mode, position), the untouched baseline and `summary()` statistics.
@@ -197,7 +199,8 @@ def position_sweep(
     if not jobs:
         raise InvalidArgumentError("nothing to sweep: pass at least one mode and one position (or positions=None)")
     docs = _as_token_lists(list(documents), tokenizer)
-    baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
+    if baseline is None:
+        baseline = perplexity(recipient, docs, max_length=max_length, stride=stride)
     result = SweepResult(baseline=baseline)
     for mode, position in tqdm(jobs, desc="position sweep", unit="transplant", disable=not progress):
         with organ.transplanted(recipient, position=position, mode=mode) as transplant:

@@ -61,6 +61,14 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def _connection_error(what: str, err: Exception) -> HubConnectionError:
+    detail = str(err).splitlines()[0][:160] if str(err) else ""
+    return HubConnectionError(
+        f"{what}: the Hub could not be reached or the transfer was interrupted ({type(err).__name__}: {detail}); "
+        "nothing partial was kept. Check the connection (HF_ENDPOINT) and retry"
+    )
+
+
 @contextmanager
 def hub_errors(what: str) -> Iterator[None]:
     """Turn connection-level failures of a Hub call into `HubConnectionError` (one line, no traceback)."""
@@ -79,11 +87,7 @@ def hub_errors(what: str) -> Iterator[None]:
             "id, your token's permissions (--token / HF_TOKEN) and retry"
         ) from None
     except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
-        raise HubConnectionError(
-            f"{what}: the Hub could not be reached or the transfer was interrupted ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160] if str(err) else ''}); nothing partial was kept. Check the connection "
-            "(HF_ENDPOINT) and retry"
-        ) from None
+        raise _connection_error(what, err) from None
 
 
 def resolve_checkpoint(
@@ -152,10 +156,7 @@ def resolve_checkpoint(
     except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
         # e.g. the server closed the connection mid-file: huggingface_hub keeps the partial download under
         # .incomplete and never links it into the snapshot, so nothing half-downloaded can be loaded later.
-        raise HubConnectionError(
-            f"downloading organ repo {repo_id!r} was interrupted or the Hub could not be reached ({type(err).__name__}"
-            f": {str(err).splitlines()[0][:160] if str(err) else ''}); nothing partial is used. Retry"
-        ) from None
+        raise _connection_error(f"downloading organ repo {repo_id!r}", err) from None
 
 
 def evict_snapshot(folder: Path) -> None:

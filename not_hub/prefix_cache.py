@@ -60,8 +60,17 @@ class PrefixCache:
         path: the safetensors file backing the cache when it exceeded the memory limit (else None).
     """
 
-    def __init__(self, start: int, rows: dict[bytes, int], tensor: torch.Tensor | None, path: Path | None, shape):
-        self.start, self._rows, self._tensor, self.path, self.shape = start, rows, tensor, path, shape
+    def __init__(
+        self, start: int, rows: dict[bytes, int], tensor: torch.Tensor | None, path: Path | None, shape, dtype
+    ):
+        self.start, self._rows, self._tensor, self.path, self.shape, self.dtype = (
+            start,
+            rows,
+            tensor,
+            path,
+            shape,
+            dtype,
+        )
         self._file = safe_open(str(path), framework="pt") if path is not None else None
         self.returns_tuple = False
 
@@ -73,10 +82,6 @@ class PrefixCache:
     @property
     def bytes_per_token(self) -> int:
         return self.shape[2] * self.dtype.itemsize
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._tensor.dtype if self._tensor is not None else self._dtype
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Cached hidden states (B, T, C) of a batch of blocks (B, T) seen when the cache was built."""
@@ -145,7 +150,7 @@ class PrefixCache:
         hidden = torch.cat(captured) if captured else torch.empty(0)
         shape = tuple(hidden.shape)
         if hidden.numel() * hidden.element_size() <= memory_limit:
-            cache = cls(start, rows, hidden, None, shape)
+            cache = cls(start, rows, hidden, None, shape, hidden.dtype)
         else:
             folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="not_hub-prefix-"))
             folder.mkdir(parents=True, exist_ok=True)
@@ -153,8 +158,7 @@ class PrefixCache:
             save_file({_KEY: hidden.contiguous()}, path)
             dtype = hidden.dtype
             del hidden
-            cache = cls(start, rows, None, path, shape)
-            cache._dtype = dtype
+            cache = cls(start, rows, None, path, shape, dtype)
         cache.returns_tuple = returns_tuple[0]
         logger.info(
             "prefix cache: %d blocks, %.1f MB (%d bytes per token) %s",

@@ -26,28 +26,22 @@ def _number(kind, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 1")
-    return value
+def _int_at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= {minimum}")
+        return value
+
+    parse.__doc__ = f"An integer >= {minimum}{why}."
+    return parse
 
 
-def block_size(text: str) -> int:
-    """An integer >= 2 (a block or window needs one token of context)."""
-    value = _number(int, text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 2")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= 0")
-    return value
+positive_int = _int_at_least(1)
+block_size = _int_at_least(2, " (a block or window needs one token of context)")
+non_negative_int = _int_at_least(0)
 
 
 def positive_float(text: str) -> float:

@@ -366,6 +366,7 @@ def sweep(
                 modes=[mode],
                 max_length=_window(loaded.model),
                 progress=False,
+                baseline=result.baseline if result is not None else None,  # measured once, on the first position
             )
         if result is None:
             result = one
