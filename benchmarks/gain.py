@@ -15,6 +15,15 @@ fine-tuning as a reference (scored in-process: a full checkpoint is not an artif
     python benchmarks/gain.py --quick        # smoke: tiny budgets, code, seed 0
     python benchmarks/gain.py --preset code  # code, seed 0, 120 s per method
     python benchmarks/gain.py --full         # four domains, seeds 0-2 on code, 120 s per method
+    python benchmarks/gain.py --full --only legal:0,general:0   # some of them; the others already on record are kept
+
+Each finished domain-seed is written at once to results/gain_runs/<preset>-<domain>-<seed>.json, and the preset's
+JSON, table and plot are rebuilt from every run on record, so a long preset can be run in parts (a run that is killed
+loses only the domain-seed in progress).
+
+Slot selection: the in-situ selection runs of one slot share one prefix cache (built once, its time recorded) so
+each selection run gets the same training time whatever the slot's depth; the final run builds its own cache inside
+its budget.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from quality import held_out, ppl  # noqa: E402
 
 import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
+from not_hub.prefix_cache import PrefixCache  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
 ORGAN, TAIL = (10, 13), (27, 30)
@@ -117,8 +127,10 @@ def prepare(domain: str, seed: int, preset: dict, tok) -> tuple[BlockData, list[
 # --------------------------------------------------------------------------------------------- one method, one run
 
 
-def train_method(method: str, recipient, data: BlockData, preset: dict, seed: int, lr: float, seconds: float):
-    """Train `method` for `seconds`; return (artifact, scorer, metrics dict). The recipient is left untouched."""
+def train_method(
+    method: str, recipient, data: BlockData, preset: dict, seed: int, lr: float, seconds: float, prefix_cache=None
+):
+    """Train `method` for `seconds`; return (artifact, metrics dict). The recipient is left untouched."""
     torch.manual_seed(seed)
     if method in ("standalone", "standalone_recovered"):
         organ = not_hub.extract_organ(recipient, layer_range=ORGAN)
@@ -136,7 +148,9 @@ def train_method(method: str, recipient, data: BlockData, preset: dict, seed: in
         return organ, info
     if method in ("in_situ_middle", "in_situ_tail"):
         organ = not_hub.extract_organ(recipient, layer_range=ORGAN if method == "in_situ_middle" else TAIL)
-        m = train_organ(organ, recipient, data, method="in_situ", **args_for(preset, seed, lr, seconds))
+        m = train_organ(
+            organ, recipient, data, method="in_situ", prefix_cache=prefix_cache, **args_for(preset, seed, lr, seconds)
+        )
         cache_s = (organ.config.training.get("prefix_cache") or {}).get("build_s", 0.0)  # counted in the budget
         return organ, {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s + cache_s}
     model = copy.deepcopy(recipient)
@@ -212,11 +226,18 @@ def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
     out = {"domain": domain, "seed": seed, "untouched": untouched, "data": data.description, "selection": {}}
     chosen = {}
     for method, grid in GRIDS.items():  # learning rates (and the in-situ slot) chosen on validation
+        cache = None
+        if method.startswith("in_situ"):  # one prefix cache shared by the slot's selection runs
+            t0 = time.perf_counter()
+            start = (ORGAN if method == "in_situ_middle" else TAIL)[0]
+            blocks = [data.train[:]["input_ids"], data.validation[:]["input_ids"]]
+            cache = PrefixCache.build(recipient, start, blocks, batch_size=preset["batch_size"])
+            out.setdefault("selection_prefix_cache_build_s", {})[method] = round(time.perf_counter() - t0, 2)
         tried = {}
         queue = list(grid)
         while queue:
             lr = queue.pop(0)
-            artifact, _ = train_method(method, recipient, data, preset, seed, lr, preset["select_s"])
+            artifact, _ = train_method(method, recipient, data, preset, seed, lr, preset["select_s"], cache)
             tried[lr] = score_in_process(artifact, recipient, val, tok)
             del artifact
             best = min(tried, key=tried.get)
@@ -232,6 +253,7 @@ def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
         }
         chosen[method] = best
         print(f"[{domain} seed {seed}] {method}: lr {best:g} (validation {tried[best]:.3f})", flush=True)
+        del cache
     slot = min(("in_situ_middle", "in_situ_tail"), key=lambda m: min(out["selection"][m]["validation_ppl"].values()))
     out["in_situ_slot"] = slot
     finals = ["standalone", "standalone_recovered", slot, "lora_qkvo", "lora_all", "full_ft"]
@@ -291,15 +313,22 @@ def report(payload: dict) -> str:
         f"{run['domain']}/{run['seed']}/{m}"
         for run in payload["runs"]
         for m, s in run["selection"].items()
-        if s["at_grid_edge"]
+        if m in GRIDS and s["at_grid_edge"]
     ]
     lines += [
         "",
         "Learning-rate choices still at the edge of the grid after extending it twice: "
         + (", ".join(edges) or "none")
         + ".",
-        "",
     ]
+    protocols = {}
+    for run in payload["runs"]:
+        protocols.setdefault(run.get("protocol", PROTOCOL_V1), []).append(f"{run['domain']}:{run['seed']}")
+    for protocol, names in protocols.items():
+        lines.append(f"Selection protocol {protocol}: {', '.join(names)}.")
+    if payload.get("missing"):
+        lines.append(f"Not run yet (part of this preset): {', '.join(payload['missing'])}.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -322,6 +351,38 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PROTOCOL_V1 = (
+    "v1: each in-situ selection run built its own prefix cache inside its 20 s, so the tail slot (27 cached layers) "
+    "had no time left to train and could not be chosen"
+)
+PROTOCOL = "v2: the in-situ selection runs of a slot share one prefix cache (its build not counted in their 20 s)"
+
+
+def run_file(name: str, domain: str, seed: int) -> Path:
+    return RESULTS / "gain_runs" / f"{name}-{domain}-{seed}.json"
+
+
+def on_record(name: str, preset: dict) -> list[dict]:
+    """The preset's runs written so far, in the preset's order."""
+    runs = []
+    for domain in preset["domains"]:
+        for seed in preset["seeds"][domain]:
+            path = run_file(name, domain, seed)
+            if path.is_file():
+                runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def parse_only(text: str, preset: dict) -> list[tuple[str, int]]:
+    wanted = []
+    for item in text.split(","):
+        domain, _, seed = item.strip().partition(":")
+        if domain not in preset["domains"] or not seed.isdigit() or int(seed) not in preset["seeds"][domain]:
+            raise SystemExit(f"--only {item!r}: not a domain:seed of this preset ({preset['seeds']})")
+        wanted.append((domain, int(seed)))
+    return wanted
+
+
 def main() -> None:
     import argparse
 
@@ -330,27 +391,39 @@ def main() -> None:
     group.add_argument("--quick", action="store_true", help="smoke preset (default)")
     group.add_argument("--full", action="store_true", help="four domains, seeds 0-2 on code")
     group.add_argument("--preset", choices=list(PRESETS), help="a named preset")
+    parser.add_argument("--only", default=None, help="run only these domain:seed pairs, e.g. legal:0,code:1")
     parser.add_argument("--save-organs", default=None, help="also save every trained organ artifact into this folder")
     args = parser.parse_args()
     global SAVE_DIR
     SAVE_DIR = Path(args.save_organs) if args.save_organs else None
     name = args.preset or ("full" if args.full else "quick")
     preset = PRESETS[name]
+    todo = (
+        parse_only(args.only, preset)
+        if args.only
+        else [(d, seed) for d in preset["domains"] for seed in preset["seeds"][d]]
+    )
     t0 = time.time()
     recipient, tok = load_smollm2()
-    runs = []
     try:
-        for domain in preset["domains"]:
-            for seed in preset["seeds"][domain]:
-                runs.append(run_one(domain, seed, preset, recipient, tok))
+        for domain, seed in todo:
+            started = time.time()
+            run = run_one(domain, seed, preset, recipient, tok)
+            run.update(protocol=PROTOCOL, machine=machine(), wall_clock_s=round(time.time() - started, 1))
+            path = run_file(name, domain, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(run, indent=2, default=str))
     finally:
         HUB.stop()
+    runs = on_record(name, preset)
+    expected = [f"{d}:{seed}" for d in preset["domains"] for seed in preset["seeds"][d]]
     payload = {
         "preset": name,
         "settings": preset,
         "machine": machine(),
         "runs": runs,
-        "command": f"benchmarks/gain.py --preset {name}",
+        "missing": [k for k in expected if k not in {f"{r['domain']}:{r['seed']}" for r in runs}],
+        "command": f"benchmarks/gain.py --preset {name}" + (f" --only {args.only}" if args.only else ""),
         "wall_clock_s": round(time.time() - t0, 1),
     }
     write_json(f"gain_{name}", payload)

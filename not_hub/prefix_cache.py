@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .architectures import build_shell, get_layer_stack, resolve_architecture
+from .errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class PrefixCache:
         )
         self._file = safe_open(str(path), framework="pt") if path is not None else None
         self.returns_tuple = False
+        self.source: tuple = ()  # which weights (and which in-place version of them) produced the cache
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +84,25 @@ class PrefixCache:
     @property
     def bytes_per_token(self) -> int:
         return self.shape[2] * self.dtype.itemsize
+
+    def covers(self, blocks: list[torch.Tensor]) -> bool:
+        """Whether every block (rows of (N, T) token ids) was seen when the cache was built."""
+        return all(row.numpy().tobytes() in self._rows for ids in blocks for row in ids.to(torch.int64))
+
+    def check_reuse(self, model: nn.Module, start: int, blocks: list[torch.Tensor]) -> None:
+        """Refuse to reuse this cache for another model, another slot, changed weights or unseen blocks."""
+        problems = []
+        if start != self.start:
+            problems.append(f"it holds the input of layer {self.start}, the organ starts at layer {start}")
+        if _fingerprint(model, self.start) != self.source:
+            problems.append("it was built from another model, or the frozen weights below the organ changed since")
+        if not problems and not self.covers(blocks):
+            problems.append("some training or validation blocks were not seen when it was built")
+        if problems:
+            raise InvalidArgumentError(
+                f"prefix_cache cannot be reused: {'; '.join(problems)}. Build it with PrefixCache.build(model, "
+                f"{start}, blocks) from this model and these blocks, or pass prefix_cache=None"
+            )
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Cached hidden states (B, T, C) of a batch of blocks (B, T) seen when the cache was built."""
@@ -160,6 +181,7 @@ class PrefixCache:
             del hidden
             cache = cls(start, rows, None, path, shape, dtype)
         cache.returns_tuple = returns_tuple[0]
+        cache.source = _fingerprint(model, start)
         logger.info(
             "prefix cache: %d blocks, %.1f MB (%d bytes per token) %s",
             shape[0] if shape else 0,
@@ -168,6 +190,14 @@ class PrefixCache:
             f"mapped from {cache.path}" if cache.path else "in memory",
         )
         return cache
+
+
+def _fingerprint(model: nn.Module, start: int) -> tuple:
+    """Identity of the weights that produce the cached states: every parameter and buffer outside layers
+    [start, ...), by storage and in-place version (an optimizer step or `load_state_dict` bumps the version)."""
+    above = {id(t) for layer in list(get_layer_stack(model))[start:] for t in (*layer.parameters(), *layer.buffers())}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return tuple((name, t.data_ptr(), t._version) for name, t in tensors if id(t) not in above)
 
 
 class _CachedPrefix(nn.Module):

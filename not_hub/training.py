@@ -542,6 +542,7 @@ def train_organ(
     args: TrainingArguments | None = None,
     cache_prefix: bool = True,
     cache_memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    prefix_cache: PrefixCache | None = None,
     radius: int = 1,
     **kwargs: Any,
 ) -> TrainingMetrics:
@@ -562,6 +563,10 @@ def train_organ(
             wall-clock budget (`max_seconds`) counts the time spent building the cache.
         cache_memory_limit: bytes of cached hidden states kept in memory (hidden_size * 4 per token in fp32); a
             larger cache is written to a memory-mapped safetensors file (in `output_dir`, else a temp folder).
+        prefix_cache: in situ, a `PrefixCache` already built from this donor at the organ's slot over these blocks
+            (e.g. shared by the runs of a learning-rate sweep); it is checked (same slot, same unchanged frozen
+            weights, every block covered: else `InvalidArgumentError`, nothing trained) and its build time is not
+            counted again.
         args / kwargs: `TrainingArguments` (kwargs override fields, e.g. `epochs=1, lr=3e-4`).
 
     Returns:
@@ -615,6 +620,20 @@ def train_organ(
                     dropout,
                 )
                 cache_info = {"skipped": f"dropout below the organ: {dropout}"}
+            elif prefix_cache is not None:
+                blocks = [data.train[:]["input_ids"]]
+                if data.validation is not None:
+                    blocks.append(data.validation[:]["input_ids"])
+                prefix_cache.check_reuse(donor, start, blocks)
+                model, label = CachedPrefixModel(donor, prefix_cache), "organ (in situ, cached prefix)"
+                cache_info = {
+                    "layers": [0, start],
+                    "bytes": prefix_cache.nbytes,
+                    "bytes_per_token": prefix_cache.bytes_per_token,
+                    "storage": "memory-mapped safetensors" if prefix_cache.path else "memory",
+                    "build_s": 0.0,
+                    "reused": True,
+                }
             elif cache_prefix and start > 0:
                 t0 = time.perf_counter()
                 blocks = [data.train[:]["input_ids"]]

@@ -7,6 +7,7 @@ from tiny_tokenizer import code_documents, tiny_tokenizer
 
 import not_hub
 from not_hub.data import make_blocks, split_documents
+from not_hub.errors import InvalidArgumentError
 from not_hub.prefix_cache import CachedPrefixModel, PrefixCache
 from not_hub.training import train_organ
 
@@ -96,3 +97,51 @@ def test_recovered_method_grows_the_organ_into_the_block_it_carries(blocks, hash
     fresh = tiny_model("llama")
     with pulled.transplanted(fresh) as transplant:  # the whole block, where it belongs
         assert transplant.mode == "splice" and transplant.layer_indices == [1, 2, 3, 4]
+
+
+def _all_blocks(data):
+    return [data.train[:]["input_ids"], data.validation[:]["input_ids"]]
+
+
+def test_a_reused_cache_trains_like_a_fresh_one(blocks):
+    donor = tiny_model("llama")
+    cache = PrefixCache.build(donor, 2, _all_blocks(blocks))
+    runs = []
+    for prefix_cache in (None, cache, cache):  # built inside, then the same cache shared by two runs
+        organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+        metrics = train_organ(
+            organ, donor, blocks, method="in_situ", max_steps=3, lr=3e-3, batch_size=8, eval_every=3,
+            progress=False, prefix_cache=prefix_cache,
+        )  # fmt: skip
+        runs.append((organ.state_dict(), metrics, organ.config.training["prefix_cache"]))
+    assert runs[0][2]["build_s"] > 0 and runs[1][2]["reused"] and runs[1][2]["build_s"] == 0.0
+    for state, metrics, _ in runs[1:]:
+        assert [h["validation_loss"] for h in metrics.history] == [h["validation_loss"] for h in runs[0][1].history]
+        for name, tensor in runs[0][0].items():
+            assert torch.equal(state[name], tensor)
+
+
+def test_a_cache_that_does_not_fit_is_refused_and_nothing_trains(blocks):
+    donor = tiny_model("llama")
+    before = {k: v.clone() for k, v in donor.state_dict().items()}
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    initial = {k: v.clone() for k, v in organ.state_dict().items()}
+    other_slot = PrefixCache.build(donor, 3, _all_blocks(blocks))
+    few_blocks = PrefixCache.build(donor, 2, [blocks.train[:2]["input_ids"]])
+    other_model = PrefixCache.build(tiny_model("llama", seed=1), 2, _all_blocks(blocks))
+    stale = PrefixCache.build(donor, 2, _all_blocks(blocks))
+    kwargs = dict(method="in_situ", max_steps=2, lr=3e-3, batch_size=8, progress=False)
+    for cache, words in [
+        (other_slot, "input of layer 3, the organ starts at layer 2"),
+        (few_blocks, "blocks were not seen"),
+        (other_model, "another model"),
+        (stale, "frozen weights below the organ changed"),
+    ]:
+        if cache is stale:
+            with torch.no_grad():
+                donor.model.layers[0].mlp.up_proj.weight.mul_(1.0)  # same values, a new in-place version
+        with pytest.raises(InvalidArgumentError, match=words):
+            train_organ(organ, donor, blocks, prefix_cache=cache, **kwargs)
+        assert all(torch.equal(v, initial[k]) for k, v in organ.state_dict().items())
+        assert all(torch.equal(v, before[k]) for k, v in donor.state_dict().items())
+        assert len(donor.model.layers) == 6 and not getattr(donor.config, "transplants", None)
