@@ -18,6 +18,7 @@ Example:
 from transformers import AutoConfig, AutoModel
 
 from . import errors
+from .adapters import check_adapter, load_adapter, push_adapter, save_adapter
 from .architectures import SUPPORTED_MODEL_TYPES, resolve_architecture
 from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
@@ -51,19 +52,23 @@ __all__ = [
     "Transplant",
     "TransplantPlan",
     "__version__",
+    "check_adapter",
     "default_layer_range",
     "errors",
     "excise",
     "extract_organ",
     "list_organs",
+    "load_adapter",
     "load_documents",
     "make_blocks",
     "perplexity",
     "plan_transplant",
     "position_sweep",
+    "push_adapter",
     "push_recipient",
     "recover",
     "resolve_architecture",
+    "save_adapter",
     "split_documents",
     "train_bridges",
     "train_organ",

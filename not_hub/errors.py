@@ -44,6 +44,10 @@ class IncompatibleOrganError(NotHubError, ValueError):
         self.report = report
 
 
+class IncompatibleAdapterError(NotHubError, ValueError):
+    """A peft adapter was trained on another transplant state (organs, positions, depth) than the model given."""
+
+
 class CheckpointFormatError(NotHubError, ValueError):
     """An organ checkpoint is malformed, of a newer format version, or not an organ at all."""
 

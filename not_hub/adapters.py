@@ -1,0 +1,248 @@
+"""peft adapters on transplanted models: the adapter records the transplant it was trained on, and is refused by a
+model that does not carry it.
+
+peft records `base_model_name_or_path` from the model's `name_or_path`, which a transplant does not change (the
+recipient is still the model it was loaded from), and `PeftModel.from_pretrained` loads an adapter trained on an
+8-layer transplanted model into the 6-layer untouched one without a word (the keys of the extra layers are dropped,
+the others land on shifted layers). `save_adapter` / `push_adapter` write the transplant next to the adapter
+(`not_hub_transplant.json`, a tag and a section in the card); `load_adapter` compares it with the model it is
+given and raises `IncompatibleAdapterError`, naming the missing organ and the line that grafts it, before peft
+touches the model.
+
+Example:
+    ```python
+    >>> with organ.transplanted(recipient):
+    ...     peft_model = get_peft_model(recipient, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    ...     ...  # train
+    ...     not_hub.push_adapter(peft_model, "me/adapter-on-transplant")
+    >>> model = not_hub.load_adapter(fresh_recipient, "me/adapter-on-transplant")  # IncompatibleAdapterError
+    >>> organ.transplant_into(fresh_recipient)
+    >>> model = not_hub.load_adapter(fresh_recipient, "me/adapter-on-transplant")  # a PeftModel
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import safe_open
+from torch import nn
+
+from .architectures import resolve_architecture
+from .atomic import replace_folder
+from .cards import LIBRARY_TAG
+from .errors import IncompatibleAdapterError, InvalidArgumentError
+from .hub import LIBRARY_NAME, check_repo_id, hub_errors, prepare_repo, remote_card
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "not_hub_transplant.json"
+TRANSPLANT_TAG = "not_hub-transplant"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What makes two transplants the same for an adapter: the same organ weights in the same place.
+_COMPARED = ("organ", "organ_revision", "donor_layer_range", "position", "mode", "num_layers", "removed_layers")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def transplant_record(model: nn.Module) -> dict[str, Any]:
+    """What an adapter trained on `model` (a `PeftModel` or the transformers model) needs: the recipient, its depth
+    and the live transplants (`config.transplants`, in order)."""
+    base = _base(model)
+    return {
+        "recipient": getattr(base, "name_or_path", None) or None,
+        "num_hidden_layers": base.config.num_hidden_layers,
+        "transplants": json.loads(json.dumps(getattr(base.config, "transplants", []), default=str)),
+        "not_hub_version": __version__,
+    }
+
+
+def _describe(record: dict) -> str:
+    parts = [
+        f"organ {e.get('organ') or '(unsaved)'!r} ({e['mode']} at position {e['position']})"
+        for e in record["transplants"]
+    ]
+    return (" + ".join(parts) or "no transplant") + f", {record['num_hidden_layers']} layers"
+
+
+def _card_section(record: dict) -> str:
+    lines = ["## Transplant", "", "This adapter was trained on a model carrying organs grafted with not_hub:", ""]
+    for e in record["transplants"]:
+        lines.append(f"- `{e.get('organ') or '(unsaved)'}` ({e['mode']} at position {e['position']})")
+    lines += [
+        "",
+        f"Load it onto `{record['recipient']}` with the same organs, in the same order:",
+        "",
+        "```python",
+        "import not_hub",
+        "from transformers import AutoModelForCausalLM",
+        f"model = AutoModelForCausalLM.from_pretrained({record['recipient']!r})",
+    ]
+    for e in record["transplants"]:
+        lines.append(
+            f"not_hub.OrganModel.from_pretrained({e.get('organ')!r}).transplant_into(model, "
+            f"position={e['position']}, mode={e['mode']!r})"
+        )
+    lines += ["model = not_hub.load_adapter(model, 'this/repo')", "```", ""]
+    return "\n".join(lines)
+
+
+def _write_adapter(peft_model, folder: Path, kwargs: dict) -> None:
+    peft_model.save_pretrained(folder, **kwargs)
+    record = transplant_record(peft_model)
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    card_path = folder / "README.md"
+    card = ModelCard(card_path.read_text()) if card_path.is_file() else ModelCard("---\n---\n")
+    if record["transplants"]:
+        card.data.tags = sorted({*(card.data.tags or []), LIBRARY_TAG, TRANSPLANT_TAG})
+        if "## Transplant" not in card.text:
+            card.text = card.text.rstrip() + "\n\n" + _card_section(record)
+    card.save(card_path)
+
+
+def _check_peft_model(peft_model) -> None:
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise InvalidArgumentError(
+            f"save_adapter/push_adapter take a peft PeftModel (from get_peft_model), not {type(peft_model).__name__}"
+        )
+
+
+def save_adapter(peft_model, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """`peft_model.save_pretrained(save_directory, **kwargs)` plus the transplant record and card section.
+
+    The folder is replaced in one step (a failure leaves the previous adapter); files already there that peft does
+    not write (a hand-written README is merged, not replaced) are kept.
+    """
+    _check_peft_model(peft_model)
+    target = Path(save_directory)
+    replace_folder(target, lambda folder: _write_adapter(peft_model, folder, kwargs))
+    return target
+
+
+def push_adapter(
+    peft_model,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str = "Upload adapter trained on a transplanted model (not_hub)",
+    **kwargs: Any,
+) -> str:
+    """Push the adapter, its transplant record and its card to a Hub model repo; an existing card is merged."""
+    _check_peft_model(peft_model)
+    api = prepare_repo(repo_id, revision=revision, private=private, token=token)
+    existing = remote_card(api, repo_id, revision)
+    with tempfile.TemporaryDirectory(prefix="not_hub-adapter-") as tmp:
+        folder = Path(tmp) / "adapter"
+        folder.mkdir()
+        if existing is not None:
+            (folder / "README.md").write_text(existing)  # peft and not_hub merge into it
+        _write_adapter(peft_model, folder, kwargs)
+        with hub_errors(f"pushing the adapter to {repo_id!r}"):
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
+            )
+    return str(info)
+
+
+def _adapter_file(adapter: str | os.PathLike, name: str, revision: str | None, token) -> Path | None:
+    path = Path(adapter)
+    if path.is_dir():
+        return path / name if (path / name).is_file() else None
+    check_repo_id(str(adapter))
+    with hub_errors(f"reading adapter {str(adapter)!r}"):
+        try:
+            return Path(
+                hf_hub_download(
+                    str(adapter), name, revision=revision, token=token,
+                    library_name=LIBRARY_NAME, library_version=__version__,
+                )
+            )  # fmt: skip
+        except EntryNotFoundError:
+            return None
+
+
+def check_adapter(
+    model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> dict | None:
+    """Raise `IncompatibleAdapterError` if the adapter was trained on another transplant state than `model`'s.
+
+    An adapter saved by `save_adapter`/`push_adapter` carries its record (returned); the model must have the same
+    transplants (organ, revision, position, mode) and depth. A plain peft adapter (no record) is checked by its
+    weights: it must not hold layers the model does not have.
+    """
+    base = _base(model)
+    mine = transplant_record(base)
+    record_path = _adapter_file(adapter, RECORD_FILE, revision, token)
+    if record_path is not None:
+        record = json.loads(record_path.read_text())
+        wanted = [{k: e.get(k) for k in _COMPARED} for e in record.get("transplants", [])]
+        have = [{k: e.get(k) for k in _COMPARED} for e in mine["transplants"]]
+        if wanted != have or record.get("num_hidden_layers") != mine["num_hidden_layers"]:
+            fix = (
+                "Graft the same organs first ("
+                + "; ".join(
+                    f"not_hub.OrganModel.from_pretrained({e.get('organ')!r}).transplant_into(model, "
+                    f"position={e['position']}, mode={e['mode']!r})"
+                    for e in record["transplants"]
+                )
+                + "), then load the adapter"
+                if record["transplants"]
+                else "Load it onto the untouched model (explant first)"
+            )
+            raise IncompatibleAdapterError(
+                f"adapter {str(adapter)!r} was trained on {record.get('recipient')!r} with {_describe(record)}; this "
+                f"model has {_describe(mine)}. {fix}"
+            )
+        return record
+    weights = _adapter_file(adapter, ADAPTER_WEIGHTS, revision, token)
+    if weights is not None:
+        pattern = re.compile(re.escape(resolve_architecture(base).layers) + r"\.(\d+)\.")
+        with safe_open(str(weights), framework="pt") as f:
+            indices = {int(m.group(1)) for key in f.keys() if (m := pattern.search(key))}
+        if indices and max(indices) >= mine["num_hidden_layers"]:
+            raise IncompatibleAdapterError(
+                f"adapter {str(adapter)!r} has weights for layer {max(indices)}, this model has "
+                f"{mine['num_hidden_layers']} layers ({_describe(mine)}): it was trained on a deeper model, e.g. one "
+                "carrying an inserted organ, and records no transplant. Load it onto the model it was trained on"
+            )
+    if mine["transplants"]:
+        logger.warning(
+            "adapter %r records no transplant, and this model carries %s: if the adapter was trained on the "
+            "untouched model, its weights for layers at or after the organ land on other layers",
+            str(adapter),
+            _describe(mine),
+        )
+    return None
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    **kwargs: Any,
+):
+    """`PeftModel.from_pretrained(model, adapter, ...)` after `check_adapter`: nothing is wrapped on a mismatch."""
+    from peft import PeftModel
+
+    check_adapter(model, adapter, revision=revision, token=token)
+    extra = {"revision": revision} if revision is not None else {}
+    if token is not None:
+        extra["token"] = token
+    return PeftModel.from_pretrained(model, str(adapter), **extra, **kwargs)
