@@ -392,6 +392,7 @@ def main() -> None:
     group.add_argument("--full", action="store_true", help="four domains, seeds 0-2 on code")
     group.add_argument("--preset", choices=list(PRESETS), help="a named preset")
     parser.add_argument("--only", default=None, help="run only these domain:seed pairs, e.g. legal:0,code:1")
+    parser.add_argument("--report", action="store_true", help="run nothing: rebuild the JSON, table, plot from record")
     parser.add_argument("--save-organs", default=None, help="also save every trained organ artifact into this folder")
     args = parser.parse_args()
     global SAVE_DIR
@@ -403,8 +404,9 @@ def main() -> None:
         if args.only
         else [(d, seed) for d in preset["domains"] for seed in preset["seeds"][d]]
     )
-    t0 = time.time()
-    recipient, tok = load_smollm2()
+    if args.report:
+        todo = []
+    recipient, tok = load_smollm2() if todo else (None, None)
     try:
         for domain, seed in todo:
             started = time.time()
@@ -424,7 +426,7 @@ def main() -> None:
         "runs": runs,
         "missing": [k for k in expected if k not in {f"{r['domain']}:{r['seed']}" for r in runs}],
         "command": f"benchmarks/gain.py --preset {name}" + (f" --only {args.only}" if args.only else ""),
-        "wall_clock_s": round(time.time() - t0, 1),
+        "wall_clock_s": round(sum(r.get("wall_clock_s", 0.0) for r in runs), 1),
     }
     write_json(f"gain_{name}", payload)
     plot(payload, RESULTS / f"gain_{name}.png")

@@ -89,6 +89,25 @@ def test_export_gives_a_plain_transformers_folder(assets, tmp_path):
     assert str(assets) not in (tmp_path / "config.json").read_text()
 
 
+def test_a_stream_stops_before_its_next_token_when_asked(assets):
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    stream = engine.STREAMS.start("visitor")
+    steps = engine.stream_side_by_side(recipient, organ, "replace", 2, "int f(", max_new_tokens=8, stop=stream.stop)
+    first = next(steps)
+    waiter = threading.Thread(target=engine.STREAMS.stop, args=("visitor",))
+    waiter.start()  # Explant: asks the stream to stop and waits for it
+    time.sleep(0.2)
+    assert waiter.is_alive()  # still waiting: the stream has not ended yet
+    with pytest.raises(StopIteration):
+        next(steps)  # no further token
+    engine.STREAMS.finish(stream)
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and first[1]
+    assert engine.STREAMS.stop("visitor") is False  # nothing left running for that session
+    text, url = engine.organ_card(organ)
+    assert url is None and text and not text.startswith("---")  # a local organ: its card, no Hub link
+
+
 def test_bad_inputs_give_clear_errors(assets):
     recipient, organ = str(assets / "recipient"), str(assets / "organ")
     with pytest.raises(not_hub.errors.ModelLoadError, match="could not load recipient 'nobody/nothing'"):
@@ -132,6 +151,7 @@ def app_url(assets):
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
+        "NOT_HUB_SPACE_TOKEN_DELAY": "0.15",  # a stream of 24 tokens lasts ~4 s: long enough to explant during it
     }
     proc = subprocess.Popen(
         [sys.executable, str(SPACE / "app.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -160,8 +180,9 @@ def client(app_url):
 
 def test_app_check_transplant_sweep_explant(client, assets, tmp_path):
     recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
-    meta, compat, _slider, status = client.predict(recipient, organ, "replace", api_name="/check")
+    meta, compat, _slider, status, card = client.predict(recipient, organ, "replace", api_name="/check")
     assert "Compatible" in status and "[1, 3) of 6" in meta and "<table id='compat'>" in compat
+    assert "| card | shown under *Organ card* below |" in meta and card and not card.startswith("---")  # no YAML
     stack, ppl, before, after, status = client.predict(recipient, organ, "insert", 3, "int f(", api_name="/transplant")
     assert "insert at 3" in status and "domain (code)" in ppl and before and after
     archive, status = client.predict(api_name="/download")  # through gradio_client, as a visitor's browser would
@@ -196,7 +217,7 @@ def test_app_bad_inputs_keep_serving(client, assets):
         assert expected in outputs[4], (args, outputs[4])
     with pytest.raises(AppError, match="greater than maximum"):  # beyond the slider: refused by gradio itself
         client.predict(recipient, organ, "replace", 11, "x", api_name="/transplant")
-    _meta, _compat, _slider, status = client.predict(recipient, organ, "replace", api_name="/check")
+    _meta, _compat, _slider, status, _card = client.predict(recipient, organ, "replace", api_name="/check")
     assert "Compatible" in status  # still serving
 
 
@@ -256,16 +277,14 @@ def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
         )
         page.wait_for_function("document.querySelector('#after textarea').value.length > 0", timeout=60_000)
         assert "domain (code)" in page.inner_text("#perplexity")
-        # Let the streamed generation finish (its updates also carry the status line), then explant.
-        previous, stable_since = None, time.time()
-        while time.time() - stable_since < 2.0:
-            current = page.input_value("#after textarea")
-            if current != previous:
-                previous, stable_since = current, time.time()
-            time.sleep(0.2)
+        # Explant during the stream: the stream stops and the page shows the untouched state, and stays so.
         page.click("#explant")
         page.wait_for_function("document.querySelector('#run-status').innerText.includes('Explanted')", timeout=30_000)
+        assert "generation was stopped" in page.inner_text("#run-status")
         page.wait_for_function("document.querySelector('#after textarea').value === ''", timeout=10_000)
+        time.sleep(1.5)  # longer than a few tokens: a stream still running would have written again
+        assert page.input_value("#after textarea") == "" and page.input_value("#before textarea") == ""
+        assert "Explanted" in page.inner_text("#run-status")
         assert "domain (code)" not in page.inner_text("#perplexity")  # the untouched state is shown
         # an incompatible organ: red BLOCKS rows and an "Incompatible" status; the page stays usable
         page.fill("#organ-input textarea", str(assets / "qwen2-organ"))
@@ -285,10 +304,12 @@ def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
 
 def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, assets):
     recipient = str(assets / "recipient")
-    meta, compat, _slider, status = client.predict(
+    meta, compat, _slider, status, _card = client.predict(
         recipient, str(assets / "qwen2-organ"), "replace", api_name="/check"
     )
     assert "Incompatible" in status and "BLOCKS" in compat and "decoder_layer_class" in compat
     assert "| property | value |" in meta  # a named header row, not an empty one
-    meta, compat, _slider, status = client.predict(recipient, str(assets / "organ"), "replace", api_name="/check")
+    meta, compat, _slider, status, _card = client.predict(
+        recipient, str(assets / "organ"), "replace", api_name="/check"
+    )
     assert status.startswith("Compatible") and "BLOCKS" not in compat

@@ -49,16 +49,25 @@ def on_check(recipient, organ, mode):
     try:
         meta = engine.organ_metadata(organ)
         rows, ok = engine.compatibility(organ, recipient)
+        card, url = engine.organ_card(organ)
+        meta["card"] = f"[on the Hub]({url})" if url else "shown under *Organ card* below"
         table = "| property | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in meta.items())
         if not ok:
             # Leave the slider as it is (a 0..0 range is an error in Gradio); the red rows say what blocks.
-            return table, _compat_html(rows), gr.update(), "**Incompatible**: the rows marked BLOCKS differ."
+            return table, _compat_html(rows), gr.update(), "**Incompatible**: the rows marked BLOCKS differ.", card
         lo, hi = engine.position_range(organ, recipient, mode)
         value = engine.default_position(organ, recipient, mode)
         status = "Compatible: choose a mode and a position."
-        return table, _compat_html(rows), gr.update(minimum=lo, maximum=hi, value=value), status
+        return table, _compat_html(rows), _slider(lo, hi, mode, value), status, card
     except NotHubError as err:
-        return "", "", gr.update(), _error(err)
+        return "", "", gr.update(), _error(err), ""
+
+
+def _slider(lo: int, hi: int, mode: str, value: int | None = None):
+    """The position slider's range, said in words: the slider sets a typed value outside it to the nearest end."""
+    info = f"{mode}: positions {lo} to {hi} for this organ and recipient; a value outside is set to the nearest end."
+    extra = {"value": value} if value is not None else {}
+    return gr.update(minimum=lo, maximum=hi, info=info, **extra)
 
 
 def _compat_html(rows) -> str:
@@ -76,19 +85,29 @@ def _compat_html(rows) -> str:
 def on_mode(recipient, organ, mode):
     try:
         lo, hi = engine.position_range(organ, recipient, mode)
-        return gr.update(minimum=lo, maximum=hi)
+        return _slider(lo, hi, mode)
     except NotHubError:
         return gr.update()
 
 
-def on_transplant(recipient, organ, mode, position, prompt):
-    """Transplant, show the stack and perplexities, then stream both generations side by side."""
+def on_transplant(recipient, organ, mode, position, prompt, request: gr.Request):
+    """Transplant, show the stack and perplexities, then stream both generations side by side (until Explant)."""
+    stream = engine.STREAMS.start(getattr(request, "session_hash", None))
+    try:
+        yield from _transplant(recipient, organ, mode, position, prompt, stream)
+    finally:
+        engine.STREAMS.finish(stream)
+
+
+def _transplant(recipient, organ, mode, position, prompt, stream):
     try:
         if engine.is_busy(recipient):  # say it: a sweep or another visitor's request holds the shared model
             yield None, "", "", "", "Queued: another request is using the shared model; yours runs right after.", None
         report = engine.transplant_and_measure(recipient, organ, mode, int(position))
     except NotHubError as err:
         yield None, "", "", "", _error(err), None
+        return
+    if stream.stop.is_set():  # explanted while measuring: show nothing of it
         return
     table = (
         "| sample | untouched | transplanted | ratio |\n|---|---|---|---|\n"
@@ -101,7 +120,9 @@ def on_transplant(recipient, organ, mode, position, prompt):
     status = f"Transplanted ({mode} at {int(position)}; recipient has {report.depth_after} layers while in use)."
     yield report.figure, table, "", "", status, state
     try:
-        for before, after in engine.stream_side_by_side(recipient, organ, mode, int(position), prompt):
+        for before, after in engine.stream_side_by_side(
+            recipient, organ, mode, int(position), prompt, stop=stream.stop
+        ):
             yield report.figure, table, before, after, status, state
     except NotHubError as err:
         yield report.figure, table, "", "", _error(err), state
@@ -121,11 +142,14 @@ EXPLANTED = (
 )
 
 
-def on_explant(state):
-    """Clear the transplant's results; the page then shows the untouched state."""
-    if not state:
+def on_explant(state, request: gr.Request):
+    """Stop this visitor's running generation (waiting until it has stopped, so none of its updates lands after
+    this one), then clear the transplant's results: the page shows the untouched state."""
+    stopped = engine.STREAMS.stop(getattr(request, "session_hash", None))
+    if not state and not stopped:
         return None, "", "", "", "Nothing to explant: the recipient is untouched.", None
-    return None, "", "", "", EXPLANTED, None
+    note = " The running generation was stopped." if stopped else ""
+    return None, "", "", "", EXPLANTED + note, None
 
 
 def on_download(state):
@@ -173,9 +197,13 @@ def build() -> gr.Blocks:
             meta = gr.Markdown(elem_id="organ-meta", label="Organ")
             compat = gr.HTML(elem_id="compat-table")
         gr.Markdown("Rows marked **BLOCKS** (red) prevent the transplant; depth and vocabulary never block.")
+        with gr.Accordion("Organ card", open=False):
+            card = gr.Markdown(elem_id="organ-card", label="Organ card")
         with gr.Row():
             mode = gr.Radio(MODES, value="replace", label="Mode")
-            position = gr.Slider(0, 27, value=10, step=1, label="Position (first recipient layer of the organ)")
+            position = gr.Slider(
+                0, 27, value=10, step=1, label="Position (first recipient layer of the organ)", elem_id="position"
+            )
         gr.Markdown(MODE_HELP)
         prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
         gr.Examples(
@@ -212,7 +240,7 @@ def build() -> gr.Blocks:
             push = gr.Button("Push to the Hub")
             push_status = gr.Markdown(label="Push status")
 
-        check.click(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name="check")
+        check.click(on_check, [recipient, organ, mode], [meta, compat, position, status, card], api_name="check")
         mode.change(on_mode, [recipient, organ, mode], [position], api_name=False)
         go.click(
             on_transplant,
@@ -224,7 +252,7 @@ def build() -> gr.Blocks:
         explant.click(on_explant, [state], [stack, ppl, before, after, run_status, state], api_name="explant")
         download.click(on_download, [state], [archive, download_status], api_name="download")
         push.click(on_push, [state, repo_id, token], [push_status], api_name="push")
-        demo.load(on_check, [recipient, organ, mode], [meta, compat, position, status], api_name=False)
+        demo.load(on_check, [recipient, organ, mode], [meta, compat, position, status, card], api_name=False)
     return demo
 
 

@@ -43,6 +43,8 @@ DEFAULT_ORGAN = os.environ.get("NOT_HUB_SPACE_ORGAN", str(HERE / "organ"))
 DEFAULT_ORGAN_REPO_ID = "not-hub/smollm2-135m-code-organ"
 MAX_MODELS = int(os.environ.get("NOT_HUB_SPACE_MAX_MODELS", "2"))
 MAX_NEW_TOKENS = 24
+# Seconds between streamed tokens (0: as fast as the model goes); set it to watch a stream on a fast machine.
+TOKEN_DELAY_S = float(os.environ.get("NOT_HUB_SPACE_TOKEN_DELAY", "0"))
 MAX_PROMPT_CHARS = 2_000
 EVAL_MAX_LENGTH = 256
 
@@ -154,6 +156,19 @@ def organ_metadata(organ_ref: str) -> dict:
             f"({page['value'] / page['baseline']:.2f}x), {page['mode']} at {page['position']}"
         )
     return info
+
+
+def organ_card(organ_ref: str) -> tuple[str, str | None]:
+    """The organ's card (markdown, without its YAML header) and its Hub page when it is published there."""
+    from huggingface_hub import ModelCard, constants
+
+    organ = CACHE.organ(organ_ref)
+    path = Path(str(organ.name_or_path or "")) / "README.md"
+    text = ModelCard(path.read_text(errors="replace")).text.strip() if path.is_file() else ""
+    name = public_organ_name(organ_ref)
+    ref = (organ_ref or "").strip()
+    url = f"{constants.ENDPOINT}/{name}" if ref and name == ref and not Path(ref).exists() else None
+    return text or "This organ has no card.", url
 
 
 def compatibility(organ_ref: str, recipient_name: str) -> tuple[list[list], bool]:
@@ -306,22 +321,79 @@ def check_prompt_fits(prompt: str, tokenizer, model, max_new_tokens: int) -> tor
     return ids
 
 
+@dataclass
+class Stream:
+    """One visitor's running generation: `stop` asks it to end, `done` says it has."""
+
+    session: str | None
+    stop: threading.Event
+    done: threading.Event
+
+
+class Streams:
+    """The running generations by visitor session, so that Explant can stop the visitor's own stream."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str | None, Stream] = {}
+
+    def start(self, session: str | None) -> Stream:
+        """Register a new stream for `session`, stopping the session's previous one."""
+        stream = Stream(session, threading.Event(), threading.Event())
+        with self._lock:
+            previous = self._live.get(session)
+            self._live[session] = stream
+        if previous is not None:
+            previous.stop.set()
+        return stream
+
+    def finish(self, stream: Stream) -> None:
+        with self._lock:
+            if self._live.get(stream.session) is stream:
+                del self._live[stream.session]
+        stream.done.set()
+
+    def stop(self, session: str | None, timeout: float = 30.0) -> bool:
+        """Stop the session's stream and wait until it has ended (so nothing it sends lands after the caller's
+        update); returns whether one was running."""
+        with self._lock:
+            stream = self._live.get(session)
+        if stream is None:
+            return False
+        stream.stop.set()
+        stream.done.wait(timeout)
+        return True
+
+
+STREAMS = Streams()
+
+
 @torch.no_grad()
 def stream_side_by_side(
-    recipient_name: str, organ_ref: str, mode: str, position: int, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS
+    recipient_name: str,
+    organ_ref: str,
+    mode: str,
+    position: int,
+    prompt: str,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    stop: threading.Event | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Greedy continuations of `prompt` by the untouched and the transplanted model, one token each per step.
 
     The working copy's lock is taken for one step at a time (transplant, one forward pass, explant), never across
     a `yield`: a visitor who stops reading the stream (or pauses it) cannot hold the recipient for everyone else.
-    Re-transplanting the same organ at the same place gives the same layers, so the KV cache stays valid.
+    Re-transplanting the same organ at the same place gives the same layers, so the KV cache stays valid. The
+    stream ends early, before its next token, once `stop` is set.
     """
+    stop = stop if stop is not None else threading.Event()
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     tok = loaded.tokenizer
     ids = check_prompt_fits(prompt, tok, loaded.model, max_new_tokens)
     states = [[loaded.model, ids, None, []], [loaded.working, ids, None, []]]
     for _ in range(max_new_tokens):
+        if stop.wait(TOKEN_DELAY_S):  # set (now, or during the delay): end before the next token
+            return
         for index, state in enumerate(states):
             model, inp, past, out = state
             if index == 0:
