@@ -113,6 +113,9 @@ def test_adapter_on_a_transplant_by_repo_id(tmp_path):
             fresh = tiny_model("llama")
             not_hub.OrganModel.from_pretrained("user/organ").transplant_into(fresh, position=2, mode="insert")
             not_hub.load_adapter(fresh, "user/adapter")
+            # a plain peft adapter on the Hub (no record): checked by its layers, loads onto the untouched model
+            get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])).push_to_hub("user/plain")
+            not_hub.load_adapter(tiny_model("llama"), "user/plain")
             print("ok")
             """,
         )
