@@ -65,7 +65,7 @@ from quality import held_out, ppl  # noqa: E402
 
 import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
-from not_hub.prefix_cache import PrefixCache  # noqa: E402
+from not_hub.prefix_cache import PrefixCache, blocks_to_cache  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
 ORGAN, TAIL = (10, 13), (27, 30)
@@ -230,8 +230,7 @@ def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
         if method.startswith("in_situ"):  # one prefix cache shared by the slot's selection runs
             t0 = time.perf_counter()
             start = (ORGAN if method == "in_situ_middle" else TAIL)[0]
-            blocks = [data.train[:]["input_ids"], data.validation[:]["input_ids"]]
-            cache = PrefixCache.build(recipient, start, blocks, batch_size=preset["batch_size"])
+            cache = PrefixCache.build(recipient, start, blocks_to_cache(data), batch_size=preset["batch_size"])
             out.setdefault("selection_prefix_cache_build_s", {})[method] = round(time.perf_counter() - t0, 2)
         tried = {}
         queue = list(grid)

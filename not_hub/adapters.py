@@ -76,6 +76,14 @@ def _describe(record: dict) -> str:
     return (" + ".join(parts) or "no transplant") + f", {record['num_hidden_layers']} layers"
 
 
+def _graft_line(entry: dict) -> str:
+    """The line that grafts a recorded transplant's organ back into `model`."""
+    return (
+        f"not_hub.OrganModel.from_pretrained({entry.get('organ')!r}).transplant_into(model, "
+        f"position={entry['position']}, mode={entry['mode']!r})"
+    )
+
+
 def _card_section(record: dict) -> str:
     lines = ["## Transplant", "", "This adapter was trained on a model carrying organs grafted with not_hub:", ""]
     for e in record["transplants"]:
@@ -89,11 +97,7 @@ def _card_section(record: dict) -> str:
         "from transformers import AutoModelForCausalLM",
         f"model = AutoModelForCausalLM.from_pretrained({record['recipient']!r})",
     ]
-    for e in record["transplants"]:
-        lines.append(
-            f"not_hub.OrganModel.from_pretrained({e.get('organ')!r}).transplant_into(model, "
-            f"position={e['position']}, mode={e['mode']!r})"
-        )
+    lines += [_graft_line(e) for e in record["transplants"]]
     lines += ["model = not_hub.load_adapter(model, 'this/repo')", "```", ""]
     return "\n".join(lines)
 
@@ -193,17 +197,11 @@ def check_adapter(
         wanted = [{k: e.get(k) for k in _COMPARED} for e in record.get("transplants", [])]
         have = [{k: e.get(k) for k in _COMPARED} for e in mine["transplants"]]
         if wanted != have or record.get("num_hidden_layers") != mine["num_hidden_layers"]:
-            fix = (
-                "Graft the same organs first ("
-                + "; ".join(
-                    f"not_hub.OrganModel.from_pretrained({e.get('organ')!r}).transplant_into(model, "
-                    f"position={e['position']}, mode={e['mode']!r})"
-                    for e in record["transplants"]
-                )
-                + "), then load the adapter"
-                if record["transplants"]
-                else "Load it onto the untouched model (explant first)"
-            )
+            if record["transplants"]:
+                grafts = "; ".join(_graft_line(e) for e in record["transplants"])
+                fix = f"Graft the same organs first ({grafts}), then load the adapter"
+            else:
+                fix = "Load it onto the untouched model (explant first)"
             raise IncompatibleAdapterError(
                 f"adapter {str(adapter)!r} was trained on {record.get('recipient')!r} with {_describe(record)}; this "
                 f"model has {_describe(mine)}. {fix}"

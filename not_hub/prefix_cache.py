@@ -192,6 +192,14 @@ class PrefixCache:
         return cache
 
 
+def blocks_to_cache(data) -> list[torch.Tensor]:
+    """The token-id blocks a prefix cache for `data` (a `BlockData`) must hold: training, and validation if any."""
+    blocks = [data.train[:]["input_ids"]]
+    if data.validation is not None:
+        blocks.append(data.validation[:]["input_ids"])
+    return blocks
+
+
 def _fingerprint(model: nn.Module, start: int) -> tuple:
     """Identity of the weights that produce the cached states: every parameter and buffer outside layers
     [start, ...), by storage and in-place version (an optimizer step or `load_state_dict` bumps the version)."""

@@ -42,7 +42,7 @@ from .errors import (
     UnexpectedArgumentError,
 )
 from .integrity import tensor_sha256
-from .prefix_cache import DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
+from .prefix_cache import DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, blocks_to_cache, prefix_dropout
 from .shells import standalone_shell
 from .transplant import Transplant, check_compatibility
 
@@ -620,42 +620,31 @@ def train_organ(
                     dropout,
                 )
                 cache_info = {"skipped": f"dropout below the organ: {dropout}"}
-            elif prefix_cache is not None:
-                blocks = [data.train[:]["input_ids"]]
-                if data.validation is not None:
-                    blocks.append(data.validation[:]["input_ids"])
-                prefix_cache.check_reuse(donor, start, blocks)
-                model, label = CachedPrefixModel(donor, prefix_cache), "organ (in situ, cached prefix)"
-                cache_info = {
-                    "layers": [0, start],
-                    "bytes": prefix_cache.nbytes,
-                    "bytes_per_token": prefix_cache.bytes_per_token,
-                    "storage": "memory-mapped safetensors" if prefix_cache.path else "memory",
-                    "build_s": 0.0,
-                    "reused": True,
-                }
-            elif cache_prefix and start > 0:
+            elif prefix_cache is not None or (cache_prefix and start > 0):
                 t0 = time.perf_counter()
-                blocks = [data.train[:]["input_ids"]]
-                if data.validation is not None:
-                    blocks.append(data.validation[:]["input_ids"])
-                cache = PrefixCache.build(
-                    donor,
-                    start,
-                    blocks,
-                    batch_size=args.batch_size,
-                    memory_limit=cache_memory_limit,
-                    cache_dir=Path(args.output_dir) / "prefix_cache" if args.output_dir else None,
-                )
+                blocks = blocks_to_cache(data)
+                if prefix_cache is not None:  # built elsewhere (and paid for there): checked, not rebuilt
+                    prefix_cache.check_reuse(donor, start, blocks)
+                    cache = prefix_cache
+                else:
+                    cache = PrefixCache.build(
+                        donor,
+                        start,
+                        blocks,
+                        batch_size=args.batch_size,
+                        memory_limit=cache_memory_limit,
+                        cache_dir=Path(args.output_dir) / "prefix_cache" if args.output_dir else None,
+                    )
+                    if args.max_seconds is not None:  # building the cache is part of the method's cost
+                        args.max_seconds = max(0.0, args.max_seconds - (time.perf_counter() - t0))
                 model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
-                if args.max_seconds is not None:  # building the cache is part of the method's cost
-                    args.max_seconds = max(0.0, args.max_seconds - (time.perf_counter() - t0))
                 cache_info = {
                     "layers": [0, start],
                     "bytes": cache.nbytes,
                     "bytes_per_token": cache.bytes_per_token,
                     "storage": "memory-mapped safetensors" if cache.path else "memory",
-                    "build_s": round(time.perf_counter() - t0, 2),
+                    "build_s": 0.0 if prefix_cache is not None else round(time.perf_counter() - t0, 2),
+                    **({"reused": True} if prefix_cache is not None else {}),
                 }
             metrics = fit_parameters(model, params, data, args, label)
             organ.load_state_dict(transplant.to_organ().state_dict())

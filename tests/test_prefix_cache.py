@@ -8,7 +8,7 @@ from tiny_tokenizer import code_documents, tiny_tokenizer
 import not_hub
 from not_hub.data import make_blocks, split_documents
 from not_hub.errors import InvalidArgumentError
-from not_hub.prefix_cache import CachedPrefixModel, PrefixCache
+from not_hub.prefix_cache import CachedPrefixModel, PrefixCache, blocks_to_cache
 from not_hub.training import train_organ
 
 
@@ -99,13 +99,9 @@ def test_recovered_method_grows_the_organ_into_the_block_it_carries(blocks, hash
         assert transplant.mode == "splice" and transplant.layer_indices == [1, 2, 3, 4]
 
 
-def _all_blocks(data):
-    return [data.train[:]["input_ids"], data.validation[:]["input_ids"]]
-
-
 def test_a_reused_cache_trains_like_a_fresh_one(blocks):
     donor = tiny_model("llama")
-    cache = PrefixCache.build(donor, 2, _all_blocks(blocks))
+    cache = PrefixCache.build(donor, 2, blocks_to_cache(blocks))
     runs = []
     for prefix_cache in (None, cache, cache):  # built inside, then the same cache shared by two runs
         organ = not_hub.extract_organ(donor, layer_range=(2, 4))
@@ -126,10 +122,10 @@ def test_a_cache_that_does_not_fit_is_refused_and_nothing_trains(blocks):
     before = {k: v.clone() for k, v in donor.state_dict().items()}
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
     initial = {k: v.clone() for k, v in organ.state_dict().items()}
-    other_slot = PrefixCache.build(donor, 3, _all_blocks(blocks))
+    other_slot = PrefixCache.build(donor, 3, blocks_to_cache(blocks))
     few_blocks = PrefixCache.build(donor, 2, [blocks.train[:2]["input_ids"]])
-    other_model = PrefixCache.build(tiny_model("llama", seed=1), 2, _all_blocks(blocks))
-    stale = PrefixCache.build(donor, 2, _all_blocks(blocks))
+    other_model = PrefixCache.build(tiny_model("llama", seed=1), 2, blocks_to_cache(blocks))
+    stale = PrefixCache.build(donor, 2, blocks_to_cache(blocks))
     kwargs = dict(method="in_situ", max_steps=2, lr=3e-3, batch_size=8, progress=False)
     for cache, words in [
         (other_slot, "input of layer 3, the organ starts at layer 2"),

@@ -170,16 +170,15 @@ def cmd_excise(args) -> int:
     return 0
 
 
+def layer_range_argument(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    p.add_argument(
+        "--layer-range", type=non_negative_int, nargs=2, required=required, metavar=("START", "STOP"), help=help
+    )
+
+
 def excise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
-    p.add_argument(
-        "--layer-range",
-        type=non_negative_int,
-        nargs=2,
-        required=True,
-        metavar=("START", "STOP"),
-        help="half-open range of layers to remove",
-    )
+    layer_range_argument(p, "half-open range of layers to remove", required=True)
     p.add_argument("--out", required=True, help="folder to save the pruned model (plain transformers) into")
     p.add_argument("--organ-out", default=None, help="also save the removed layers as an organ here")
     model_options(p, "branch, tag or commit sha of the model repo")
@@ -187,13 +186,7 @@ def excise_arguments(p: argparse.ArgumentParser) -> None:
 
 def extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="donor: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
-    p.add_argument(
-        "--layer-range",
-        type=non_negative_int,
-        nargs=2,
-        metavar=("START", "STOP"),
-        help="half-open range of donor layers (default: 3 layers from floor(L/3))",
-    )
+    layer_range_argument(p, "half-open range of donor layers (default: 3 layers from floor(L/3))")
     p.add_argument("--out", required=True, help="folder to save the organ into")
     model_options(p, "branch, tag or commit sha of the donor model repo (recorded in the organ)")
 
