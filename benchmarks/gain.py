@@ -69,6 +69,14 @@ from not_hub.prefix_cache import PrefixCache, blocks_to_cache  # noqa: E402
 from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
 ORGAN, TAIL = (10, 13), (27, 30)
+# The in-situ slots the organ may take (chosen on validation). v3 added the 6-layer ones: at 3 layers the organ trails
+# LoRA on all linear layers on prose, and a wider organ is the cheapest way to give it more capacity.
+SLOTS = {
+    "in_situ_middle": ORGAN,
+    "in_situ_tail": TAIL,
+    "in_situ_middle6": (10, 16),
+    "in_situ_tail6": (24, 30),
+}
 SAVE_DIR: Path | None = None  # --save-organs: keep the trained organs (e.g. for the Space)
 PRESETS = {
     "quick": dict(
@@ -90,6 +98,8 @@ GRIDS = {
     "standalone_recovered": [3e-4, 1e-3, 3e-3],
     "in_situ_middle": [3e-4, 1e-3, 3e-3],
     "in_situ_tail": [3e-4, 1e-3, 3e-3],
+    "in_situ_middle6": [3e-4, 1e-3, 3e-3],
+    "in_situ_tail6": [3e-4, 1e-3, 3e-3],
     "lora_qkvo": [1e-3, 3e-3, 1e-2],
     "lora_all": [1e-3, 3e-3, 1e-2],
     "full_ft": [3e-5, 1e-4, 3e-4],
@@ -146,8 +156,8 @@ def train_method(
                 "train_s": info["train_s"] + r.wall_clock_s - r.validation_s,
             }
         return organ, info
-    if method in ("in_situ_middle", "in_situ_tail"):
-        organ = not_hub.extract_organ(recipient, layer_range=ORGAN if method == "in_situ_middle" else TAIL)
+    if method in SLOTS:
+        organ = not_hub.extract_organ(recipient, layer_range=SLOTS[method])
         m = train_organ(
             organ, recipient, data, method="in_situ", prefix_cache=prefix_cache, **args_for(preset, seed, lr, seconds)
         )
@@ -220,71 +230,134 @@ def push_pull_score(artifact, repo_id: str, test: list[str]) -> float:
 # ------------------------------------------------------------------------------------------------ one domain-seed
 
 
+def select(method: str, recipient, data: BlockData, val: list[str], preset: dict, seed: int, tok) -> dict:
+    """Choose `method`'s learning rate on validation with short runs; a choice at the grid's edge extends it."""
+    cache, build_s = None, None
+    if method in SLOTS:  # one prefix cache shared by the slot's selection runs
+        t0 = time.perf_counter()
+        cache = PrefixCache.build(recipient, SLOTS[method][0], blocks_to_cache(data), batch_size=preset["batch_size"])
+        build_s = round(time.perf_counter() - t0, 2)
+    grid = GRIDS[method]
+    tried = {}
+    queue = list(grid)
+    while queue:
+        lr = queue.pop(0)
+        artifact, _ = train_method(method, recipient, data, preset, seed, lr, preset["select_s"], cache)
+        tried[lr] = score_in_process(artifact, recipient, val, tok)
+        del artifact
+        best = min(tried, key=tried.get)
+        ordered = sorted(tried)
+        if not queue and best in (ordered[0], ordered[-1]) and len(tried) < len(grid) + 2:
+            queue.append(best / 3 if best == ordered[0] else best * 3)  # extend past the edge (twice at most)
+    best = min(tried, key=tried.get)
+    ordered = sorted(tried)
+    out = {
+        "validation_ppl": {f"{k:g}": v for k, v in sorted(tried.items())},
+        "chosen_lr": best,
+        "at_grid_edge": best in (ordered[0], ordered[-1]),
+    }
+    if build_s is not None:
+        out["prefix_cache_build_s"] = build_s
+    print(
+        f"[{data.description['domain']} seed {seed}] {method}: lr {best:g} (validation {tried[best]:.3f})", flush=True
+    )
+    return out
+
+
+def final(method: str, lr: float, recipient, data: BlockData, test: list[str], preset: dict, seed: int, tok) -> dict:
+    """Train `method` for the full budget, push it, pull it by repo id in a fresh process and score it on test."""
+    domain = data.description["domain"]
+    artifact, info = train_method(method, recipient, data, preset, seed, lr, preset["budget_s"])
+    row = {
+        "lr": lr,
+        **info,
+        "tokens_per_second": info["tokens_seen"] / max(info["train_s"], 1e-9),
+        "artifact_parameters": artifact_parameters(artifact),
+    }
+    row["artifact_bytes_bf16"] = 2 * row["artifact_parameters"]
+    if method == "full_ft":
+        row["test_ppl"] = score_in_process(artifact, recipient, test, tok)
+        row["scored"] = "in process (reference; not pushed)"
+    else:
+        repo_id = f"bench/{domain}-{seed}-{method.replace('_', '-')}"
+        row["in_process_test_ppl"] = score_in_process(artifact, recipient, test, tok)
+        row["test_ppl"] = push_pull_score(artifact, repo_id, test)
+        row["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
+    if SAVE_DIR is not None and isinstance(artifact, not_hub.OrganModel):
+        artifact.save_pretrained(SAVE_DIR / f"{domain}-{seed}-{method}")
+    print(f"[{domain} seed {seed}] {method}: test {row['test_ppl']:.3f}", flush=True)
+    return row
+
+
+def best_slot(run: dict) -> str:
+    return min(
+        (m for m in SLOTS if m in run["selection"]), key=lambda m: min(run["selection"][m]["validation_ppl"].values())
+    )
+
+
+def add_ratios(run: dict) -> None:
+    results = run["results"]
+    best_lora = min(results["lora_qkvo"]["test_ppl"], results["lora_all"]["test_ppl"])
+    for row in [*results.values(), *(s["row"] for s in run.get("superseded_in_situ", []))]:
+        row["ratio_to_untouched"] = row["test_ppl"] / run["untouched"]["test"]
+        row["ratio_to_best_lora"] = row["test_ppl"] / best_lora
+
+
 def run_one(domain: str, seed: int, preset: dict, recipient, tok) -> dict:
     data, val, test = prepare(domain, seed, preset, tok)
     untouched = {"validation": ppl(recipient, val, tok), "test": ppl(recipient, test, tok)}
     out = {"domain": domain, "seed": seed, "untouched": untouched, "data": data.description, "selection": {}}
-    chosen = {}
-    for method, grid in GRIDS.items():  # learning rates (and the in-situ slot) chosen on validation
-        cache = None
-        if method.startswith("in_situ"):  # one prefix cache shared by the slot's selection runs
-            t0 = time.perf_counter()
-            start = (ORGAN if method == "in_situ_middle" else TAIL)[0]
-            cache = PrefixCache.build(recipient, start, blocks_to_cache(data), batch_size=preset["batch_size"])
-            out.setdefault("selection_prefix_cache_build_s", {})[method] = round(time.perf_counter() - t0, 2)
-        tried = {}
-        queue = list(grid)
-        while queue:
-            lr = queue.pop(0)
-            artifact, _ = train_method(method, recipient, data, preset, seed, lr, preset["select_s"], cache)
-            tried[lr] = score_in_process(artifact, recipient, val, tok)
-            del artifact
-            best = min(tried, key=tried.get)
-            ordered = sorted(tried)
-            if not queue and best in (ordered[0], ordered[-1]) and len(tried) < len(grid) + 2:
-                queue.append(best / 3 if best == ordered[0] else best * 3)  # extend past the edge (twice at most)
-        best = min(tried, key=tried.get)
-        ordered = sorted(tried)
-        out["selection"][method] = {
-            "validation_ppl": {f"{k:g}": v for k, v in sorted(tried.items())},
-            "chosen_lr": best,
-            "at_grid_edge": best in (ordered[0], ordered[-1]),
-        }
-        chosen[method] = best
-        print(f"[{domain} seed {seed}] {method}: lr {best:g} (validation {tried[best]:.3f})", flush=True)
-        del cache
-    slot = min(("in_situ_middle", "in_situ_tail"), key=lambda m: min(out["selection"][m]["validation_ppl"].values()))
-    out["in_situ_slot"] = slot
-    finals = ["standalone", "standalone_recovered", slot, "lora_qkvo", "lora_all", "full_ft"]
+    for method in GRIDS:  # learning rates (and the in-situ slot) chosen on validation
+        out["selection"][method] = select(method, recipient, data, val, preset, seed, tok)
+    slot = out["in_situ_slot"] = best_slot(out)
     results = {}
-    for method in finals:
-        artifact, info = train_method(method, recipient, data, preset, seed, chosen[method], preset["budget_s"])
-        row = {
-            "lr": chosen[method],
-            **info,
-            "tokens_per_second": info["tokens_seen"] / max(info["train_s"], 1e-9),
-            "artifact_parameters": artifact_parameters(artifact),
-        }
-        row["artifact_bytes_bf16"] = 2 * row["artifact_parameters"]
-        if method == "full_ft":
-            row["test_ppl"] = score_in_process(artifact, recipient, test, tok)
-            row["scored"] = "in process (reference; not pushed)"
-        else:
-            repo_id = f"bench/{domain}-{seed}-{method.replace('_', '-')}"
-            row["in_process_test_ppl"] = score_in_process(artifact, recipient, test, tok)
-            row["test_ppl"] = push_pull_score(artifact, repo_id, test)
-            row["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
+    for method in ["standalone", "standalone_recovered", slot, "lora_qkvo", "lora_all", "full_ft"]:
+        row = final(method, out["selection"][method]["chosen_lr"], recipient, data, test, preset, seed, tok)
         results["in_situ" if method == slot else method] = row
-        if SAVE_DIR is not None and isinstance(artifact, not_hub.OrganModel):
-            artifact.save_pretrained(SAVE_DIR / f"{domain}-{seed}-{method}")
-        print(f"[{domain} seed {seed}] {method}: test {row['test_ppl']:.3f} (untouched {untouched['test']:.3f})")
-        del artifact
-    best_lora = min(results["lora_qkvo"]["test_ppl"], results["lora_all"]["test_ppl"])
-    for row in results.values():
-        row["ratio_to_untouched"] = row["test_ppl"] / untouched["test"]
-        row["ratio_to_best_lora"] = row["test_ppl"] / best_lora
     out["results"] = results
+    add_ratios(out)
     return out
+
+
+def upgrade(run: dict, preset: dict, recipient, tok) -> dict:
+    """Bring a run on record up to the current protocol: select the in-situ slots it lacks (or whose selection the
+    old protocol got wrong), and if validation now prefers another slot, train and score that slot's final. The
+    other methods' finals are kept: same blocks, same test documents, same budget."""
+    domain, seed = run["domain"], run["seed"]
+    data, val, test = prepare(domain, seed, preset, tok)
+    check = ppl(recipient, val, tok)
+    if abs(check - run["untouched"]["validation"]) > 1e-3 * check:
+        raise SystemExit(f"{domain}:{seed}: untouched validation {check:.4f} != {run['untouched']['validation']:.4f} "
+                         "on record: the data changed, rerun it whole with --only")  # fmt: skip
+    started = time.time()
+    redo = [m for m in SLOTS if m not in run["selection"]]
+    if run.get("protocol", PROTOCOL_V1) == PROTOCOL_V1:
+        redo.insert(0, "in_situ_tail")  # v1 gave the tail no training time during selection
+    for method in redo:
+        run["selection"][method] = select(method, recipient, data, val, preset, seed, tok)
+    slot = best_slot(run)
+    if slot != run["in_situ_slot"]:
+        run.setdefault("superseded_in_situ", []).append(
+            {
+                "slot": run["in_situ_slot"],
+                "protocol": run.get("protocol", PROTOCOL_V1),
+                "row": run["results"]["in_situ"],
+            }
+        )
+        lr = run["selection"][slot]["chosen_lr"]
+        run["results"]["in_situ"] = final(slot, lr, recipient, data, test, preset, seed, tok)
+        run["in_situ_slot"] = slot
+    add_ratios(run)
+    run.setdefault("upgrades", []).append(
+        {"from": run.get("protocol", PROTOCOL_V1), "selected": redo, "wall_clock_s": round(time.time() - started, 1)}
+    )
+    run["protocol"] = PROTOCOL
+    return run
+
+
+def slot_label(method: str) -> str:
+    start, end = SLOTS[method]
+    return f"{'tail' if end == 30 else 'middle'} slot, layers {start}-{end - 1}"
 
 
 def report(payload: dict) -> str:
@@ -302,11 +375,18 @@ def report(payload: dict) -> str:
             f"| {run['domain']} | {run['seed']} | untouched | | {run['untouched']['test']:.3f} | 1.000 | | | | |"
         )
         for method, r in run["results"].items():
-            name = f"{method} ({run['in_situ_slot'].rsplit('_', 1)[1]} slot)" if method == "in_situ" else method
+            name = f"in_situ ({slot_label(run['in_situ_slot'])})" if method == "in_situ" else method
             lines.append(
                 f"| {run['domain']} | {run['seed']} | {name} | {r['lr']:g} | {r['test_ppl']:.3f} | "
                 f"{r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | {r['tokens_seen']:,} | "
                 f"{r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
+            )
+        for old in run.get("superseded_in_situ", []):
+            r = old["row"]
+            lines.append(
+                f"| {run['domain']} | {run['seed']} | in_situ ({slot_label(old['slot'])}; superseded on validation) | "
+                f"{r['lr']:g} | {r['test_ppl']:.3f} | {r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | "
+                f"{r['tokens_seen']:,} | {r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
             )
     edges = [
         f"{run['domain']}/{run['seed']}/{m}"
@@ -354,7 +434,11 @@ PROTOCOL_V1 = (
     "v1: each in-situ selection run built its own prefix cache inside its 20 s, so the tail slot (27 cached layers) "
     "had no time left to train and could not be chosen"
 )
-PROTOCOL = "v2: the in-situ selection runs of a slot share one prefix cache (its build not counted in their 20 s)"
+PROTOCOL_V2 = "v2: the in-situ selection runs of a slot share one prefix cache (its build not counted in their 20 s)"
+PROTOCOL = (
+    "v3: v2 with four in-situ slots to choose from on validation (3 layers at 10-12 and 27-29, 6 layers at 10-15 and "
+    "24-29)"
+)
 
 
 def run_file(name: str, domain: str, seed: int) -> Path:
@@ -391,6 +475,9 @@ def main() -> None:
     group.add_argument("--full", action="store_true", help="four domains, seeds 0-2 on code")
     group.add_argument("--preset", choices=list(PRESETS), help="a named preset")
     parser.add_argument("--only", default=None, help="run only these domain:seed pairs, e.g. legal:0,code:1")
+    parser.add_argument(
+        "--upgrade", action="store_true", help="bring the runs on record (or --only ones) up to the current protocol"
+    )
     parser.add_argument("--report", action="store_true", help="run nothing: rebuild the JSON, table, plot from record")
     parser.add_argument("--save-organs", default=None, help="also save every trained organ artifact into this folder")
     args = parser.parse_args()
@@ -407,7 +494,15 @@ def main() -> None:
         todo = []
     recipient, tok = load_smollm2() if todo else (None, None)
     try:
-        for domain, seed in todo:
+        for domain, seed in todo if args.upgrade else []:
+            path = run_file(name, domain, seed)
+            if not path.is_file():
+                print(f"{domain}:{seed}: not on record, nothing to upgrade")
+                continue
+            run = json.loads(path.read_text())
+            if run.get("protocol") != PROTOCOL:
+                path.write_text(json.dumps(upgrade(run, preset, recipient, tok), indent=2, default=str))
+        for domain, seed in [] if args.upgrade else todo:
             started = time.time()
             run = run_one(domain, seed, preset, recipient, tok)
             run.update(protocol=PROTOCOL, machine=machine(), wall_clock_s=round(time.time() - started, 1))
@@ -424,8 +519,12 @@ def main() -> None:
         "machine": machine(),
         "runs": runs,
         "missing": [k for k in expected if k not in {f"{r['domain']}:{r['seed']}" for r in runs}],
-        "command": f"benchmarks/gain.py --preset {name}" + (f" --only {args.only}" if args.only else ""),
-        "wall_clock_s": round(sum(r.get("wall_clock_s", 0.0) for r in runs), 1),
+        "command": f"benchmarks/gain.py --preset {name}"
+        + (f" --only {args.only}" if args.only else "")
+        + (" --upgrade" if args.upgrade else ""),
+        "wall_clock_s": round(
+            sum(r.get("wall_clock_s", 0.0) + sum(u["wall_clock_s"] for u in r.get("upgrades", [])) for r in runs), 1
+        ),
     }
     write_json(f"gain_{name}", payload)
     plot(payload, RESULTS / f"gain_{name}.png")
