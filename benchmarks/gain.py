@@ -330,9 +330,10 @@ def upgrade(run: dict, preset: dict, recipient, tok) -> dict:
         raise SystemExit(f"{domain}:{seed}: untouched validation {check:.4f} != {run['untouched']['validation']:.4f} "
                          "on record: the data changed, rerun it whole with --only")  # fmt: skip
     started = time.time()
-    redo = [m for m in SLOTS if m not in run["selection"]]
-    if run.get("protocol", PROTOCOL_V1) == PROTOCOL_V1:
-        redo.insert(0, "in_situ_tail")  # v1 gave the tail no training time during selection
+    # v1 built each slot's prefix cache inside its 20 s selection runs (the tail never trained, the middle slot lost
+    # ~17 s of its 20): every slot is selected again.
+    v1 = run.get("protocol", PROTOCOL_V1) == PROTOCOL_V1
+    redo = [m for m in SLOTS if v1 or m not in run["selection"]]
     for method in redo:
         run["selection"][method] = select(method, recipient, data, val, preset, seed, tok)
     slot = best_slot(run)
