@@ -337,7 +337,8 @@ def upgrade(run: dict, preset: dict, recipient, tok) -> dict:
     for method in redo:
         run["selection"][method] = select(method, recipient, data, val, preset, seed, tok)
     slot = best_slot(run)
-    if slot != run["in_situ_slot"]:
+    lr = run["selection"][slot]["chosen_lr"]
+    if slot != run["in_situ_slot"] or lr != run["results"]["in_situ"]["lr"]:  # a new slot or learning rate: retrain
         run.setdefault("superseded_in_situ", []).append(
             {
                 "slot": run["in_situ_slot"],
@@ -345,7 +346,6 @@ def upgrade(run: dict, preset: dict, recipient, tok) -> dict:
                 "row": run["results"]["in_situ"],
             }
         )
-        lr = run["selection"][slot]["chosen_lr"]
         run["results"]["in_situ"] = final(slot, lr, recipient, data, test, preset, seed, tok)
         run["in_situ_slot"] = slot
     add_ratios(run)
@@ -501,7 +501,8 @@ def main() -> None:
                 print(f"{domain}:{seed}: not on record, nothing to upgrade")
                 continue
             run = json.loads(path.read_text())
-            if run.get("protocol") != PROTOCOL:
+            chosen = run["selection"].get(run["in_situ_slot"], {}).get("chosen_lr")
+            if run.get("protocol") != PROTOCOL or run["results"]["in_situ"]["lr"] != chosen:
                 path.write_text(json.dumps(upgrade(run, preset, recipient, tok), indent=2, default=str))
         for domain, seed in [] if args.upgrade else todo:
             started = time.time()

@@ -254,13 +254,25 @@ def gain_claims(gain: dict, speed: dict | None) -> list[str]:
             f"= {ratio:.3f} ({'at or below' if ratio <= 1 else 'above'} LoRA); full fine-tuning "
             f"{res['full_ft']['test_ppl']:.2f}. Tokens per second: {best} {res[best]['tokens_per_second']:.0f}, "
             f"{lora} {res[lora]['tokens_per_second']:.0f}. In-situ slot chosen on validation: "
-            f"{run['in_situ_slot'].rsplit('_', 1)[1]}."
+            f"{run['in_situ_slot'].removeprefix('in_situ_')}."
         )
+        for old in run.get("superseded_in_situ", []):
+            lines.append(
+                f"  The in-situ slot chosen before the 6-layer slots were added ({old['slot'].removeprefix('in_situ_')}"
+                f", now superseded on validation) scored {old['row']['test_ppl']:.2f} on test "
+                f"({old['row']['test_ppl'] / res[lora]['test_ppl']:.3f}x the best LoRA)."
+            )
     met = [d for d, r in ratios.items() if sum(r) / len(r) <= 1.0]
     lines.append(
         f"- Goal (best organ at or below the best LoRA on at least 3 of 4 domains): met on {len(met)} of "
         f"{len(ratios)} domain(s) run ({', '.join(f'{d} {sum(r) / len(r):.3f}' for d, r in ratios.items())}; "
-        "organ / LoRA, mean over the seeds run)"
+        "organ / LoRA, mean over the seeds run"
+        + "".join(
+            f"; {d}: at or below LoRA on {sum(x <= 1 for x in r)} of {len(r)} seeds"
+            for d, r in ratios.items()
+            if len(r) > 1
+        )
+        + ")"
         + (f"; not run yet: {', '.join(gain['missing'])}." if gain.get("missing") else ".")
     )
     if speed and "in_situ_ratios" in speed:
