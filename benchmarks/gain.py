@@ -356,9 +356,23 @@ def upgrade(run: dict, preset: dict, recipient, tok) -> dict:
     return run
 
 
+def needs_upgrade(run: dict) -> bool:
+    """An older protocol, or an in-situ final trained at another rate than its slot's selection chose."""
+    chosen = run["selection"].get(run["in_situ_slot"], {}).get("chosen_lr")
+    return run.get("protocol") != PROTOCOL or run["results"]["in_situ"]["lr"] != chosen
+
+
 def slot_label(method: str) -> str:
     start, end = SLOTS[method]
-    return f"{'tail' if end == 30 else 'middle'} slot, layers {start}-{end - 1}"
+    return f"{'tail' if end == TAIL[1] else 'middle'} slot, layers {start}-{end - 1}"
+
+
+def row_line(run: dict, name: str, r: dict) -> str:
+    return (
+        f"| {run['domain']} | {run['seed']} | {name} | {r['lr']:g} | {r['test_ppl']:.3f} | "
+        f"{r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | {r['tokens_seen']:,} | "
+        f"{r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
+    )
 
 
 def report(payload: dict) -> str:
@@ -377,18 +391,9 @@ def report(payload: dict) -> str:
         )
         for method, r in run["results"].items():
             name = f"in_situ ({slot_label(run['in_situ_slot'])})" if method == "in_situ" else method
-            lines.append(
-                f"| {run['domain']} | {run['seed']} | {name} | {r['lr']:g} | {r['test_ppl']:.3f} | "
-                f"{r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | {r['tokens_seen']:,} | "
-                f"{r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
-            )
+            lines.append(row_line(run, name, r))
         for old in run.get("superseded_in_situ", []):
-            r = old["row"]
-            lines.append(
-                f"| {run['domain']} | {run['seed']} | in_situ ({slot_label(old['slot'])}; superseded on validation) | "
-                f"{r['lr']:g} | {r['test_ppl']:.3f} | {r['ratio_to_untouched']:.3f} | {r['ratio_to_best_lora']:.3f} | "
-                f"{r['tokens_seen']:,} | {r['tokens_per_second']:.0f} | {r['artifact_bytes_bf16'] / 1e6:.1f} MB |"
-            )
+            lines.append(row_line(run, f"in_situ ({slot_label(old['slot'])}; superseded on validation)", old["row"]))
     edges = [
         f"{run['domain']}/{run['seed']}/{m}"
         for run in payload["runs"]
@@ -435,7 +440,8 @@ PROTOCOL_V1 = (
     "v1: each in-situ selection run built its own prefix cache inside its 20 s, so the tail slot (27 cached layers) "
     "had no time left to train and could not be chosen"
 )
-PROTOCOL_V2 = "v2: the in-situ selection runs of a slot share one prefix cache (its build not counted in their 20 s)"
+# v2 (no run on record is still on it): the in-situ selection runs of a slot share one prefix cache, its build not
+# counted in their 20 s.
 PROTOCOL = (
     "v3: v2 with four in-situ slots to choose from on validation (3 layers at 10-12 and 27-29, 6 layers at 10-15 and "
     "24-29)"
@@ -495,20 +501,20 @@ def main() -> None:
         todo = []
     recipient, tok = load_smollm2() if todo else (None, None)
     try:
-        for domain, seed in todo if args.upgrade else []:
+        for domain, seed in todo:
             path = run_file(name, domain, seed)
-            if not path.is_file():
-                print(f"{domain}:{seed}: not on record, nothing to upgrade")
-                continue
-            run = json.loads(path.read_text())
-            chosen = run["selection"].get(run["in_situ_slot"], {}).get("chosen_lr")
-            if run.get("protocol") != PROTOCOL or run["results"]["in_situ"]["lr"] != chosen:
-                path.write_text(json.dumps(upgrade(run, preset, recipient, tok), indent=2, default=str))
-        for domain, seed in [] if args.upgrade else todo:
-            started = time.time()
-            run = run_one(domain, seed, preset, recipient, tok)
-            run.update(protocol=PROTOCOL, machine=machine(), wall_clock_s=round(time.time() - started, 1))
-            path = run_file(name, domain, seed)
+            if args.upgrade:
+                if not path.is_file():
+                    print(f"{domain}:{seed}: not on record, nothing to upgrade")
+                    continue
+                run = json.loads(path.read_text())
+                if not needs_upgrade(run):
+                    continue
+                run = upgrade(run, preset, recipient, tok)
+            else:
+                started = time.time()
+                run = run_one(domain, seed, preset, recipient, tok)
+                run.update(protocol=PROTOCOL, machine=machine(), wall_clock_s=round(time.time() - started, 1))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(run, indent=2, default=str))
     finally:

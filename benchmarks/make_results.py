@@ -260,7 +260,7 @@ def gain_claims(gain: dict, speed: dict | None) -> list[str]:
             lines.append(
                 f"  The in-situ slot chosen before the 6-layer slots were added ({old['slot'].removeprefix('in_situ_')}"
                 f", now superseded on validation) scored {old['row']['test_ppl']:.2f} on test "
-                f"({old['row']['test_ppl'] / res[lora]['test_ppl']:.3f}x the best LoRA)."
+                f"({old['row']['ratio_to_best_lora']:.3f}x the best LoRA)."
             )
     met = [d for d, r in ratios.items() if sum(r) / len(r) <= 1.0]
     lines.append(
