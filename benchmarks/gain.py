@@ -66,7 +66,7 @@ from quality import held_out, ppl  # noqa: E402
 import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
 from not_hub.prefix_cache import PrefixCache, blocks_to_cache  # noqa: E402
-from not_hub.training import TrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
+from not_hub.training import OrganTrainingArguments, fit_parameters, recover, train_organ  # noqa: E402
 
 ORGAN, TAIL = (10, 13), (27, 30)
 # The in-situ slots the organ may take (chosen on validation). v3 added the 6-layer ones: at 3 layers the organ trails
@@ -173,7 +173,7 @@ def train_method(
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         params = list(model.parameters())
-    m = fit_parameters(model, params, data, TrainingArguments(**args_for(preset, seed, lr, seconds)), method)
+    m = fit_parameters(model, params, data, OrganTrainingArguments(**args_for(preset, seed, lr, seconds)), method)
     return model.eval(), {"tokens_seen": m.tokens_seen, "train_s": m.wall_clock_s - m.validation_s}
 
 

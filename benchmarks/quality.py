@@ -31,7 +31,7 @@ import not_hub  # noqa: E402
 from not_hub.data import BlockData, make_blocks  # noqa: E402
 from not_hub.evaluation import perplexity, position_sweep  # noqa: E402
 from not_hub.plots import sweep_figure  # noqa: E402
-from not_hub.training import TrainingArguments, fit_parameters, recover, train_bridges, train_organ  # noqa: E402
+from not_hub.training import OrganTrainingArguments, fit_parameters, recover, train_bridges, train_organ  # noqa: E402
 
 PRESETS = {
     "quick": dict(
@@ -96,7 +96,7 @@ def train_args(preset: dict, seed: int, lr: float, *, budget: bool, epochs: floa
     )
 
 
-def baseline_model(kind: str, recipient, blocks: BlockData, args: TrainingArguments):
+def baseline_model(kind: str, recipient, blocks: BlockData, args: OrganTrainingArguments):
     """A copy of the recipient with peft LoRA (r=8, alpha=16, q/k/v/o) or every weight trained by the same loop."""
     model = copy.deepcopy(recipient)
     if kind == "lora":
@@ -115,7 +115,7 @@ def baseline_model(kind: str, recipient, blocks: BlockData, args: TrainingArgume
 
 def run_baseline(kind: str, recipient, blocks: BlockData, test, tok, preset, seed, budget: bool) -> dict:
     """peft LoRA or full fine-tuning on a copy of the recipient, trained by the same loop as the organs."""
-    args = TrainingArguments(**train_args(preset, seed, preset["lr"][kind], budget=budget))
+    args = OrganTrainingArguments(**train_args(preset, seed, preset["lr"][kind], budget=budget))
     model, metrics = baseline_model(kind, recipient, blocks, args)
     return {"test_ppl": ppl(model, test, tok), "train_s": metrics.wall_clock_s, "steps": metrics.steps}
 

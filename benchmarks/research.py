@@ -38,7 +38,7 @@ import not_hub  # noqa: E402
 from not_hub.evaluation import position_sweep  # noqa: E402
 from not_hub.integrity import tensor_sha256  # noqa: E402
 from not_hub.plots import sweep_figure  # noqa: E402
-from not_hub.training import TrainingArguments, recover, train_organ  # noqa: E402
+from not_hub.training import OrganTrainingArguments, recover, train_organ  # noqa: E402
 
 DATA_KEYS = ("train_blocks", "block", "val_docs", "test_docs", "eval_chars", "epochs", "recovery_epochs", "lr")
 PRESETS = {
@@ -100,7 +100,7 @@ def not_with_recovery(organ, recipient, data, preset, lr, position, docs: dict, 
 
 
 def baseline(kind, recipient, data, preset, lr, docs: dict, epochs=None) -> dict:
-    model, metrics = baseline_model(kind, recipient, data, TrainingArguments(**args_for(preset, lr, epochs)))
+    model, metrics = baseline_model(kind, recipient, data, OrganTrainingArguments(**args_for(preset, lr, epochs)))
     out = {name: ppl(model, d, TOK) for name, d in docs.items()}
     out["train_s"] = metrics.wall_clock_s
     return out

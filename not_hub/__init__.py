@@ -7,7 +7,7 @@ Example:
     ```python
     >>> import not_hub
     >>> organ = not_hub.extract_organ(donor, layer_range=(10, 13))
-    >>> not_hub.train_organ(organ, donor, blocks, epochs=1)
+    >>> not_hub.train_organ(organ, donor, blocks, max_seconds=120)
     >>> organ.save_pretrained("my-organ")
     >>> organ = not_hub.OrganModel.from_pretrained("my-organ")
     >>> with organ.transplanted(recipient, position=10) as transplant:
@@ -22,13 +22,15 @@ from .adapters import check_adapter, load_adapter, push_adapter, save_adapter
 from .architectures import SUPPORTED_MODEL_TYPES, resolve_architecture
 from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
-from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents
+from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks
 from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
 from .extraction import default_layer_range, excise, extract_organ
+from .grafting import get_organ_model, trainable_parameters, unload_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
-from .training import TrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
+from .trainer import OrganTrainer, WallClockBudget
+from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
@@ -36,6 +38,7 @@ AutoConfig.register(OrganConfig.model_type, OrganConfig, exist_ok=True)
 AutoModel.register(OrganConfig, OrganModel, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_LR",
     "MODES",
     "SUPPORTED_MODEL_TYPES",
     "BlockData",
@@ -45,18 +48,21 @@ __all__ = [
     "OrganConfig",
     "OrganInfo",
     "OrganModel",
+    "OrganTrainer",
+    "OrganTrainingArguments",
     "PerplexityResult",
     "SweepResult",
-    "TrainingArguments",
     "TrainingMetrics",
     "Transplant",
     "TransplantPlan",
+    "WallClockBudget",
     "__version__",
     "check_adapter",
     "default_layer_range",
     "errors",
     "excise",
     "extract_organ",
+    "get_organ_model",
     "list_organs",
     "load_adapter",
     "load_documents",
@@ -70,8 +76,11 @@ __all__ = [
     "resolve_architecture",
     "save_adapter",
     "split_documents",
+    "stream_blocks",
     "train_bridges",
     "train_organ",
+    "trainable_parameters",
     "transplants_of",
+    "unload_organ",
     "valid_positions",
 ]

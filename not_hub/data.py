@@ -222,7 +222,14 @@ class BlockData:
 
     @property
     def block_size(self) -> int:
+        if "block_size" in self.description:
+            return self.description["block_size"]
         return len(self.train[0]["input_ids"])
+
+    @property
+    def streamed(self) -> bool:
+        """Whether `train` is a stream (a `datasets.IterableDataset`, read once per epoch, never held in memory)."""
+        return not hasattr(self.train, "__len__")
 
 
 def make_blocks(
@@ -253,3 +260,165 @@ def make_blocks(
         validation=validation if validation is not None and len(validation) else None,
         description=description,
     )
+
+
+# ----------------------------------------------------------------------------------------------------- streaming
+
+
+def _bucket(text: str, seed: int, validation: float, test: float) -> str:
+    """Which split a document belongs to, from a seeded hash of its text alone: a stream can be split by document
+    without holding it (the same document always lands in the same split, whatever the order or the corpus size)."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}|{text}".encode()).digest()[:8], "big") / 2**64
+    return "validation" if u < validation else "test" if u < validation + test else "train"
+
+
+def _stream_source(source, *, text_field, unit, split, revision, suffixes) -> datasets.IterableDataset:
+    path = Path(source)
+    try:
+        if path.is_dir() or (path.is_file() and path.suffix not in (".json", ".jsonl")):
+            files = (
+                sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+                if path.is_dir()
+                else [str(path)]
+            )
+            if not files:
+                raise DataFileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
+            unit = unit or ("file" if path.is_dir() else "paragraph")
+            sample_by = {"file": "document", "line": "line", "paragraph": "paragraph"}.get(unit)
+            if sample_by is None:
+                raise InvalidArgumentError(f"unit={unit!r} is not one of 'file', 'line', 'paragraph'")
+            return datasets.load_dataset("text", data_files=files, sample_by=sample_by, streaming=True, split="train")
+        if path.is_file():
+            ds = datasets.load_dataset("json", data_files=str(path), streaming=True, split="train")
+        elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+            ds = datasets.load_dataset(str(source), split=split, revision=revision, streaming=True)
+        else:
+            raise DataFileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id")
+    except (DataError, InvalidArgumentError):
+        raise
+    except Exception as err:  # datasets wraps decoding/parsing/network failures in many types
+        raise DataError(f"could not stream documents from {source!s} ({type(err).__name__}: {err})") from None
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    return ds.select_columns(["text"])
+
+
+def stream_documents(
+    sources: str | os.PathLike | list,
+    *,
+    bucket: str = "train",
+    validation: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    text_field: str = "text",
+    unit: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    suffixes: tuple[str, ...] = TEXT_SUFFIXES,
+) -> datasets.IterableDataset:
+    """The documents of one split of a corpus, as a `datasets` stream (nothing is read until iterated).
+
+    A document goes to validation, test or train by a seeded hash of its text (`validation` / `test` are the
+    expected shares), so splits are disjoint by document without ever holding the corpus.
+
+    Args:
+        sources: files (text, .jsonl, .json), folders, or Hub dataset ids; one or a list.
+        bucket: "train", "validation" or "test".
+        Others: as `load_documents` and `split_documents`.
+    """
+    if bucket not in ("train", "validation", "test"):
+        raise InvalidArgumentError(f"bucket={bucket!r} is not one of 'train', 'validation', 'test'")
+    for name, value in (("validation", validation), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InvalidArgumentError(f"{name}={value!r} is not a fraction in [0, 1)")
+    if validation + test >= 1:
+        raise InvalidArgumentError(f"validation={validation} and test={test} leave no training documents")
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    opts = dict(text_field=text_field, unit=unit, split=split, revision=revision, suffixes=suffixes)
+    streams = [_stream_source(s, **opts) for s in items]
+    ds = streams[0] if len(streams) == 1 else datasets.concatenate_datasets(streams)
+
+    def keep(example) -> bool:
+        text = (example["text"] or "").strip()
+        return bool(text) and _bucket(text, seed, validation, test) == bucket
+
+    return ds.filter(keep).map(lambda ex: {"text": ex["text"].strip()})
+
+
+def stream_blocks(
+    sources: str | os.PathLike | list,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 256,
+    *,
+    validation: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    max_validation_blocks: int = 64,
+    shuffle_buffer: int = 1000,
+    text_field: str = "text",
+    unit: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+) -> BlockData:
+    """Training blocks streamed from a corpus of any size, packed on the fly; validation blocks held in memory.
+
+    The training split is a `datasets.IterableDataset`: documents are read, shuffled within a buffer of
+    `shuffle_buffer` documents (seeded), tokenised (EOS after each) and packed into `block_size` blocks as training
+    asks for them, so a corpus larger than memory trains in one pass. Packing runs over 256 documents at a time;
+    the tail of each group that does not fill a block is dropped. Validation is the first `max_validation_blocks`
+    blocks of the validation documents (split by document, see `stream_documents`).
+
+    Train with a budget (`max_tokens`, `max_seconds` or `max_steps`): a stream has no length to lay a schedule on.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise InvalidArgumentError(f"block_size={block_size!r} is not allowed; expected an integer >= 2")
+    opts = dict(validation=validation, test=test, seed=seed, text_field=text_field, unit=unit, split=split)
+    opts["revision"] = revision
+    eos = tokenizer.eos_token_id
+
+    def pack(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        stream = [t for x in ids for t in (x + ([eos] if eos is not None else []))]
+        n = len(stream) // block_size
+        return {"input_ids": [stream[i * block_size : (i + 1) * block_size] for i in range(n)]}
+
+    train = stream_documents(sources, bucket="train", **opts).shuffle(seed=seed, buffer_size=shuffle_buffer)
+    train = train.map(pack, batched=True, batch_size=256, remove_columns=["text"]).with_format("torch")
+    docs: list[str] = []
+    tokens = 0
+    if validation:
+        for example in stream_documents(sources, bucket="validation", **opts):
+            docs.append(example["text"])
+            tokens += len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 1
+            if tokens >= max_validation_blocks * block_size:
+                break
+    valid = pack_blocks(docs, tokenizer, block_size) if docs else None
+    if valid is not None and len(valid) > max_validation_blocks:
+        valid = valid.select(range(max_validation_blocks))
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    description = {
+        "sources": [str(s) for s in items],
+        # What a run dir's identity knows a stream by (it is not read twice): names, sizes, modification times.
+        "files": [_file_stamp(s) for s in items],
+        "streamed": True,
+        "split": "by document, seeded hash",
+        "seed": seed,
+        "validation_fraction": validation,
+        "test_fraction": test,
+        "block_size": block_size,
+        "validation_blocks": len(valid) if valid is not None else 0,
+        "shuffle_buffer": shuffle_buffer,
+    }
+    return BlockData(
+        train=train, validation=valid if valid is not None and len(valid) else None, description=description
+    )
+
+
+def _file_stamp(source) -> dict[str, Any] | None:
+    path = Path(source)
+    if path.is_file():
+        return {"path": str(path.resolve()), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"path": str(path.resolve()), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return None

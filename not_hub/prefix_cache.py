@@ -1,25 +1,26 @@
-"""In-situ training at close to standalone speed: the frozen layers below the organ are run once, not every epoch.
+"""In-situ training at close to standalone speed: the frozen layers below the organ run once per block, not per visit.
 
-In-situ training puts the organ at its slot inside the frozen donor, so the layers below it ([0, start)) see the
-same input every epoch and give the same output: the hidden state entering layer `start`. `PrefixCache` computes
-that output once per block, without gradients, and keeps it in memory (within a byte budget) or in a memory-mapped
-safetensors file. `cached_model` then trains on a shell of the donor in which one stand-in module replaces the
-prefix layers and returns the cached hidden state of the current batch; everything else (embedding lookup, rotary
-positions, masks, the organ, the layers above it, final norm, head, logit soft-capping) is the family's own forward,
-so the losses equal the uncached run's within float tolerance. Cost per token: `hidden_size * 4` bytes (fp32).
+In-situ training puts the organ at its slot inside the frozen donor, so the layers below it ([0, start)) give the
+same output every time a block is seen: the hidden state entering layer `start`. `PrefixCache` keeps that output
+the first time training (or validation) visits a block and hands it back on later visits. It fills lazily: no pass
+over the corpus before the first step, so the first epoch costs what the uncached run costs and a corpus seen once
+costs nothing extra; only repeated blocks (later epochs, validation) get cheaper. It stays within a memory limit
+and then a disk limit (an anonymous temporary file, which the OS deletes when the process ends, crash included);
+blocks beyond both are recomputed. `CachedPrefixModel` trains on a shell of the donor in which one stand-in module
+replaces the prefix layers and returns the hidden state of the current batch; everything else (embedding lookup,
+rotary positions, masks, the organ, the layers above it, final norm, head, soft-capping) is the family's own
+forward, so the losses equal the uncached run's within float tolerance. Cost: `hidden_size * 4` bytes per token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .architectures import build_shell, get_layer_stack, resolve_architecture
@@ -27,12 +28,12 @@ from .errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_LIMIT = 2 * 2**30  # bytes of cached hidden states kept in memory; more goes to a mapped file
-_KEY = "hidden_states"
+DEFAULT_MEMORY_LIMIT = 2 * 2**30  # bytes of cached hidden states kept in memory
+DEFAULT_DISK_LIMIT = 16 * 2**30  # then this many bytes in an anonymous temporary file; beyond, recomputed
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: everything above the prefix is not needed while filling the cache."""
+    """Raised by the capture hook: everything above the prefix is not needed while computing it."""
 
 
 def prefix_dropout(model: nn.Module, start: int) -> str | None:
@@ -52,94 +53,168 @@ def prefix_dropout(model: nn.Module, start: int) -> str | None:
     return None
 
 
+def _key(row: torch.Tensor) -> bytes:
+    # 16 bytes per block instead of its token ids (2 KB for 256 int64 tokens): keys of a 10M-token corpus fit in MBs.
+    return hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest()
+
+
 class PrefixCache:
-    """The hidden state entering decoder layer `start`, (T, C) per block, looked up by the block's token ids.
+    """The hidden state entering decoder layer `start`, (T, C) per block, kept as training first visits each block.
+
+    Args:
+        model: the donor (its layers [0, start) are run, without gradients, on a block not cached yet).
+        start: the first layer *not* covered by the cache (the organ's first layer).
+        memory_limit: bytes of hidden states kept in memory.
+        disk_limit: bytes kept after that in an anonymous temporary file (in `cache_dir`, default the system's
+            temporary folder; it has no name, so nothing is left behind even by a crash).
+        cache_dir: where that file lives.
 
     Attributes:
-        start: the first layer *not* covered by the cache (the organ's first layer).
-        nbytes: bytes of cached hidden states. bytes_per_token: `nbytes / tokens` (hidden_size * element size).
-        path: the safetensors file backing the cache when it exceeded the memory limit (else None).
+        hits / misses: block lookups answered from the cache / computed. uncached: computed blocks that did not fit.
+        memory_bytes / disk_bytes: bytes held in each. bytes_per_token: hidden_size * element size.
     """
 
     def __init__(
-        self, start: int, rows: dict[bytes, int], tensor: torch.Tensor | None, path: Path | None, shape, dtype
+        self,
+        model: nn.Module,
+        start: int,
+        *,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        disk_limit: int = DEFAULT_DISK_LIMIT,
+        cache_dir: str | os.PathLike | None = None,
     ):
-        self.start, self._rows, self._tensor, self.path, self.shape, self.dtype = (
-            start,
-            rows,
-            tensor,
-            path,
-            shape,
-            dtype,
-        )
-        self._file = safe_open(str(path), framework="pt") if path is not None else None
+        for name, value in (("memory_limit", memory_limit), ("disk_limit", disk_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgumentError(f"{name}={value!r} is not allowed; expected a number of bytes >= 0")
+        self.model, self.start = model, start
+        self.memory_limit, self.disk_limit, self.cache_dir = memory_limit, disk_limit, cache_dir
+        self._memory: dict[bytes, torch.Tensor] = {}
+        self._disk: dict[bytes, int] = {}  # key -> byte offset in the file
+        self._file = None
+        self.memory_bytes = self.disk_bytes = 0
+        self.hits = self.misses = self.uncached = 0
         self.returns_tuple = False
-        self.source: tuple = ()  # which weights (and which in-place version of them) produced the cache
+        self.row_shape: tuple[int, int] | None = None  # (T, C)
+        self.dtype: torch.dtype | None = None
+        self.source = _fingerprint(model, start)  # which weights (and in-place versions of them) produce the states
 
     @property
     def nbytes(self) -> int:
-        n, t, c = self.shape
-        return n * t * c * self.dtype.itemsize
+        return self.memory_bytes + self.disk_bytes
 
     @property
     def bytes_per_token(self) -> int:
-        return self.shape[2] * self.dtype.itemsize
+        return self.row_shape[1] * self.dtype.itemsize if self.row_shape else 0
 
-    def covers(self, blocks: list[torch.Tensor]) -> bool:
-        """Whether every block (rows of (N, T) token ids) was seen when the cache was built."""
-        return all(row.numpy().tobytes() in self._rows for ids in blocks for row in ids.to(torch.int64))
+    def stats(self) -> dict[str, Any]:
+        """What the cache held and did (stored in the organ's training metadata)."""
+        return {
+            "bytes": self.nbytes,
+            "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "blocks": len(self._memory) + len(self._disk),
+            "hits": self.hits,
+            "misses": self.misses,
+            "uncached": self.uncached,
+            "memory_limit": self.memory_limit,
+            "disk_limit": self.disk_limit,
+        }
 
-    def check_reuse(self, model: nn.Module, start: int, blocks: list[torch.Tensor]) -> None:
-        """Refuse to reuse this cache for another model, another slot, changed weights or unseen blocks."""
+    def check_reuse(self, model: nn.Module, start: int) -> None:
+        """Refuse to reuse this cache for another model, another slot or changed weights."""
         problems = []
         if start != self.start:
             problems.append(f"it holds the input of layer {self.start}, the organ starts at layer {start}")
-        if _fingerprint(model, self.start) != self.source:
+        if model is not self.model or _fingerprint(model, self.start) != self.source:
             problems.append("it was built from another model, or the frozen weights below the organ changed since")
-        if not problems and not self.covers(blocks):
-            problems.append("some training or validation blocks were not seen when it was built")
         if problems:
             raise InvalidArgumentError(
-                f"prefix_cache cannot be reused: {'; '.join(problems)}. Build it with PrefixCache.build(model, "
-                f"{start}, blocks) from this model and these blocks, or pass prefix_cache=None"
+                f"prefix_cache cannot be reused: {'; '.join(problems)}. Make one with PrefixCache(model, {start}) "
+                "from this model, or pass prefix_cache=None"
             )
 
+    def __contains__(self, row: torch.Tensor) -> bool:
+        key = _key(row.detach().to("cpu", torch.int64))
+        return key in self._memory or key in self._disk
+
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Cached hidden states (B, T, C) of a batch of blocks (B, T) seen when the cache was built."""
-        keys = [row.numpy().tobytes() for row in input_ids.detach().to("cpu", torch.int64)]
-        try:
-            index = [self._rows[key] for key in keys]
-        except KeyError:
-            raise AssertionError("a block the prefix cache was not built for") from None  # internal invariant
-        if self._tensor is not None:
-            return self._tensor[index]
-        part = self._file.get_slice(_KEY)
-        return torch.stack([part[i] for i in index])
+        """Hidden states (B, T, C) entering layer `start` for a batch of blocks (B, T): cached, or computed now
+        (and kept if there is room)."""
+        rows = input_ids.detach().to("cpu", torch.int64)
+        keys = [_key(row) for row in rows]
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        missing = []
+        for i, key in enumerate(keys):
+            if key in self._memory:
+                out[i] = self._memory[key]
+            elif key in self._disk:
+                out[i] = self._read(self._disk[key])
+            else:
+                missing.append(i)
+        self.hits += len(keys) - len(missing)
+        if missing:
+            hidden = self._compute(input_ids[missing])
+            self.misses += len(missing)
+            for j, i in enumerate(missing):
+                out[i] = hidden[j]
+                self._store(keys[i], hidden[j])
+        return torch.stack(out)
+
+    def fill(self, blocks: list[torch.Tensor], batch_size: int = 8) -> PrefixCache:
+        """Compute and keep the states of these blocks ((N, T) tensors of token ids) now, e.g. once for a sweep."""
+        for ids in blocks:
+            for i in range(0, len(ids), batch_size):
+                self.lookup(ids[i : i + batch_size])
+        return self
 
     @classmethod
+    def build(cls, model: nn.Module, start: int, blocks: list[torch.Tensor], *, batch_size: int = 8, **limits):
+        """A cache of `model` at `start` already holding `blocks` (see `fill`)."""
+        return cls(model, start, **limits).fill(blocks, batch_size)
+
+    def close(self) -> None:
+        """Drop every cached state and close the temporary file (the OS frees its space)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory.clear()
+        self._disk.clear()
+        self.memory_bytes = self.disk_bytes = 0
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def _store(self, key: bytes, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if self.memory_bytes + size <= self.memory_limit:
+            self._memory[key] = hidden.clone()  # a row of a batch tensor would keep the whole batch alive
+            self.memory_bytes += size
+        elif self.disk_bytes + size <= self.disk_limit:
+            if self._file is None:
+                # No name on disk (O_TMPFILE / unlinked at once): nothing to clean up after a crash.
+                self._file = tempfile.TemporaryFile(prefix="not_hub-prefix-", dir=self.cache_dir)
+            os.pwrite(self._file.fileno(), hidden.contiguous().view(torch.uint8).numpy().tobytes(), self.disk_bytes)
+            self._disk[key] = self.disk_bytes
+            self.disk_bytes += size
+        else:
+            self.uncached += 1
+
+    def _read(self, offset: int) -> torch.Tensor:
+        t, c = self.row_shape
+        size = t * c * self.dtype.itemsize
+        raw = bytearray(os.pread(self._file.fileno(), size, offset))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype).view(t, c)
+
     @torch.no_grad()
-    def build(
-        cls,
-        model: nn.Module,
-        start: int,
-        blocks: list[torch.Tensor],
-        *,
-        batch_size: int = 8,
-        memory_limit: int = DEFAULT_MEMORY_LIMIT,
-        cache_dir: str | os.PathLike | None = None,
-    ) -> PrefixCache:
-        """Run `model`'s layers [0, start) once over every distinct block (each a (N, T) tensor of token ids)."""
-        stack = get_layer_stack(model)
-        rows: dict[bytes, int] = {}
-        unique = []
-        for ids in blocks:
-            for row in ids.to(torch.int64):
-                key = row.numpy().tobytes()
-                if key not in rows:
-                    rows[key] = len(unique)
-                    unique.append(row)
+    def _compute(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the donor up to layer `start` (its own forward: embeddings, positions, masks) and capture the input."""
+        stack = get_layer_stack(self.model)
         captured: list[torch.Tensor] = []
-        returns_tuple = [False]
 
         def capture(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -147,57 +222,27 @@ class PrefixCache:
             raise _Stop
 
         def kind(module, args, output):
-            returns_tuple[0] = isinstance(output, tuple)
+            self.returns_tuple = isinstance(output, tuple)
 
-        handles = [stack[start].register_forward_pre_hook(capture, with_kwargs=True)]
-        if start > 0:
-            handles.append(stack[start - 1].register_forward_hook(kind))
-        # Frozen layers run without dropout here; the uncached run matches when the family's dropout is 0 (the
-        # default of every decoder family not_hub knows).
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
+        handles = [stack[self.start].register_forward_pre_hook(capture, with_kwargs=True)]
+        if self.start > 0:
+            handles.append(stack[self.start - 1].register_forward_hook(kind))
+        # Frozen layers run without dropout; training refuses the cache when the family has dropout below the organ.
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        device = next(self.model.parameters()).device
         try:
-            for i in range(0, len(unique), batch_size):
-                ids = torch.stack(unique[i : i + batch_size]).to(device)
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
+            self.model(input_ids=input_ids.to(device), use_cache=False)
+        except _Stop:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
-            model.train(was_training)
-        hidden = torch.cat(captured) if captured else torch.empty(0)
-        shape = tuple(hidden.shape)
-        if hidden.numel() * hidden.element_size() <= memory_limit:
-            cache = cls(start, rows, hidden, None, shape, hidden.dtype)
-        else:
-            folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="not_hub-prefix-"))
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"prefix-{start}.safetensors"
-            save_file({_KEY: hidden.contiguous()}, path)
-            dtype = hidden.dtype
-            del hidden
-            cache = cls(start, rows, None, path, shape, dtype)
-        cache.returns_tuple = returns_tuple[0]
-        cache.source = _fingerprint(model, start)
-        logger.info(
-            "prefix cache: %d blocks, %.1f MB (%d bytes per token) %s",
-            shape[0] if shape else 0,
-            cache.nbytes / 1e6,
-            cache.bytes_per_token if shape else 0,
-            f"mapped from {cache.path}" if cache.path else "in memory",
-        )
-        return cache
-
-
-def blocks_to_cache(data) -> list[torch.Tensor]:
-    """The token-id blocks a prefix cache for `data` (a `BlockData`) must hold: training, and validation if any."""
-    blocks = [data.train[:]["input_ids"]]
-    if data.validation is not None:
-        blocks.append(data.validation[:]["input_ids"])
-    return blocks
+            for module, mode in modes:
+                module.training = mode
+        hidden = captured[0]
+        self.row_shape, self.dtype = tuple(hidden.shape[1:]), hidden.dtype
+        return hidden
 
 
 def _fingerprint(model: nn.Module, start: int) -> tuple:
@@ -249,6 +294,21 @@ class CachedPrefixModel(nn.Module):
         # The layers keep reading the donor's config (their per-layer entries are indexed by their donor layer_idx).
         self.shell = build_shell(model, [self.stand_in, *stack[start:]], per_layer)
         self.config = self.shell.config
+        # What transformers.Trainer reads to count a causal LM's loss tokens (labels shifted by one) and the input
+        main_input_name = "input_ids"
+        self.loss_type = getattr(self.shell, "loss_type", None)
+        self.main_input_name = main_input_name
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Gradient (activation) checkpointing of the layers above the cached prefix (the shell's own)."""
+        enable = (
+            getattr(self.shell, "activation_checkpointing_enable", None) or self.shell.gradient_checkpointing_enable
+        )
+        enable(*args, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.shell, "activation_checkpointing_disable", None)
+        (disable or self.shell.gradient_checkpointing_disable)()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any):
         self.stand_in.current = self.stand_in.cache.lookup(input_ids)

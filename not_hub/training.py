@@ -1,10 +1,12 @@
-"""Training on accelerate: standalone organ training (the paper), in-situ training, recovery, bridge training.
+"""Training on `transformers.Trainer`: standalone organ training (the paper), in-situ training, recovery, bridges.
 
-All four share one loop (`fit_parameters`, public for baselines such as LoRA): AdamW, linear warmup then linear decay, gradient accumulation, mixed precision
-where the hardware has it, multi-process via `accelerate launch`, a progress bar with loss and tokens/s, periodic
-validation with the best weights kept, and resumable checkpoints (a run killed mid-way and resumed reaches the same
-weights as an uninterrupted run: the data order of each epoch depends only on the seed and the epoch).
-Only the parameters being trained get gradients; every other weight is left bit-identical.
+All four share one entry point (`fit_parameters`, public for baselines such as LoRA), which runs the field's own
+`transformers.Trainer` (`not_hub.trainer`): AdamW, warmup then linear decay (over the time budget when there is
+one), gradient accumulation, mixed precision where the hardware has it, multi-process via `accelerate launch`,
+trackers, a progress bar with loss and tokens/s, periodic validation with the best weights kept, and resumable
+checkpoints (a run killed mid-way and resumed reaches the same weights as an uninterrupted run). A run dir records
+which run it belongs to and refuses another. Only the parameters being trained get gradients; every other weight
+is left bit-identical. To train an organ with your own `Trainer` (or TRL's), use `not_hub.get_organ_model`.
 """
 
 from __future__ import annotations
@@ -15,20 +17,14 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from safetensors.torch import load_file, save_file
+from accelerate import PartialState
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
-from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from .architectures import context_length
 from .data import BlockData
@@ -42,8 +38,9 @@ from .errors import (
     UnexpectedArgumentError,
 )
 from .integrity import tensor_sha256
-from .prefix_cache import DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, blocks_to_cache, prefix_dropout
+from .prefix_cache import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
+from .trainer import finished_checkpoints, run_trainer
 from .transplant import Transplant, check_compatibility
 
 logger = logging.getLogger(__name__)
@@ -52,42 +49,65 @@ METHODS = ("standalone", "in_situ", "recovered")
 # The method whose organ, pulled by repo id into a fresh recipient, gave the best test perplexity at equal
 # wall-clock in benchmarks/gain.py (see the README); the paper's "standalone" is one argument away.
 DEFAULT_METHOD = "in_situ"
-_STATE_FILE = "trainer_state.json"
-_BEST_FILE = "best_params.safetensors"
+# Peak learning rates when none is given, from benchmarks/gain.py's validation choices over four domains and six
+# runs (the median choice per method): in situ 1e-3 (middle slots chose 1e-3-3e-3, tail slots 3e-4-1e-3), the
+# standalone wrapper 1e-4, recovery and bridges 1e-3 (as in situ: whole layers inside the recipient), LoRA 3e-3,
+# full fine-tuning 3e-4. The paper's 1e-4 suits only the standalone wrapper.
+DEFAULT_LR = {
+    "standalone": 1e-4,
+    "in_situ": 1e-3,
+    "recovered": 1e-3,
+    "recovery": 1e-3,
+    "bridges": 1e-3,
+    "lora": 3e-3,
+    "full": 3e-4,
+}
 _IDENTITY_FILE = "run_identity.json"
 
 
 @dataclass
-class TrainingArguments:
-    """Hyper-parameters of a training run (paper defaults: 5 epochs, lr 1e-4, 10% linear warmup, AdamW).
+class OrganTrainingArguments:
+    """Hyper-parameters of a not_hub training run, mapped onto `transformers.TrainingArguments` underneath.
+
+    Defaults are for a corpus seen about once: one epoch, the method's learning rate (`DEFAULT_LR`), 5% warmup then
+    linear decay to 0. With a budget (`max_seconds`, `max_tokens`, `max_steps`) the schedule is laid out over the
+    budget, so warmup and decay complete within it whichever binds first.
 
     Args:
-        epochs: passes over the training blocks.
-        lr: peak learning rate.
-        warmup_ratio: fraction of optimizer steps with linear warmup (then linear decay to 0).
+        epochs: passes over the training blocks (a streamed corpus: passes over the stream).
+        lr: peak learning rate (None: the method's default, `DEFAULT_LR`).
+        warmup_ratio: share of the run (steps, or of the time budget) with linear warmup (then linear decay to 0).
         weight_decay: AdamW weight decay.
         batch_size: blocks per process per micro-batch.
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_grad_norm: gradient clipping (None: off).
         max_steps: stop after this many optimizer steps (the schedule is laid out for them).
-        max_seconds: also stop once training has run this long (wall-clock budget; the schedule is not shortened).
-        eval_every: validate every N optimizer steps (default: once per epoch); the best weights are kept.
-        save_every: write a resumable checkpoint every N optimizer steps into `output_dir` (default: each epoch).
+        max_tokens: stop once this many training tokens were seen, all processes together (becomes a step count).
+        max_seconds: stop once training (validation excluded) has run this long; the schedule follows the budget.
+        eval_every: validate every N optimizer steps (default: once per epoch, or every 100 steps on a stream);
+            the best weights are kept.
+        save_every: write a resumable checkpoint every N optimizer steps into `output_dir` (default: eval_every).
         output_dir: where checkpoints go; `None` trains without checkpoints.
-        resume: continue from the newest checkpoint in `output_dir` if there is one.
+        resume: continue from the newest complete checkpoint in `output_dir` if there is one; False starts over
+            (the old run's identity and checkpoints are replaced before anything else).
         seed: seeds the data order and initialisation-free randomness.
         mixed_precision: "no", "bf16" or "fp16" (default: bf16 on a CUDA GPU, otherwise no).
         progress: show a progress bar (main process only).
+        report_to: trackers, as in `transformers.TrainingArguments` ("none", "tensorboard", "wandb", ...).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more compute).
+        trainer_args: further `transformers.TrainingArguments` fields, applied last (e.g. `{"fsdp": "full_shard"}`,
+            `{"deepspeed": "ds.json"}`, `{"optim": "adamw_torch_fused"}`).
     """
 
-    epochs: float = 5.0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    lr: float | None = None
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
     max_steps: int | None = None
+    max_tokens: int | None = None
     max_seconds: float | None = None
     eval_every: int | None = None
     save_every: int | None = None
@@ -96,8 +116,11 @@ class TrainingArguments:
     seed: int = 0
     mixed_precision: str | None = None
     progress: bool = True
+    report_to: str | list[str] = "none"
+    gradient_checkpointing: bool = False
+    trainer_args: dict[str, Any] | None = None
 
-    def validate(self) -> TrainingArguments:
+    def validate(self) -> OrganTrainingArguments:
         """Refuse values that would be silently reinterpreted (a zero length, a NaN rate, ...); return self.
 
         Raises:
@@ -116,7 +139,7 @@ class TrainingArguments:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is not allowed; expected {allowed}")
 
         check("epochs", number("epochs", self.epochs) > 0, "epochs > 0 (use max_steps for a number of steps)")
-        check("lr", number("lr", self.lr) > 0, "a learning rate > 0")
+        check("lr", self.lr is None or number("lr", self.lr) > 0, "a learning rate > 0, or None (the default)")
         check("warmup_ratio", 0 <= number("warmup_ratio", self.warmup_ratio) < 1, "0 <= warmup_ratio < 1")
         check("weight_decay", number("weight_decay", self.weight_decay) >= 0, "weight_decay >= 0")
         check("batch_size", number("batch_size", self.batch_size, integer=True) >= 1, "batch_size >= 1")
@@ -125,7 +148,7 @@ class TrainingArguments:
             number("gradient_accumulation_steps", self.gradient_accumulation_steps, integer=True) >= 1,
             "gradient_accumulation_steps >= 1",
         )
-        for name in ("max_steps", "eval_every", "save_every"):
+        for name in ("max_steps", "max_tokens", "eval_every", "save_every"):
             value = getattr(self, name)
             check(name, value is None or number(name, value, integer=True) >= 1, f"{name} >= 1, or None")
         check(
@@ -144,19 +167,31 @@ class TrainingArguments:
             self.mixed_precision in (None, "no", "bf16", "fp16"),
             "None (bf16 on a CUDA GPU, else no), 'no', 'bf16' or 'fp16'",
         )
+        check("trainer_args", self.trainer_args is None or isinstance(self.trainer_args, dict), "a dict, or None")
         return self
 
 
 # Fields that may change between a run and its resumption (they do not change what the weights become).
-_RESUMABLE_FIELDS = frozenset({"output_dir", "resume", "progress", "max_seconds"})
+_RESUMABLE_FIELDS = frozenset({"output_dir", "resume", "progress", "max_seconds", "report_to"})
 
 
-def _args(args: TrainingArguments | None, kwargs: dict) -> TrainingArguments:
-    args = TrainingArguments(**asdict(args)) if args is not None else TrainingArguments()
+def _args(args: OrganTrainingArguments | None, kwargs: dict, *, lr: float | None = None) -> OrganTrainingArguments:
+    if args is not None and not isinstance(args, OrganTrainingArguments):
+        raise InvalidArgumentError(
+            f"args={type(args).__name__} is not an OrganTrainingArguments; pass not_hub.OrganTrainingArguments(...) "
+            "(its trainer_args take any transformers.TrainingArguments field), or train with transformers.Trainer "
+            "on not_hub.get_organ_model(organ, model)"
+        )
+    args = OrganTrainingArguments(**asdict(args)) if args is not None else OrganTrainingArguments()
     for key, value in kwargs.items():
         if not hasattr(args, key):
-            raise UnexpectedArgumentError(f"unknown training argument {key!r}; see not_hub.training.TrainingArguments")
+            raise UnexpectedArgumentError(
+                f"unknown training argument {key!r}; see not_hub.OrganTrainingArguments (trainer_args= passes "
+                "transformers.TrainingArguments fields)"
+            )
         setattr(args, key, value)
+    if args.lr is None and lr is not None:
+        args.lr = lr
     return args.validate()
 
 
@@ -165,11 +200,12 @@ class TrainingMetrics:
     """What a training run did, returned by every training function (and stored, as a dict, in the organ's config).
 
     Attributes:
-        steps: optimizer steps taken. epochs: passes over the training blocks (fractional with `max_steps`).
+        steps: optimizer steps taken. epochs: passes over the training blocks (fractional with a budget).
         tokens_seen: training tokens, all processes together. wall_clock_s: training time including validation;
-        validation_s: the validation part. final_train_loss: an EMA of the training loss. best_validation_loss /
-        best_step: the kept weights' validation loss and step (None without validation data). history: one entry
-        per validation. The rest echo the run's settings.
+        validation_s: the validation part. first_step_s: training time until the first optimizer step had finished.
+        final_train_loss: an EMA of the training loss. best_validation_loss / best_step: the kept weights'
+        validation loss and step (None without validation data). history: one entry per validation. The rest echo
+        the run's settings.
     """
 
     steps: int
@@ -188,6 +224,7 @@ class TrainingMetrics:
     wall_clock_s: float
     validation_s: float
     history: list[dict[str, Any]]
+    first_step_s: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -210,6 +247,9 @@ class _Frozen:
     def __enter__(self):
         self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.was_training = self.model.training
+        self.checkpointing = _checkpointing(self.model)
+        config = getattr(self.model, "config", None)
+        self.use_cache = config.__dict__.get("use_cache", _MISSING) if config is not None else _MISSING
         ids = {id(p) for p in self.trainable}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in ids)
@@ -219,7 +259,19 @@ class _Frozen:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         self.model.train(self.was_training)
+        if _checkpointing(self.model) and not self.checkpointing:
+            disable = getattr(self.model, "activation_checkpointing_disable", None)
+            (disable or self.model.gradient_checkpointing_disable)()
+        if self.use_cache is not _MISSING:  # Trainer turns the KV cache off for training; the model keeps its own
+            self.model.config.use_cache = self.use_cache
         return False
+
+
+_MISSING = object()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 @torch.no_grad()
@@ -238,17 +290,6 @@ def validation_loss(model: nn.Module, blocks, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
-def _over_budget(args: TrainingArguments, state: dict) -> bool:
-    # The budget counts training time only: validation passes are bookkeeping, not the method's cost.
-    training_s = state["wall_clock_s"] - state.get("validation_s", 0.0)
-    return args.max_seconds is not None and training_s >= args.max_seconds
-
-
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / _STATE_FILE).is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _sha256_of(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -256,8 +297,22 @@ def _sha256_of(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _data_sha256(dataset, description: dict) -> str | None:
+    if dataset is None:
+        return None
+    if hasattr(dataset, "__len__"):
+        return _sha256_of([dataset[:]["input_ids"]])
+    # A stream is not read twice to name it: its description (sources, sizes, split, seed) stands for it.
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_identity(
-    model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str, mixed: str
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: BlockData,
+    args: OrganTrainingArguments,
+    label: str,
+    mixed: str,
 ) -> dict[str, Any]:
     """What a run dir's weights depend on: the starting weights, the frozen model, the data and the
     hyper-parameters. A run dir records it when training starts; resuming with anything else is refused."""
@@ -271,25 +326,28 @@ def run_identity(
         "initial_trainable_sha256": _sha256_of(params),
         "frozen_model_sha256": _sha256_of(frozen),
         "model_config_sha256": hashlib.sha256(config.to_json_string().encode()).hexdigest() if config else None,
-        "train_data_sha256": _sha256_of([data.train[:]["input_ids"]]),
-        "validation_data_sha256": _sha256_of([data.validation[:]["input_ids"]])
-        if data.validation is not None
-        else None,
+        "train_data_sha256": _data_sha256(data.train, data.description),
+        "validation_data_sha256": _data_sha256(data.validation, data.description),
         "hyper_parameters": {k: v for k, v in sorted(asdict(args).items()) if k not in _RESUMABLE_FIELDS}
         | {"mixed_precision": mixed},
     }
 
 
-def _check_run_dir(output_dir: Path, identity: dict, args: TrainingArguments, is_main: bool) -> None:
-    """Refuse a run dir started by another run; record this run's identity in a fresh one."""
+def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArguments, is_main: bool) -> None:
+    """Refuse a run dir started by another run; record this run's identity in a fresh one.
+
+    Starting over (`resume=False`) replaces the identity *first* and only then deletes the old checkpoints, so a
+    kill at any point leaves either the old run whole or a run dir that names the new run: never one run's
+    checkpoints under another's identity.
+    """
     path = output_dir / _IDENTITY_FILE
-    has_checkpoints = _latest_checkpoint(output_dir) is not None if output_dir.is_dir() else False
+    has_checkpoints = bool(finished_checkpoints(output_dir)) if output_dir.is_dir() else False
     if path.is_file() and args.resume:
         try:
             recorded = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
             raise CheckpointFormatError(f"{path} is unreadable ({err}); delete the run dir or pass another") from None
-        recorded = json.loads(json.dumps(recorded))
+        recorded = json.loads(json.dumps(recorded, default=str))
         mine = json.loads(json.dumps(identity, default=str))
         differs = sorted(k for k in mine if recorded.get(k) != mine[k])
         if "hyper_parameters" in differs:
@@ -312,7 +370,10 @@ def _check_run_dir(output_dir: Path, identity: dict, args: TrainingArguments, is
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = output_dir / f".{_IDENTITY_FILE}.tmp"
         tmp.write_text(json.dumps(identity, indent=2, default=str))
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # this run's identity first ...
+        for old in output_dir.glob("checkpoint-*"):  # ... then the old run's checkpoints go
+            shutil.rmtree(old, ignore_errors=True)
+    PartialState().wait_for_everyone()
 
 
 class _ForwardRestored:
@@ -334,21 +395,50 @@ class _ForwardRestored:
         return False
 
 
+def _steps(data: BlockData, args: OrganTrainingArguments, num_processes: int) -> tuple[int, int | None]:
+    """(optimizer steps the run is laid out for, steps per epoch or None for a stream of unknown length)."""
+    per_step = args.batch_size * args.gradient_accumulation_steps * num_processes
+    limits = []
+    steps_per_epoch = None
+    if hasattr(data.train, "__len__"):
+        micro_per_epoch = math.ceil(len(data.train) / (args.batch_size * num_processes))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
+        limits.append(max(1, math.ceil(steps_per_epoch * args.epochs)))
+    if args.max_steps is not None:
+        limits.append(args.max_steps)
+    if args.max_tokens is not None:
+        limits.append(max(1, math.ceil(args.max_tokens / (per_step * data.block_size))))
+    if not limits and args.max_seconds is not None:
+        limits.append(10**9)  # a stream under a time budget: the clock stops it, and the stream's end
+    if not limits:
+        raise InvalidArgumentError(
+            "a streamed corpus has no known length, so the run cannot be laid out; pass max_tokens (--max-tokens), "
+            "max_seconds (--max-seconds) or max_steps (--max-steps)"
+        )
+    return min(limits), steps_per_epoch
+
+
 def fit_parameters(
-    model: nn.Module, params: list[nn.Parameter], data: BlockData, args: TrainingArguments, label: str = "training"
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: BlockData,
+    args: OrganTrainingArguments,
+    label: str = "training",
 ) -> TrainingMetrics:
-    """The shared loop: train `params` of `model` (everything else frozen) on `data.train`; return metrics.
+    """Train `params` of `model` (everything else frozen) on `data.train` with `transformers.Trainer`.
 
     Used by every not_hub training function, and by the benchmarks for baselines (peft LoRA, full fine-tuning),
     so all methods are trained by the same loop. Leaves the best validation weights in the model, and the model
     otherwise as it found it (requires_grad flags, train/eval mode, its own `forward`: no autocast wrapper).
 
     Raises:
-        InvalidArgumentError: a field of `args` is out of range.
+        InvalidArgumentError: a field of `args` is out of range (a missing `lr` included).
         RunDirMismatchError: `args.output_dir` holds a run started with another model, data or hyper-parameters.
         CheckpointFormatError: the run dir's newest checkpoint is unreadable.
     """
     args.validate()
+    if args.lr is None:
+        raise InvalidArgumentError("lr=None: fit_parameters needs a learning rate (e.g. not_hub.DEFAULT_LR['lora'])")
     limit = context_length(getattr(model, "config", None))
     if limit is not None and data.block_size > limit:
         raise InvalidArgumentError(
@@ -359,177 +449,48 @@ def fit_parameters(
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = args.mixed_precision
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed) != mixed:
-        # accelerate keeps one process-wide state: a bf16 run followed by an fp32 one would be refused. Reset the
-        # accelerator part only (the process group, device and rank stay).
-        AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed)
-    names = {id(p): n for n, p in model.named_parameters()}
-    param_names = [names[id(p)] for p in params]
-
+    num_processes = PartialState().num_processes
+    total_steps, steps_per_epoch = _steps(data, args, num_processes)
+    eval_every = args.eval_every or steps_per_epoch or 100
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None:
         identity = run_identity(model, params, data, args, label, mixed)
-        _check_run_dir(output_dir, identity, args, accelerator.is_main_process)
-
+        _check_run_dir(output_dir, identity, args, PartialState().is_main_process)
+    validate = None
+    if data.validation is not None:
+        validate = lambda: validation_loss(model, data.validation, args.batch_size)  # noqa: E731
     with _Frozen(model, params), _ForwardRestored(model):
         model.train()
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
-        micro_per_epoch = math.ceil(len(data.train) / (args.batch_size * accelerator.num_processes))
-        steps_per_epoch = max(1, math.ceil(micro_per_epoch / args.gradient_accumulation_steps))
-        total_steps = (
-            args.max_steps if args.max_steps is not None else max(1, math.ceil(steps_per_epoch * args.epochs))
+        state = run_trainer(
+            model,
+            params,
+            data,
+            args,
+            label=label,
+            mixed=mixed,
+            output_dir=output_dir,
+            max_steps=total_steps,
+            eval_every=eval_every,
+            validate=validate,
         )
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-        eval_every = args.eval_every or steps_per_epoch
-        save_every = args.save_every or steps_per_epoch
-
-        state = {
-            "step": 0,
-            "tokens_seen": 0,
-            "best_validation_loss": None,
-            "best_step": None,
-            "train_loss": None,
-            "wall_clock_s": 0.0,
-            "history": [],
-        }
-        best: dict[str, torch.Tensor] | None = None
-        checkpoint = _latest_checkpoint(output_dir) if output_dir and args.resume else None
-        if checkpoint is not None:
-            try:
-                accelerator.load_state(str(checkpoint))
-                state = json.loads((checkpoint / _STATE_FILE).read_text())
-                scheduler.load_state_dict(state.pop("scheduler"))
-                if (checkpoint / _BEST_FILE).is_file():
-                    best = load_file(checkpoint / _BEST_FILE)
-            except Exception as err:  # torch, safetensors and json each raise their own type for a damaged file
-                raise CheckpointFormatError(
-                    f"the checkpoint {checkpoint} in run dir {output_dir} cannot be read ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to resume from an earlier "
-                    "one, or start over with resume=False (--no-resume) or another run dir"
-                ) from None
-            logger.warning("resuming %s from %s (step %d of %d)", label, checkpoint, state["step"], total_steps)
-
-        def snapshot() -> dict[str, torch.Tensor]:
-            return {n: p.detach().to("cpu", copy=True) for n, p in zip(param_names, params, strict=True)}
-
-        def save_checkpoint() -> None:
-            if output_dir is None:
-                return
-            accelerator.wait_for_everyone()
-            target = output_dir / f"checkpoint-{state['step']}"
-            tmp = output_dir / f".tmp-checkpoint-{state['step']}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp))
-            accelerator.wait_for_everyone()  # every process has written its part before the folder is renamed
-            if accelerator.is_main_process:
-                if best is not None:
-                    save_file(best, tmp / _BEST_FILE)
-                (tmp / _STATE_FILE).write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)  # a kill mid-save never leaves a half-written checkpoint behind
-                for old in output_dir.glob("checkpoint-*"):
-                    if old != target:
-                        shutil.rmtree(old, ignore_errors=True)
-            accelerator.wait_for_everyone()
-
-        def validate() -> None:
-            nonlocal best
-            if data.validation is None:
-                return
-            t_val = time.perf_counter()
-            loss = validation_loss(accelerator.unwrap_model(wrapped), data.validation, args.batch_size)
-            state["validation_s"] = state.get("validation_s", 0.0) + time.perf_counter() - t_val
-            state["history"].append(
-                {"step": state["step"], "validation_loss": loss, "train_loss": state["train_loss"]}
-            )
-            if state["best_validation_loss"] is None or loss < state["best_validation_loss"]:
-                state["best_validation_loss"], state["best_step"] = loss, state["step"]
-                best = snapshot()
-
-        bar = tqdm(
-            total=total_steps,
-            initial=state["step"],
-            desc=label,
-            unit="step",
-            disable=not (args.progress and accelerator.is_local_main_process),
-        )
-        t_start = time.perf_counter() - state["wall_clock_s"]
-        if state["step"] == 0 and data.validation is not None:
-            validate()  # the starting point counts: training must beat it to be kept
-        state["wall_clock_s"] = time.perf_counter() - t_start
-        while state["step"] < total_steps and not _over_budget(args, state):
-            epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
-            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            loader = DataLoader(
-                data.train,
-                batch_size=args.batch_size,
-                sampler=RandomSampler(data.train, generator=generator),
-                drop_last=False,
-            )
-            loader = accelerator.prepare_data_loader(loader, device_placement=True)
-            if done_in_epoch:
-                loader = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
-            t_tokens, t0 = 0, time.perf_counter()
-            for batch in loader:
-                ids = batch["input_ids"]
-                with accelerator.accumulate(wrapped):
-                    loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                t_tokens += ids.numel() * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                state["step"] += 1
-                state["tokens_seen"] += t_tokens
-                mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
-                ema = state["train_loss"]
-                state["train_loss"] = mean_loss if ema is None else 0.9 * ema + 0.1 * mean_loss
-                rate = t_tokens / max(time.perf_counter() - t0, 1e-9)
-                t_tokens, t0 = 0, time.perf_counter()
-                bar.update(1)
-                bar.set_postfix(loss=f"{state['train_loss']:.3f}", tok_s=f"{rate:,.0f}")
-                state["wall_clock_s"] = time.perf_counter() - t_start
-                if state["step"] % eval_every == 0 or state["step"] == total_steps:
-                    validate()
-                if state["step"] % save_every == 0 or state["step"] == total_steps:
-                    save_checkpoint()
-                if state["step"] >= total_steps or _over_budget(args, state):
-                    break
-        bar.close()
-        if data.validation is not None and (not state["history"] or state["history"][-1]["step"] != state["step"]):
-            validate()  # stopped between validations (time budget): the last weights compete too
-        state["wall_clock_s"] = time.perf_counter() - t_start
-        if best is not None:  # keep the best validation weights
-            with torch.no_grad():
-                for name, p in zip(param_names, params, strict=True):
-                    p.copy_(best[name].to(p.device, p.dtype))
-        accelerator.free_memory()
     return TrainingMetrics(
         steps=state["step"],
-        epochs=args.epochs if not args.max_steps else state["step"] / steps_per_epoch,
+        epochs=(state["step"] / steps_per_epoch) if steps_per_epoch else state["step"] / max(total_steps, 1),
         tokens_seen=state["tokens_seen"],
         lr=args.lr,
         warmup_ratio=args.warmup_ratio,
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
+        num_processes=state["num_processes"],
         mixed_precision=mixed,
         seed=args.seed,
         final_train_loss=state["train_loss"],
         best_validation_loss=state["best_validation_loss"],
         best_step=state["best_step"],
         wall_clock_s=round(state["wall_clock_s"], 2),
-        validation_s=round(state.get("validation_s", 0.0), 2),
+        validation_s=round(state["validation_s"], 2),
         history=state["history"],
+        first_step_s=round(state["first_step_s"], 3) if state["first_step_s"] is not None else None,
     )
 
 
@@ -539,9 +500,10 @@ def train_organ(
     data: BlockData,
     *,
     method: str = DEFAULT_METHOD,
-    args: TrainingArguments | None = None,
+    args: OrganTrainingArguments | None = None,
     cache_prefix: bool = True,
     cache_memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    cache_disk_limit: int = DEFAULT_DISK_LIMIT,
     prefix_cache: PrefixCache | None = None,
     radius: int = 1,
     **kwargs: Any,
@@ -558,16 +520,18 @@ def train_organ(
             side at its slot in the donor for the second half; the organ then *carries* those neighbours: it grows
             into the block `transplant.to_organ()` exports, grafted back by default with a splice).
         radius: with method="recovered", the neighbouring layers recovered on each side.
-        cache_prefix: in situ, run the frozen layers below the organ once per block and reuse their output every
-            epoch (`not_hub.prefix_cache`); the losses equal the uncached run's within float tolerance. A
-            wall-clock budget (`max_seconds`) counts the time spent building the cache.
-        cache_memory_limit: bytes of cached hidden states kept in memory (hidden_size * 4 per token in fp32); a
-            larger cache is written to a memory-mapped safetensors file (in `output_dir`, else a temp folder).
-        prefix_cache: in situ, a `PrefixCache` already built from this donor at the organ's slot over these blocks
-            (e.g. shared by the runs of a learning-rate sweep); it is checked (same slot, same unchanged frozen
-            weights, every block covered: else `InvalidArgumentError`, nothing trained) and its build time is not
-            counted again.
-        args / kwargs: `TrainingArguments` (kwargs override fields, e.g. `epochs=1, lr=3e-4`).
+        cache_prefix: in situ, keep the output of the frozen layers below the organ for each block the first time
+            training (or validation) visits it, and reuse it on later visits (`not_hub.prefix_cache`): there is no
+            pass before the first step, the first epoch costs what the uncached run costs, and the losses equal the
+            uncached run's within float tolerance.
+        cache_memory_limit / cache_disk_limit: bytes of cached hidden states kept in memory, then in an anonymous
+            temporary file (deleted by the OS when the process ends, even on a crash); blocks beyond both are
+            recomputed, not cached. A token costs `hidden_size * 4` bytes in fp32.
+        prefix_cache: in situ, a `PrefixCache` of this donor at the organ's slot (e.g. shared by the runs of a
+            learning-rate sweep); it is checked (same slot, same unchanged frozen weights: else
+            `InvalidArgumentError`, nothing trained), and what it already holds is reused.
+        args / kwargs: `OrganTrainingArguments` (kwargs override fields, e.g. `max_seconds=120, lr=3e-4`); the
+            learning rate defaults to the method's (`DEFAULT_LR`).
 
     Returns:
         The training metrics, also written to `organ.config.training` (data description, tokens seen, steps, lr,
@@ -575,12 +539,12 @@ def train_organ(
 
     Example:
         ```python
-        >>> metrics = not_hub.train_organ(organ, donor, blocks, epochs=1, output_dir="runs/organ")
+        >>> metrics = not_hub.train_organ(organ, donor, blocks, max_seconds=120, output_dir="runs/organ")
         ```
     """
     if method not in METHODS:
         raise InvalidArgumentError(f"method={method!r} is not a training method; expected one of {METHODS}")
-    args = _args(args, kwargs)
+    args = _args(args, kwargs, lr=DEFAULT_LR[method] if method in DEFAULT_LR else None)
     # The organ must fit the donor, exactly as a transplant would require: a llama organ inside qwen2's embeddings
     # and head would train (shapes may even agree) and be saved as if nothing were wrong.
     report = check_compatibility(organ, donor)
@@ -621,32 +585,22 @@ def train_organ(
                 )
                 cache_info = {"skipped": f"dropout below the organ: {dropout}"}
             elif prefix_cache is not None or (cache_prefix and start > 0):
-                t0 = time.perf_counter()
-                blocks = blocks_to_cache(data)
-                if prefix_cache is not None:  # built elsewhere (and paid for there): checked, not rebuilt
-                    prefix_cache.check_reuse(donor, start, blocks)
+                if prefix_cache is not None:  # shared with other runs: checked, and what it holds is reused
+                    prefix_cache.check_reuse(donor, start)
                     cache = prefix_cache
                 else:
-                    cache = PrefixCache.build(
-                        donor,
-                        start,
-                        blocks,
-                        batch_size=args.batch_size,
-                        memory_limit=cache_memory_limit,
-                        cache_dir=Path(args.output_dir) / "prefix_cache" if args.output_dir else None,
-                    )
-                    if args.max_seconds is not None:  # building the cache is part of the method's cost
-                        args.max_seconds = max(0.0, args.max_seconds - (time.perf_counter() - t0))
+                    cache = PrefixCache(donor, start, memory_limit=cache_memory_limit, disk_limit=cache_disk_limit)
                 model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
-                cache_info = {
-                    "layers": [0, start],
-                    "bytes": cache.nbytes,
-                    "bytes_per_token": cache.bytes_per_token,
-                    "storage": "memory-mapped safetensors" if cache.path else "memory",
-                    "build_s": 0.0 if prefix_cache is not None else round(time.perf_counter() - t0, 2),
-                    **({"reused": True} if prefix_cache is not None else {}),
-                }
-            metrics = fit_parameters(model, params, data, args, label)
+                counts = {k: cache.stats()[k] for k in ("hits", "misses", "uncached")}
+            try:
+                metrics = fit_parameters(model, params, data, args, label)
+            finally:
+                if model is not donor:
+                    # this run's lookups (a shared cache counts every run's)
+                    stats = cache.stats() | {k: cache.stats()[k] - v for k, v in counts.items()}
+                    cache_info = {"layers": [0, start], **stats, **({"reused": True} if prefix_cache else {})}
+                    if prefix_cache is None:
+                        cache.close()  # its temporary file goes now, not at garbage collection
             organ.load_state_dict(transplant.to_organ().state_dict())
     organ.eval()
     organ.config.training = {"method": method, "data": data.description, **metrics.to_dict()}
@@ -655,18 +609,19 @@ def train_organ(
     return metrics
 
 
-def _halves(args: TrainingArguments) -> tuple[TrainingArguments, TrainingArguments]:
+def _halves(args: OrganTrainingArguments) -> tuple[OrganTrainingArguments, OrganTrainingArguments]:
     """Split a run's length (epochs, steps, seconds) in two; each half checkpoints in its own sub-folder."""
-    first, second = TrainingArguments(**asdict(args)), TrainingArguments(**asdict(args))
+    first, second = OrganTrainingArguments(**asdict(args)), OrganTrainingArguments(**asdict(args))
     for half, name in ((first, "standalone"), (second, "recovery")):
         half.epochs = args.epochs / 2
         half.max_steps = max(1, args.max_steps // 2) if args.max_steps is not None else None
+        half.max_tokens = max(1, args.max_tokens // 2) if args.max_tokens is not None else None
         half.max_seconds = args.max_seconds / 2 if args.max_seconds is not None else None
         half.output_dir = str(Path(args.output_dir) / name) if args.output_dir else None
     return first, second
 
 
-def _train_recovered(organ, donor: nn.Module, data: BlockData, args: TrainingArguments, radius: int):
+def _train_recovered(organ, donor: nn.Module, data: BlockData, args: OrganTrainingArguments, radius: int):
     first, second = _halves(args)
     m1 = fit_parameters(standalone_shell(organ, donor), list(organ.parameters()), data, first, "organ (standalone)")
     with organ.transplanted(donor) as transplant:
@@ -693,7 +648,7 @@ def recover(
     data: BlockData,
     *,
     radius: int = 1,
-    args: TrainingArguments | None = None,
+    args: OrganTrainingArguments | None = None,
     **kwargs: Any,
 ) -> TrainingMetrics:
     """Recovery fine-tuning: train the transplanted organ(s) and `radius` neighbouring layers on each side.
@@ -701,7 +656,7 @@ def recover(
     With several transplants (a list), they are recovered jointly in one run: every organ and every neighbour
     trains together. Everything else in the recipient stays frozen. The neighbours' weights before recovery are
     kept in the transplant that owns them, so `explant()` still restores the recipient bit-exactly, in any order.
-    Paper: 3-5 epochs.
+    The paper recovers for 3-5 epochs over a small set; here the default is one pass, like every other method.
 
     Returns:
         The training metrics, also stored in each transplant's entry (and so in `recipient.config.transplants`).
@@ -720,7 +675,7 @@ def recover(
             raise TransplantStateError(
                 "recover() needs live transplants of this recipient; one was explanted or belongs to another model"
             )
-    args = _args(args, {"epochs": 3.0, **kwargs})
+    args = _args(args, kwargs, lr=DEFAULT_LR["recovery"])
     torch.manual_seed(args.seed)
     # A neighbour that is another organ's layer trains as that organ's layer; it is not backed up as a neighbour
     # (its owner's explant takes it out), so explant order never undoes another organ's recovery.
@@ -747,7 +702,7 @@ def train_bridges(
     transplant: Transplant,
     data: BlockData,
     *,
-    args: TrainingArguments | None = None,
+    args: OrganTrainingArguments | None = None,
     **kwargs: Any,
 ) -> TrainingMetrics:
     """Train only the bridges of a `mode="bridge"` transplant (the organ and the recipient stay frozen)."""
@@ -755,7 +710,7 @@ def train_bridges(
         raise InvalidModeError(
             f"this transplant has mode={transplant.mode!r}; bridges exist only with transplant_into(..., mode='bridge')"
         )
-    args = _args(args, kwargs)
+    args = _args(args, kwargs, lr=DEFAULT_LR["bridges"])
     torch.manual_seed(args.seed)
     params = [p for bridge in transplant.bridges for p in bridge.parameters()]
     metrics = fit_parameters(recipient, params, data, args, "bridges")

@@ -286,9 +286,18 @@ def test_every_error_in_the_catalogue_is_also_a_builtin():
 
 
 def test_public_api_is_curated():
-    assert {"train_organ", "recover", "TrainingArguments", "perplexity", "position_sweep", "TrainingMetrics"} <= set(
-        not_hub.__all__
-    )
+    assert {
+        "train_organ",
+        "recover",
+        "OrganTrainingArguments",
+        "perplexity",
+        "position_sweep",
+        "TrainingMetrics",
+    } <= set(not_hub.__all__)
+    import transformers
+
+    # no public name shadows one that every user knows from transformers (a `TrainingArguments` of our own did)
+    assert not set(not_hub.__all__) & set(dir(transformers))
     assert not {"standalone_shell", "capture_layer_inputs", "transplant_into", "check_compatibility"} & set(
         not_hub.__all__
     )

@@ -29,7 +29,7 @@ from not_hub.errors import (
     RunDirMismatchError,
     UnsafeCheckpointError,
 )
-from not_hub.training import TrainingArguments, train_organ
+from not_hub.training import OrganTrainingArguments, train_organ
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -165,7 +165,7 @@ def test_zero_negative_or_nan_training_lengths_are_refused(field, value, blocks,
     with pytest.raises(InvalidArgumentError, match=field):
         train_organ(organ, donor, blocks, progress=False, output_dir=str(tmp_path / "run"), **{field: value})
     with pytest.raises(InvalidArgumentError, match=field):
-        TrainingArguments(**{field: value}).validate()
+        OrganTrainingArguments(**{field: value}).validate()
     assert hash_state(organ) == before and not (tmp_path / "run").exists()
 
 
@@ -184,14 +184,14 @@ import sys, torch
 sys.path.insert(0, {fixtures!r})
 import not_hub
 from not_hub.data import make_blocks, split_documents
-from not_hub.training import TrainingArguments, fit_parameters, train_organ
+from not_hub.training import OrganTrainingArguments, fit_parameters, train_organ
 from tiny_models import tiny_input_ids, tiny_model
 from tiny_tokenizer import code_documents, tiny_tokenizer
 
 blocks = make_blocks(split_documents(code_documents(), seed=0), tiny_tokenizer(), 32)
 donor = tiny_model("llama")
 ids = tiny_input_ids()
-args = TrainingArguments(max_steps=1, batch_size=4, mixed_precision="bf16", progress=False)
+args = OrganTrainingArguments(max_steps=1, lr=1e-3, batch_size=4, mixed_precision="bf16", progress=False)
 fit_parameters(donor, list(donor.model.layers[3].parameters()), blocks, args)
 assert "forward" not in vars(donor) and "_original_forward" not in vars(donor), sorted(vars(donor))
 with torch.no_grad():

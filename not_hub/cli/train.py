@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from ..data import DocumentSplits, load_documents, make_blocks, split_documents
+from ..data import DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks, stream_documents
 from ..errors import InvalidArgumentError
 from ..evaluation import add_evaluation_result, perplexity, position_sweep
 from ..plan import MODES, get_mode
 from ..plots import sweep_figure, sweep_result_curves
-from ..training import DEFAULT_METHOD, recover, train_organ
+from ..training import DEFAULT_LR, DEFAULT_METHOD, recover, train_organ
 from ..training import METHODS as TRAINING_METHODS
 from .common import (
     block_size,
@@ -87,13 +87,37 @@ def add_data_options(p: argparse.ArgumentParser, *, split_choice: bool = False) 
         )
 
 
-def add_training_options(p: argparse.ArgumentParser, *, epochs: float) -> None:
+def add_training_options(p: argparse.ArgumentParser, *, lr_help: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
-        "--epochs", type=positive_float, default=epochs, help=f"passes over the training blocks (default {epochs})"
+        "--epochs", type=positive_float, default=1.0, help="passes over the training blocks (default 1: seen once)"
     )
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
-    g.add_argument("--warmup-ratio", type=fraction, default=0.1, help="linear warmup share of steps (default 0.1)")
+    g.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (default {lr_help})")
+    g.add_argument(
+        "--warmup-ratio",
+        type=fraction,
+        default=0.05,
+        help="linear warmup share of the run, then linear decay to 0 (default 0.05; of the time budget if given)",
+    )
+    g.add_argument(
+        "--max-seconds",
+        type=positive_float,
+        default=None,
+        help="stop after this much training time (validation excluded); warmup and decay complete within it",
+    )
+    g.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="stop after this many training tokens (all processes)"
+    )
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream --data (any size; split by a seeded hash of each document) instead of loading it; needs "
+        "--max-tokens, --max-seconds or --max-steps",
+    )
+    g.add_argument("--report-to", default="none", help="trackers, as transformers' report_to (default none)")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
     g.add_argument("--batch-size", type=positive_int, default=8, help="blocks per process per micro-batch (default 8)")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
@@ -157,6 +181,10 @@ def _training_kwargs(args) -> dict:
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         max_steps=args.max_steps,
+        max_tokens=args.max_tokens,
+        max_seconds=args.max_seconds,
+        report_to=args.report_to,
+        gradient_checkpointing=args.gradient_checkpointing,
         eval_every=args.eval_every,
         save_every=args.save_every,
         output_dir=args.run_dir,
@@ -180,26 +208,48 @@ def _write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def _training_data(args, tokenizer):
+    """(training blocks, validation documents scored after training): loaded and split, or streamed."""
+    if not args.stream:
+        splits = _splits(args)
+        blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
+        print(
+            f"training {getattr(args, 'method', 'recovery')} on {blocks.description['train_tokens']:,} tokens "
+            f"({blocks.description['train_blocks']} blocks, {len(splits.train)} documents)"
+        )
+        return blocks, splits.validation[: getattr(args, "eval_docs", 0)]
+    if args.max_tokens is None and args.max_seconds is None and args.max_steps is None:
+        raise InvalidArgumentError(
+            "--stream reads a corpus of unknown length; pass --max-tokens, --max-seconds or --max-steps"
+        )
+    opts = dict(
+        validation=args.validation_fraction, test=args.test_fraction, seed=args.split_seed, text_field=args.text_field
+    )
+    blocks = stream_blocks(args.data, tokenizer, args.block_size, unit=args.unit, **opts)
+    held_out = stream_documents(args.data, bucket="validation", unit=args.unit, **opts)
+    docs = [ex["text"] for ex in held_out.take(getattr(args, "eval_docs", 0))]
+    print(
+        f"training {getattr(args, 'method', 'recovery')} on a stream of {', '.join(args.data)} (split by document, seeded)"
+    )
+    return blocks, docs
+
+
 def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
 
     output_folder(args.out)
     organ = organ_from(args, args.organ, args.revision)
     donor, tokenizer = load_model(args, args.donor or organ.config.base_model, args.donor_revision)
-    splits = _splits(args)
-    blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
-    print(
-        f"training {args.method} on {blocks.description['train_tokens']:,} tokens "
-        f"({blocks.description['train_blocks']} blocks, {len(splits.train)} documents)"
-    )
+    blocks, docs = _training_data(args, tokenizer)
     metrics = train_organ(organ, donor, blocks, method=args.method, **_training_kwargs(args))
     organ.save_pretrained(args.out)
+    loss = f"{metrics.final_train_loss:.4f}" if metrics.final_train_loss is not None else "-"
     print(
-        f"trained in {metrics.wall_clock_s:.0f}s: final train loss {metrics.final_train_loss:.4f}, best "
-        f"validation loss {metrics.best_validation_loss} at step {metrics.best_step}; saved to {args.out}"
+        f"trained {metrics.steps} steps, {metrics.tokens_seen:,} tokens in {metrics.wall_clock_s:.0f}s (first step "
+        f"after {metrics.first_step_s}s): final train loss {loss}, best validation loss "
+        f"{metrics.best_validation_loss} at step {metrics.best_step}; saved to {args.out}"
     )
     # What a user pulling this organ gets: the donor's validation perplexity with and without it.
-    docs = splits.validation[: args.eval_docs]
     if docs:
         base = perplexity(donor, docs, tokenizer=tokenizer)
         with organ.transplanted(donor):
@@ -273,8 +323,7 @@ def cmd_recover(args) -> int:
         )
     organ = organ_from(args, args.organ, args.revision)
     recipient, tokenizer = load_model(args, args.recipient, args.recipient_revision)
-    splits = _splits(args)
-    blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
+    blocks, _ = _training_data(args, tokenizer)
     transplant = organ.transplant_into(recipient, position=args.position, mode=args.mode)
     metrics = recover(recipient, transplant, blocks, radius=args.radius, **_training_kwargs(args))
     print(
@@ -366,7 +415,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="folder to save the trained organ into")
     add_data_options(p)
-    add_training_options(p, epochs=5.0)
+    add_training_options(p, lr_help=", ".join(f"{m} {DEFAULT_LR[m]:g}" for m in TRAINING_METHODS))
     model_options(p, "branch, tag or commit sha of the organ repo")
 
 
@@ -403,7 +452,7 @@ def recover_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--organ-out", default=None, help="save the recovered organ here")
     p.add_argument("--save-to", default=None, help="save the recovered recipient (plain transformers model) here")
     add_data_options(p)
-    add_training_options(p, epochs=3.0)
+    add_training_options(p, lr_help=f"{DEFAULT_LR['recovery']:g}")
     model_options(p, "branch, tag or commit sha of the organ repo", recipient=True)
 
 

@@ -1,0 +1,412 @@
+"""Organ training on `transformers.Trainer`: the field's own loop, with callbacks for what it lacks.
+
+`fit_parameters` (every not_hub training function, and the benchmarks' LoRA and full fine-tuning baselines) builds a
+`transformers.Trainer` over the model, freezes everything but the parameters being trained, and adds:
+
+- `WallClockBudget`: stop once *training* time (validation excluded) reaches `max_seconds`; with a budget, the
+  learning-rate schedule (warmup, then linear decay to 0) is laid out over the budget, so it completes within it;
+- `_BestValidation`: validation every `eval_every` steps and at the start, the best validation weights kept (and put
+  back at the end), the history, and a completion marker written last into each checkpoint, so a checkpoint cut
+  short by a kill is never resumed from;
+- `OrganTrainer`: checkpoints hold only the trained parameters (safetensors), not the frozen model around them.
+
+Trackers (`report_to`), gradient checkpointing, `accelerate launch` (DDP, FSDP, DeepSpeed through
+`trainer_args`) work as for any Trainer, because this *is* the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers import TrainingArguments as HFTrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .errors import CheckpointFormatError
+
+logger = logging.getLogger(__name__)
+
+TRAINED_FILE = "trained_parameters.safetensors"
+BEST_FILE = "best_params.safetensors"
+STATE_FILE = "not_hub_state.json"  # written last: a checkpoint without it was cut short and is never resumed
+
+
+def finished_checkpoints(output_dir: Path) -> list[Path]:
+    """The run dir's checkpoints that were completely written, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class Clock:
+    """Training time of a run: wall-clock since start, minus validation, plus what earlier sessions used."""
+
+    def __init__(self, offset: float = 0.0, validation_s: float = 0.0):
+        self.t0 = time.perf_counter() - offset
+        self.validation_s = validation_s
+        self.first_step_s: float | None = None
+
+    @property
+    def wall_clock_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def training_s(self) -> float:
+        return self.wall_clock_s - self.validation_s
+
+
+class WallClockBudget(TrainerCallback):
+    """Stop training once `max_seconds` of training time have passed (checked after every optimizer step).
+
+    Works with any `transformers.Trainer`: `trainer.add_callback(WallClockBudget(120))`.
+    """
+
+    def __init__(self, max_seconds: float, clock: Clock | None = None):
+        self.max_seconds = max_seconds
+        self.clock = clock
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.clock is None:
+            self.clock = Clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock.training_s >= self.max_seconds:
+            control.should_training_stop = True
+        return control
+
+
+class _EpochLimit(TrainerCallback):
+    """A stream has no length: Trainer would loop over it forever; stop after `epochs` passes."""
+
+    def __init__(self, epochs: float):
+        self.epochs = epochs
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.epoch is not None and state.epoch + 1e-9 >= math.ceil(self.epochs):
+            control.should_training_stop = True
+        return control
+
+
+class _Progress(TrainerCallback):
+    """One tqdm bar with the loss (an EMA) and tokens/s, main process only."""
+
+    def __init__(self, label: str, enabled: bool, owner: _BestValidation):
+        self.label, self.enabled, self.owner = label, enabled, owner
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_local_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step")
+        self.t0, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            rate = (state.num_input_tokens_seen - self.tokens) / max(time.perf_counter() - self.t0, 1e-9)
+            self.t0, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+            loss = self.owner.train_loss
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", tok_s=f"{rate:,.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BestValidation(TrainerCallback):
+    """Validation every `eval_every` steps with the best weights kept; the run's own resumable state."""
+
+    def __init__(self, params: dict[str, nn.Parameter], validate, eval_every: int, clock: Clock):
+        self.params, self.validate_fn, self.eval_every, self.clock = params, validate, eval_every, clock
+        self.best: dict[str, torch.Tensor] | None = None
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+        self.train_loss: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.pending_log: dict[str, float] | None = None
+
+    # -- state carried across a kill -------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "best_validation_loss": self.best_loss,
+            "best_step": self.best_step,
+            "train_loss": self.train_loss,
+            "history": self.history,
+            "training_s": self.clock.training_s,
+            "validation_s": self.clock.validation_s,
+            "first_step_s": self.clock.first_step_s,
+        }
+
+    def restore(self, checkpoint: Path) -> None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        self.best_loss, self.best_step = state["best_validation_loss"], state["best_step"]
+        self.train_loss, self.history = state["train_loss"], state["history"]
+        self.clock.__init__(offset=state["training_s"] + state["validation_s"], validation_s=state["validation_s"])
+        self.clock.first_step_s = state.get("first_step_s")
+        if (checkpoint / BEST_FILE).is_file():
+            self.best = load_file(checkpoint / BEST_FILE)
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def run_validation(self, step: int) -> None:
+        t0 = time.perf_counter()
+        loss = self.validate_fn()
+        self.clock.validation_s += time.perf_counter() - t0
+        self.history.append({"step": step, "validation_loss": loss, "train_loss": self.train_loss})
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step = loss, step
+            self.best = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        if step > 0:
+            self.pending_log = {"eval_loss": loss}  # logged after the step's own log (OrganTrainer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            loss = float(logs["loss"])
+            self.train_loss = loss if self.train_loss is None else 0.9 * self.train_loss + 0.1 * loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock.first_step_s is None:
+            self.clock.first_step_s = self.clock.training_s
+        if self.validate_fn is not None and (
+            state.global_step % self.eval_every == 0 or state.global_step == state.max_steps
+        ):
+            self.run_validation(state.global_step)
+        if state.global_step == state.max_steps and args.save_strategy != "no":
+            control.should_save = True  # the finished run is on disk: resuming it returns the same weights
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        PartialState().wait_for_everyone()  # every process wrote its part (its RNG state) first
+        if state.is_world_process_zero:
+            if self.best is not None:
+                save_file(self.best, folder / BEST_FILE)
+            tmp = folder / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(self.to_json()))
+            os.replace(tmp, folder / STATE_FILE)  # the checkpoint is complete from here on
+            for old in Path(args.output_dir).glob("checkpoint-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        PartialState().wait_for_everyone()
+        return control
+
+
+class OrganTrainer(Trainer):
+    """A `transformers.Trainer` whose checkpoints hold only the trained parameters, with a budget-aware schedule.
+
+    The model's other weights are frozen and never change, so a checkpoint needs only the trainable ones (kilobytes
+    to megabytes instead of the whole model); they are written as safetensors and read back on resume.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        trained: dict[str, nn.Parameter],
+        clock: Clock,
+        budget_s: float | None,
+        warmup_ratio: float = 0.0,
+        **kwargs: Any,
+    ):
+        self._trained, self._clock, self._budget_s, self._warmup = trained, clock, budget_s, warmup_ratio
+        super().__init__(*args, **kwargs)
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, _BestValidation) and callback.pending_log:
+                # Validation runs inside on_step_end; logged here, after the step's loss, so trackers (report_to)
+                # see it like a Trainer evaluation and the step's own log is not swallowed.
+                logs, callback.pending_log = callback.pending_log, None
+                self.log(logs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self._trained.items()}
+        save_file(tensors, os.path.join(output_dir, TRAINED_FILE), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        tensors = load_file(os.path.join(resume_from_checkpoint, TRAINED_FILE))
+        if tensors.keys() != self._trained.keys():
+            raise CheckpointFormatError(f"{resume_from_checkpoint} holds other parameters than this run trains")
+        with torch.no_grad():
+            for name, p in self._trained.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is not None or self._budget_s is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        # A wall-clock budget: progress is the larger of steps done and budget used, so warmup and decay both
+        # complete within whichever binds first (a schedule laid out in steps alone would never leave warmup).
+        warmup = self._warmup
+        clock, budget = self._clock, max(self._budget_s, 1e-9)
+
+        def factor(_: int) -> float:
+            progress = max(self.state.global_step / max(num_training_steps, 1), clock.training_s / budget)
+            progress = min(progress, 1.0)
+            if progress < warmup:
+                return progress / warmup
+            return max(0.0, (1.0 - progress) / max(1.0 - warmup, 1e-9))
+
+        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def _collate(features: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    ids = torch.stack([torch.as_tensor(f["input_ids"]) for f in features])
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+_HF_FIELDS = HFTrainingArguments.__dataclass_fields__
+
+
+def build_trainer_arguments(args, *, output_dir: str, max_steps: int, eval_every: int, save: bool, mixed: str):
+    """The `transformers.TrainingArguments` of a not_hub run (its own fields, then `args.trainer_args` on top)."""
+    fields = dict(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        learning_rate=args.lr,
+        warmup_steps=round(args.warmup_ratio * max_steps) if args.max_seconds is None else 0,
+        lr_scheduler_type="linear",
+        weight_decay=args.weight_decay,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm or 0.0,
+        seed=args.seed,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        save_strategy="steps" if save else "no",
+        save_steps=args.save_every or eval_every,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=args.report_to,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="all",
+        dataloader_drop_last=False,
+        save_only_model=False,
+    )
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing; older 5.x has only the old name.
+    name = "activation_checkpointing" if "activation_checkpointing" in _HF_FIELDS else "gradient_checkpointing"
+    fields[name] = args.gradient_checkpointing
+    if args.gradient_checkpointing:
+        fields[f"{name}_kwargs"] = {"use_reentrant": False}  # frozen embeddings: inputs need no grad
+    fields.update(args.trainer_args or {})
+    return HFTrainingArguments(**fields)
+
+
+def run_trainer(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data,
+    args,
+    *,
+    label: str,
+    mixed: str,
+    output_dir: Path | None,
+    max_steps: int,
+    eval_every: int,
+    validate,
+) -> dict[str, Any]:
+    """Train `params` of `model` on `data.train` with an `OrganTrainer`; return the run's raw state."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained = {names[id(p)]: p for p in params}
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # accelerate keeps one process-wide state: a bf16 run followed by an fp32 one would be refused.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    clock = Clock()
+    best = _BestValidation(trained, validate, eval_every, clock)
+    checkpoint = None
+    if output_dir is not None and args.resume:
+        finished = finished_checkpoints(output_dir)
+        checkpoint = finished[-1] if finished else None
+        if checkpoint is not None:
+            try:
+                best.restore(checkpoint)
+            except Exception as err:  # json and safetensors each raise their own type for a damaged file
+                raise CheckpointFormatError(
+                    f"the checkpoint {checkpoint} in run dir {output_dir} cannot be read ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to resume from an earlier "
+                    "one, or start over with resume=False (--no-resume) or another run dir"
+                ) from None
+            logger.warning("resuming %s from %s", label, checkpoint)
+    scratch = None
+    if output_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="not_hub-run-")
+    hf_args = build_trainer_arguments(
+        args,
+        output_dir=str(output_dir) if output_dir is not None else scratch.name,
+        max_steps=max_steps,
+        eval_every=eval_every,
+        save=output_dir is not None,
+        mixed=mixed,
+    )
+    trainer = OrganTrainer(
+        model=model,
+        args=hf_args,
+        train_dataset=data.train,
+        data_collator=_collate,
+        trained=trained,
+        clock=clock,
+        budget_s=args.max_seconds,
+        warmup_ratio=args.warmup_ratio,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(best)
+    if args.max_seconds is not None:
+        trainer.add_callback(WallClockBudget(args.max_seconds, clock))
+    if not hasattr(data.train, "__len__"):
+        trainer.add_callback(_EpochLimit(args.epochs))
+    trainer.add_callback(_Progress(label, args.progress, best))
+    try:
+        if checkpoint is None and validate is not None:
+            best.run_validation(0)  # the starting point counts: training must beat it to be kept
+        steps_done = (
+            int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]) if checkpoint else 0
+        )
+        over = args.max_seconds is not None and clock.training_s >= args.max_seconds
+        if steps_done < max_steps and not over:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        step = trainer.state.global_step if trainer.state.global_step else steps_done
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        if checkpoint is not None and not trainer.state.global_step:
+            tokens = int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+        if validate is not None and (not best.history or best.history[-1]["step"] != step):
+            best.run_validation(step)  # stopped between validations (time budget): the last weights compete too
+        if best.best is not None:  # keep the best validation weights
+            with torch.no_grad():
+                for name, p in trained.items():
+                    p.copy_(best.best[name].to(p.device, p.dtype))
+        num_processes = trainer.accelerator.num_processes
+    finally:
+        trainer.accelerator.free_memory()
+        if scratch is not None:
+            scratch.cleanup()
+    return {
+        "step": step,
+        "tokens_seen": tokens,
+        "train_loss": best.train_loss,
+        "best_validation_loss": best.best_loss,
+        "best_step": best.best_step,
+        "history": best.history,
+        "wall_clock_s": clock.wall_clock_s,
+        "validation_s": clock.validation_s,
+        "first_step_s": clock.first_step_s,
+        "num_processes": num_processes,
+    }
