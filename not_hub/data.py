@@ -233,9 +233,18 @@ class BlockData:
 
 
 def make_blocks(
-    splits: DocumentSplits, tokenizer: PreTrainedTokenizerBase, block_size: int = 256, *, seed: int = 0
+    splits: DocumentSplits,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 256,
+    *,
+    seed: int = 0,
+    max_validation_blocks: int | None = None,
 ) -> BlockData:
-    """Pack a split's train and validation documents into blocks (train documents shuffled with `seed`)."""
+    """Pack a split's train and validation documents into blocks (train documents shuffled with `seed`).
+
+    `max_validation_blocks` keeps the first N validation blocks: validation runs at the start, every `eval_every`
+    steps and at the end, so on a large corpus its whole split would cost more than the training it checks.
+    """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise InvalidArgumentError(
             f"block_size={block_size!r} is not allowed; expected an integer >= 2 (a block predicts each token "
@@ -248,6 +257,8 @@ def make_blocks(
             "block_size"
         )
     validation = pack_blocks(splits.validation, tokenizer, block_size) if splits.validation else None
+    if max_validation_blocks is not None and validation is not None and len(validation) > max_validation_blocks:
+        validation = validation.select(range(max_validation_blocks))
     description = {
         **splits.description,
         "block_size": block_size,

@@ -48,6 +48,8 @@ def get_organ_model(organ, model: nn.Module, *, position: int | None = None, mod
     trainable = {id(p) for layer in transplant.layers for p in layer.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+    # Trainer switches the KV cache off for training (`config.use_cache = False`); unloading switches it back.
+    flags.append(("use_cache", getattr(model.config, "use_cache", None)))
     _GRAFTED.setdefault(model, []).append((transplant, flags))
     return model
 
@@ -79,7 +81,11 @@ def unload_organ(model: nn.Module, transplant: Transplant | None = None):
     organ = chosen.to_organ()
     chosen.explant()
     for p, flag in flags:
-        p.requires_grad_(flag)
+        if isinstance(p, str):  # ("use_cache", value)
+            if flag is not None:
+                model.config.use_cache = flag
+        else:
+            p.requires_grad_(flag)
     entries[:] = [e for e in entries if e[0] is not chosen]
     return organ
 

@@ -429,6 +429,8 @@ class OrganModel(PreTrainedModel):
         """
         for ignored in ("_from_auto", "adapter_kwargs", "_commit_hash", "output_loading_info"):
             kwargs.pop(ignored, None)
+        # The Auto classes forward some options unset (transformers 5.2x passes `proxies=None`): unset is no request.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if kwargs.pop("trust_remote_code", None):
             logger.info("trust_remote_code is not needed: an organ never runs code from its checkpoint")
         if model_args or kwargs:

@@ -93,10 +93,12 @@ class _EpochLimit(TrainerCallback):
     """A stream has no length: Trainer would loop over it forever; stop after `epochs` passes."""
 
     def __init__(self, epochs: float):
-        self.epochs = epochs
+        self.epochs, self.passes = epochs, 0
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if state.epoch is not None and state.epoch + 1e-9 >= math.ceil(self.epochs):
+        # (Trainer's own `state.epoch` is counted against the run's step budget, which a stream's end cuts short.)
+        self.passes += 1
+        if self.passes >= math.ceil(self.epochs):
             control.should_training_stop = True
         return control
 
@@ -137,6 +139,7 @@ class _BestValidation(TrainerCallback):
         self.train_loss: float | None = None
         self.history: list[dict[str, Any]] = []
         self.pending_log: dict[str, float] | None = None
+        self.lr: float | None = None  # the schedule's rate after the last optimizer step
 
     # -- state carried across a kill -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -164,7 +167,7 @@ class _BestValidation(TrainerCallback):
         t0 = time.perf_counter()
         loss = self.validate_fn()
         self.clock.validation_s += time.perf_counter() - t0
-        self.history.append({"step": step, "validation_loss": loss, "train_loss": self.train_loss})
+        self.history.append({"step": step, "validation_loss": loss, "train_loss": self.train_loss, "lr": self.lr})
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
             self.best = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
@@ -176,9 +179,11 @@ class _BestValidation(TrainerCallback):
             loss = float(logs["loss"])
             self.train_loss = loss if self.train_loss is None else 0.9 * self.train_loss + 0.1 * loss
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.clock.first_step_s is None:
             self.clock.first_step_s = self.clock.training_s
+        if lr_scheduler is not None:
+            self.lr = float(lr_scheduler.get_last_lr()[0])
         if self.validate_fn is not None and (
             state.global_step % self.eval_every == 0 or state.global_step == state.max_steps
         ):
@@ -230,6 +235,14 @@ class OrganTrainer(Trainer):
                 # see it like a Trainer evaluation and the step's own log is not swallowed.
                 logs, callback.pending_log = callback.pending_log, None
                 self.log(logs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            # A stream ran out before `max_steps` (its length is unknown, so the run was laid out past it): end the
+            # epoch now instead of spinning through the empty steps that remain (`_EpochLimit` ends the run).
+            self.control.should_epoch_stop = True
+        return batch_samples, num_items
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

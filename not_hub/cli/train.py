@@ -114,6 +114,12 @@ def add_training_options(p: argparse.ArgumentParser, *, lr_help: str) -> None:
         help="stream --data (any size; split by a seeded hash of each document) instead of loading it; needs "
         "--max-tokens, --max-seconds or --max-steps",
     )
+    g.add_argument(
+        "--validation-blocks",
+        type=positive_int,
+        default=64,
+        help="validation blocks scored during training (default 64: the first ones of the validation split)",
+    )
     g.add_argument("--report-to", default="none", help="trackers, as transformers' report_to (default none)")
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
@@ -212,7 +218,9 @@ def _training_data(args, tokenizer):
     """(training blocks, validation documents scored after training): loaded and split, or streamed."""
     if not args.stream:
         splits = _splits(args)
-        blocks = make_blocks(splits, tokenizer, args.block_size, seed=args.seed)
+        blocks = make_blocks(
+            splits, tokenizer, args.block_size, seed=args.seed, max_validation_blocks=args.validation_blocks
+        )
         print(
             f"training {getattr(args, 'method', 'recovery')} on {blocks.description['train_tokens']:,} tokens "
             f"({blocks.description['train_blocks']} blocks, {len(splits.train)} documents)"
@@ -225,7 +233,9 @@ def _training_data(args, tokenizer):
     opts = dict(
         validation=args.validation_fraction, test=args.test_fraction, seed=args.split_seed, text_field=args.text_field
     )
-    blocks = stream_blocks(args.data, tokenizer, args.block_size, unit=args.unit, **opts)
+    blocks = stream_blocks(
+        args.data, tokenizer, args.block_size, unit=args.unit, max_validation_blocks=args.validation_blocks, **opts
+    )
     held_out = stream_documents(args.data, bucket="validation", unit=args.unit, **opts)
     docs = [ex["text"] for ex in held_out.take(getattr(args, "eval_docs", 0))]
     print(
