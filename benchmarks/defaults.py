@@ -120,7 +120,7 @@ def main() -> None:
              "--out", str(tmp / "trained")]
         )  # fmt: skip
         train_s = time.perf_counter() - t0
-        eval_out = run(
+        run(
             [*CLI, "evaluate", "smollm2", "--organ", str(tmp / "trained"), "--data", str(corpus), "--split", "test",
              "--max-eval-docs", str(args.test_docs), "--out", str(tmp / "eval.json")]
         )  # fmt: skip

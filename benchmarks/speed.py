@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py --quick    # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --full     # ~15 min
+    .venv/bin/python benchmarks/speed.py --loop     # ~6 min: the Trainer-based loop vs the hand-written one it replaced
 
 Training methods run the same plain loop (forward, backward, AdamW step) at the same batch size and sequence length,
 each in its own process so its peak memory (max RSS) is its own: NOT organ standalone (the paper's wrapper), NOT
@@ -114,6 +115,137 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
             else {}
         ),
     }
+
+
+# ------------------------------------------------------------------------- --loop: Trainer vs the replaced loop
+
+LOOP = dict(batch=4, seq=256, warmup=3, steps=12, corpus_tokens=1_000_000)
+
+
+def loop_worker(kind: str, batch: int, seq: int, warmup: int, steps: int, corpus_tokens: int) -> dict:
+    """One training run of the in-situ organ [10, 13) on SmolLM2 through a loop: `legacy` (the hand-written loop,
+    `legacy_loop.py`), `trainer` (today's `fit_parameters` on transformers.Trainer), or `first_step` (today's
+    `train_organ` with the lazily filled prefix cache, on a corpus of `corpus_tokens` tokens)."""
+    import datasets
+    import torch
+    from common import load_smollm2
+
+    import not_hub
+    from not_hub.data import BlockData
+
+    torch.manual_seed(0)
+    model, _ = load_smollm2()
+    g = torch.Generator().manual_seed(0)
+    n_blocks = corpus_tokens // seq if kind == "first_step" else batch * (warmup + steps)
+    ids = torch.randint(0, model.config.vocab_size, (n_blocks, seq), generator=g)
+    train = datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    data = BlockData(train, None, {"block_size": seq})
+    organ = not_hub.extract_organ(model, layer_range=ORGAN)
+    stamps: list[float] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: stamps.append(time.perf_counter()))
+    t0 = time.perf_counter()
+    if kind == "first_step":
+        metrics = not_hub.train_organ(organ, model, data, max_steps=2, batch_size=batch, progress=False)
+        cache = organ.config.training["prefix_cache"]
+        # What the replaced eager cache did before its first step: run layers [0, 10) over every block. Its
+        # throughput, measured here on 16 blocks, times the corpus.
+        from not_hub.prefix_cache import PrefixCache
+
+        sample = PrefixCache(model, ORGAN[0])
+        t_prefix = time.perf_counter()
+        sample.fill([ids[:16]], batch_size=batch)
+        prefix_tokens_per_s = 16 * seq / (time.perf_counter() - t_prefix)
+        return {
+            "kind": kind,
+            "corpus_tokens": n_blocks * seq,
+            "first_step_s": metrics.first_step_s,
+            "call_s": time.perf_counter() - t0,
+            "cache_bytes_per_token": cache["bytes_per_token"],
+            "cache_bytes_for_corpus": cache["bytes_per_token"] * n_blocks * seq,
+            "cache_memory_limit": cache["memory_limit"],
+            "cache_disk_limit": cache["disk_limit"],
+            "prefix_tokens_per_s": prefix_tokens_per_s,
+            "eager_build_s_estimate": n_blocks * seq / prefix_tokens_per_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    with organ.transplanted(model) as transplant:
+        params = [p for layer in transplant.layers for p in layer.parameters()]
+        if kind == "legacy":
+            from legacy_loop import TrainingArguments as LegacyArguments
+            from legacy_loop import fit_parameters as legacy_fit
+
+            args = LegacyArguments(
+                max_steps=warmup + steps, lr=1e-3, batch_size=batch, progress=False, warmup_ratio=0.0
+            )
+            legacy_fit(model, params, data, args, "legacy")
+        else:
+            from not_hub.training import OrganTrainingArguments, fit_parameters
+
+            args = OrganTrainingArguments(max_steps=warmup + steps, lr=1e-3, batch_size=batch, progress=False)
+            fit_parameters(model, params, data, args, "trainer")
+    durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
+    return {
+        "kind": kind,
+        "steps_timed": len(durations),
+        "seconds_per_step": sum(durations) / len(durations),
+        "tokens_per_second": batch * seq * len(durations) / sum(durations),
+        "first_step_s": stamps[1] - t0 if len(stamps) > 1 else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def loop_main() -> None:
+    t_start = time.time()
+    rows = {}
+    for kind in ("legacy", "trainer", "legacy", "trainer", "first_step"):  # interleaved twice: drift shows up
+        print(f"loop: {kind} ...", flush=True)
+        r = run_worker("loop", f"--kind={kind}", *(f"--{k.replace('_', '-')}={v}" for k, v in LOOP.items()))
+        rows.setdefault(kind, []).append(r)
+    rate = {k: sum(r["tokens_per_second"] for r in rows[k]) / len(rows[k]) for k in ("legacy", "trainer")}
+    first = rows["first_step"][0]
+    result = {
+        "settings": LOOP,
+        "machine": machine(),
+        "organ": list(ORGAN),
+        "runs": rows,
+        "tokens_per_second": rate,
+        "trainer_over_legacy": rate["trainer"] / rate["legacy"],
+        "first_step": first,
+        "command": "benchmarks/speed.py --loop",
+        "wall_clock_s": round(time.time() - t_start, 1),
+    }
+    write_json("speed_loop", result)
+    gib = 2**30
+    md = [
+        "### The Trainer-based loop against the hand-written loop it replaced",
+        "",
+        f"In-situ organ {list(ORGAN)} of SmolLM2-135M, uncached (the loop is what differs), batch {LOOP['batch']} x "
+        f"{LOOP['seq']} tokens, fp32, {LOOP['steps']} timed steps after {LOOP['warmup']} warm-up steps, two runs "
+        "each, interleaved, each in its own process.",
+        "",
+        "| loop | tokens/s (runs) | mean | peak RSS (MB) |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {', '.join(format(r['tokens_per_second'], '.0f') for r in rows[k])} | {rate[k]:.0f} | "
+            f"{max(r['peak_rss_mb'] for r in rows[k]):.0f} |"
+            for k in ("legacy", "trainer")
+        ],
+        "",
+        f"Trainer / hand-written: **{result['trainer_over_legacy']:.3f}x** tokens/s.",
+        "",
+        f"Time to the first step on a {first['corpus_tokens'] / 1e6:.2f}M-token corpus (in situ, cached prefix, "
+        f"the defaults): **{first['first_step_s']:.2f} s** of the budget. The replaced cache ran the 10 layers below "
+        f"the organ over every block first: at the {first['prefix_tokens_per_s']:.0f} tokens/s measured here that is "
+        f"~{first['eager_build_s_estimate']:.0f} s before the first step (an estimate from 16 blocks). Cache for the "
+        f"whole corpus: {first['cache_bytes_per_token']:,} bytes/token x {first['corpus_tokens']:,} tokens = "
+        f"{first['cache_bytes_for_corpus'] / gib:.2f} GiB, of which at most "
+        f"{first['cache_memory_limit'] / gib:.0f} GiB in memory and at most {first['cache_disk_limit'] / gib:.0f} GiB "
+        f"in an unnamed temporary file (beyond both, recomputed). Peak RSS of that run: "
+        f"{first['peak_rss_mb']:.0f} MB.",
+        "",
+    ]
+    write_markdown("speed_loop", "\n".join(md))
+    print("\n".join(md))
 
 
 def run_worker(*args: str) -> dict:
@@ -284,10 +416,18 @@ def plot(training: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = preset_parser(__doc__)
-    parser.add_argument("--worker", choices=[*METHODS, "latency", "inference"], help=argparse.SUPPRESS)
-    for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens"):
+    parser.add_argument("--worker", choices=[*METHODS, "latency", "inference", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--loop", action="store_true", help="the Trainer-based loop vs the replaced hand-written one")
+    parser.add_argument("--kind", choices=["legacy", "trainer", "first_step"], help=argparse.SUPPRESS)
+    for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens", "corpus_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "loop":
+        print(json.dumps(loop_worker(args.kind, args.batch, args.seq, args.warmup, args.steps, args.corpus_tokens)))
+        return
+    if args.loop:
+        loop_main()
+        return
     if args.worker in METHODS:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.warmup, args.steps)))
         return

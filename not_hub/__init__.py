@@ -29,7 +29,7 @@ from .grafting import get_organ_model, trainable_parameters, unload_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
-from .trainer import OrganTrainer, WallClockBudget
+from .trainer import OrganTrainer, WallClockBudget, collate_blocks
 from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
 from .transplant import Transplant, transplants_of
 from .version import __version__
@@ -58,6 +58,7 @@ __all__ = [
     "WallClockBudget",
     "__version__",
     "check_adapter",
+    "collate_blocks",
     "default_layer_range",
     "errors",
     "excise",

@@ -279,7 +279,9 @@ class OrganTrainer(Trainer):
         return self.lr_scheduler
 
 
-def _collate(features: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def collate_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """A `data_collator` for packed blocks (`make_blocks`, `stream_blocks`): every token is a label (the model
+    shifts them), and no KV cache is built while training."""
     ids = torch.stack([torch.as_tensor(f["input_ids"]) for f in features])
     return {"input_ids": ids, "labels": ids, "use_cache": False}
 
@@ -302,6 +304,8 @@ def build_trainer_arguments(args, *, output_dir: str, max_steps: int, eval_every
         seed=args.seed,
         bf16=mixed == "bf16",
         fp16=mixed == "fp16",
+        # transformers refuses bf16 without a GPU unless told the run is on the CPU (CPU autocast then applies)
+        use_cpu=mixed != "no" and not torch.cuda.is_available(),
         save_strategy="steps" if save else "no",
         save_steps=args.save_every or eval_every,
         logging_strategy="steps",
@@ -373,7 +377,7 @@ def run_trainer(
         model=model,
         args=hf_args,
         train_dataset=data.train,
-        data_collator=_collate,
+        data_collator=collate_blocks,
         trained=trained,
         clock=clock,
         budget_s=args.max_seconds,
