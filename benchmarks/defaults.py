@@ -8,7 +8,8 @@ standard library of the interpreter running this script (one per document, 200-4
 `--docs`), written to a JSONL file. Steps, as a new user would run them:
 
 1. `not-hub extract smollm2 --out organ` (the default organ: 3 layers from floor(30/3) = 10);
-2. `not-hub train organ --data corpus.jsonl --max-seconds 120 --out trained`, nothing else;
+2. `not-hub train organ --donor smollm2 --data corpus.jsonl --max-seconds 120 --out trained`, nothing else (the
+   donor named because the organ's `base_model`, the SmolLM2 Hub id, cannot be downloaded here);
 3. `not-hub evaluate smollm2 --organ trained --data corpus.jsonl --split test` (the donor with and without it);
 4. beside it, peft LoRA r=8 on every linear layer with not_hub's default LoRA rate, the same data, split and budget,
    trained by the same `fit_parameters`, scored on the same test documents.
@@ -116,8 +117,8 @@ def main() -> None:
         run([*CLI, "extract", "smollm2", "--out", str(tmp / "organ")])
         t0 = time.perf_counter()
         train_out = run(
-            [*CLI, "train", str(tmp / "organ"), "--data", str(corpus), "--max-seconds", str(args.seconds),
-             "--out", str(tmp / "trained")]
+            [*CLI, "train", str(tmp / "organ"), "--donor", "smollm2", "--data", str(corpus), "--max-seconds",
+             str(args.seconds), "--out", str(tmp / "trained")]
         )  # fmt: skip
         train_s = time.perf_counter() - t0
         run(
@@ -133,7 +134,7 @@ def main() -> None:
         "machine": machine(),
         "corpus": about,
         "budget_s": args.seconds,
-        "command": "not-hub train ORGAN --data corpus.jsonl --max-seconds "
+        "command": "not-hub train ORGAN --donor smollm2 --data corpus.jsonl --max-seconds "
         f"{args.seconds:g} --out trained (nothing else)",
         "train_stdout": train_out.strip().splitlines()[-3:],
         "train_command_s": round(train_s, 1),

@@ -260,8 +260,8 @@ class OrganTrainer(Trainer):
                 p.copy_(tensors[name].to(p.device, p.dtype))
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is not None or self._budget_s is None:
-            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is not None or self._budget_s is None or self.args.lr_scheduler_type != "linear":
+            return super().create_scheduler(num_training_steps, optimizer)  # (a schedule asked for by name)
         # A wall-clock budget: progress is the larger of steps done and budget used, so warmup and decay both
         # complete within whichever binds first (a schedule laid out in steps alone would never leave warmup).
         warmup = self._warmup

@@ -675,7 +675,9 @@ def test_run_identity_file_is_reused_by_the_cli_and_no_resume_starts_over(worksp
     base = _train(w, "--run-dir", tmp_path / "run", "--out", tmp_path / "o1")
     assert _cli(base, capsys)[0] == 0
     code, err = _cli([*base, "--lr", "3e-3"], capsys)
-    default_lr = not_hub.DEFAULT_LR[not_hub.training.DEFAULT_METHOD]  # the method's own rate, resolved before the check
+    default_lr = not_hub.DEFAULT_LR[
+        not_hub.training.DEFAULT_METHOD
+    ]  # the method's own rate, resolved before the check
     assert code == 1 and "--run-dir" in err and f"lr ({default_lr!r} -> 0.003)" in err
     assert _cli([*base, "--lr", "3e-3", "--no-resume"], capsys)[0] == 0
 
