@@ -675,11 +675,24 @@ def test_run_identity_file_is_reused_by_the_cli_and_no_resume_starts_over(worksp
     base = _train(w, "--run-dir", tmp_path / "run", "--out", tmp_path / "o1")
     assert _cli(base, capsys)[0] == 0
     code, err = _cli([*base, "--lr", "3e-3"], capsys)
-    default_lr = not_hub.DEFAULT_LR[
-        not_hub.training.DEFAULT_METHOD
-    ]  # the method's own rate, resolved before the check
+    default_lr = not_hub.DEFAULT_LR[not_hub.training.DEFAULT_METHOD]  # the method's own, resolved before the check
     assert code == 1 and "--run-dir" in err and f"lr ({default_lr!r} -> 0.003)" in err
     assert _cli([*base, "--lr", "3e-3", "--no-resume"], capsys)[0] == 0
+
+
+def test_cli_trains_a_streamed_corpus_under_a_token_or_time_budget(workspace, capsys, tmp_path):
+    w = workspace
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in code_documents(600)))
+    head = ["train", w / "organ", "--donor", w / "model", "--data", corpus, "--block-size", "16", "--eval-docs", "4"]
+    code, err = _cli([*head, "--out", tmp_path / "o0", "--stream"], capsys)
+    assert code == 1 and "--max-tokens" in err  # a stream has no length: a budget is required, and said so
+    assert _cli([*head, "--out", tmp_path / "o1", "--stream", "--max-tokens", "1280"], capsys)[0] == 0
+    training = json.loads((tmp_path / "o1" / "config.json").read_text())["training"]
+    assert training["steps"] == 10 and training["tokens_seen"] == 1280 and training["data"]["streamed"] is True
+    assert _cli([*head, "--out", tmp_path / "o2", "--max-seconds", "1"], capsys)[0] == 0
+    training = json.loads((tmp_path / "o2" / "config.json").read_text())["training"]
+    assert 0 < training["steps"] and training["wall_clock_s"] - training["validation_s"] < 1 + 1.0
 
 
 def test_subprocess_cli_error_has_no_traceback(workspace):
