@@ -103,11 +103,15 @@ def _card_section(record: dict) -> str:
 
 
 def _write_adapter(peft_model, folder: Path, kwargs: dict) -> None:
+    card_path = folder / "README.md"
+    # peft merges its metadata into a card already in the folder but replaces its tags: keep the user's
+    own_tags = list(ModelCard(card_path.read_text()).data.tags or []) if card_path.is_file() else []
     peft_model.save_pretrained(folder, **kwargs)
     record = transplant_record(peft_model)
     (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    card_path = folder / "README.md"
     card = ModelCard(card_path.read_text()) if card_path.is_file() else ModelCard("---\n---\n")
+    if own_tags:
+        card.data.tags = [*own_tags, *(t for t in card.data.tags or [] if t not in own_tags)]
     if record["transplants"]:
         card.data.tags = sorted({*(card.data.tags or []), LIBRARY_TAG, TRANSPLANT_TAG})
         if "## Transplant" not in card.text:
@@ -132,7 +136,15 @@ def save_adapter(peft_model, save_directory: str | os.PathLike, **kwargs: Any) -
     """
     _check_peft_model(peft_model)
     target = Path(save_directory)
-    replace_folder(target, lambda folder: _write_adapter(peft_model, folder, kwargs))
+    existing = target / "README.md"
+    card = existing.read_text(encoding="utf-8") if existing.is_file() else None
+
+    def write(folder: Path) -> None:
+        if card is not None:  # peft and not_hub merge into the user's card, as push_adapter does on the Hub
+            (folder / "README.md").write_text(card, encoding="utf-8")
+        _write_adapter(peft_model, folder, kwargs)
+
+    replace_folder(target, write)
     return target
 
 

@@ -82,6 +82,18 @@ def test_plain_adapters_are_checked_by_their_layers(tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
+def test_saving_an_adapter_again_keeps_a_hand_written_card(tmp_path):
+    recipient = tiny_model("llama")
+    _organ().transplant_into(recipient, position=2, mode="insert")
+    peft_model = get_peft_model(recipient, LoraConfig(**LORA))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n\nMy notes.\n")
+    not_hub.save_adapter(peft_model, tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.license == "mit" and "My notes." in card.text  # the user's card, merged into
+    assert {"mine", TRANSPLANT_TAG} <= set(card.data.tags) and "## Transplant" in card.text
+
+
 def test_adapter_on_a_transplant_by_repo_id(tmp_path):
     hub = LocalHub().start()
     try:

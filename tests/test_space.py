@@ -120,8 +120,45 @@ def test_bad_inputs_give_clear_errors(assets):
         engine.transplant_and_measure(recipient, organ, "replace", 9)
     with pytest.raises(not_hub.errors.InvalidArgumentError, match="prompt is empty"):
         next(engine.stream_side_by_side(recipient, organ, "replace", 0, "   "))
-    with pytest.raises(not_hub.errors.HubConnectionError, match="offline"):
+    with pytest.raises(not_hub.errors.InvalidArgumentError, match="your own Hub token"):
         engine.push(recipient, organ, "replace", 0, "me/x", "")
+    with pytest.raises(not_hub.errors.HubConnectionError, match="offline"):
+        engine.push(recipient, organ, "replace", 0, "me/x", "hf_visitor")
+
+
+PUSH_AS_VISITOR = """
+import sys
+sys.path.insert(0, {space!r})
+import engine, not_hub
+try:
+    engine.push({recipient!r}, {organ!r}, "replace", 0, "me/pushed", "")
+except not_hub.errors.InvalidArgumentError as err:
+    print("REFUSED:", err)
+print(engine.push({recipient!r}, {organ!r}, "replace", 0, "me/pushed", "hf_visitor"))
+"""
+
+
+def test_a_visitor_pushes_only_with_the_token_they_typed(assets, tmp_path):
+    """A Space that pushes has its owner's HF_TOKEN in its environment; a blank token field must not use it."""
+    from hub_server import LocalHub
+
+    hub = LocalHub().start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(
+            HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_owner", HF_HUB_DISABLE_TELEMETRY="1"
+        )
+        script = PUSH_AS_VISITOR.format(
+            space=str(SPACE), recipient=str(assets / "recipient"), organ=str(assets / "organ")
+        )
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "REFUSED: pushing needs your own Hub token" in out.stdout
+        assert "me/pushed" in hub.state.repos  # the typed token pushed
+        seen = set(hub.state.authorization)
+        assert "Bearer hf_visitor" in seen and not any("hf_owner" in (a or "") for a in seen)
+    finally:
+        hub.stop()
 
 
 def test_cache_is_bounded(assets):

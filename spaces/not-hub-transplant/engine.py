@@ -526,9 +526,19 @@ def is_busy(recipient_name: str) -> bool:
 
 
 def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id: str, token: str) -> str:
-    """Push the transplanted recipient to the Hub; returns the commit URL."""
+    """Push the transplanted recipient to the Hub with the visitor's own token; returns the commit URL.
+
+    Only a token the visitor typed is ever used: with none, nothing is pushed. (huggingface_hub would otherwise fall
+    back to the Space's own `HF_TOKEN` or login, and a visitor would push with its owner's credentials.)
+    """
     from huggingface_hub import constants
 
+    token = (token or "").strip() if isinstance(token, str) or token is None else None
+    if not token:
+        raise InvalidArgumentError(
+            "pushing needs your own Hub token (a write token from huggingface.co/settings/tokens) in the token "
+            "field; this page never pushes with its own credentials"
+        )
     if constants.HF_HUB_OFFLINE:
         raise HubConnectionError("the Hub is not reachable from here (offline mode): use the download button instead")
     if not repo_id or repo_id.count("/") != 1:
@@ -539,4 +549,4 @@ def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id:
     loaded = CACHE.recipient(recipient_name)
     with loaded.lock:
         with organ.transplanted(loaded.working, position=int(position), mode=mode):
-            return not_hub.push_recipient(loaded.working, repo_id, tokenizer=loaded.tokenizer, token=token or None)
+            return not_hub.push_recipient(loaded.working, repo_id, tokenizer=loaded.tokenizer, token=token)
