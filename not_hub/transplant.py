@@ -439,6 +439,7 @@ def transplant_into(
         remove=remove,
     )
     position, depth = plan.position, len(stack)
+    _refuse_offloaded(recipient, stack)
     # The organ joins the layers around it: same dtype, same device (a device_map'd recipient keeps working).
     neighbour = stack[min(position, depth - 1)] if plan.remove else stack[max(position - 1, 0)]
     device, dtype = parameter_device_dtype(neighbour)
@@ -446,6 +447,18 @@ def transplant_into(
     if mode_spec.bridges:
         incoming = _wrap_with_bridges(organ, incoming, device, dtype)
     return apply_transplant_plan(recipient, spec, plan, organ, incoming)
+
+
+def _refuse_offloaded(recipient: nn.Module, stack) -> None:
+    """Layers whose weights live on `meta` (offloaded to disk or CPU by accelerate's hooks, or never loaded) cannot
+    take part in surgery: an organ placed beside them would be put on `meta` too and its weights lost."""
+    offloaded = [i for i, layer in enumerate(stack) if any(p.device.type == "meta" for p in layer.parameters())]
+    if offloaded:
+        raise TransplantStateError(
+            f"the recipient's layers {offloaded} hold their weights on 'meta' (offloaded to disk or CPU by a "
+            "device_map, or never loaded), so an organ grafted among them would lose its weights. Load the "
+            "recipient without offloading (a device_map with no 'disk' or 'cpu'-offloaded layers), then transplant"
+        )
 
 
 def apply_transplant_plan(

@@ -215,6 +215,27 @@ def test_bf16_mixed_precision_training_leaves_the_model_as_it_found_it():
     assert out.returncode == 0 and "BF16-OK" in out.stdout, out.stderr[-3000:]
 
 
+def test_a_recipient_with_disk_offloaded_layers_is_refused_before_it_is_touched(tmp_path):
+    from accelerate import dispatch_model
+
+    recipient = tiny_model("llama")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i in (2, 3) else "cpu" for i in range(6)}
+    recipient = dispatch_model(recipient, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    ids = tiny_input_ids()
+    with torch.no_grad():
+        before_logits = recipient(ids).logits
+    # (its offloaded weights are on 'meta': the state cannot be hashed; its layers, config and logits can)
+    layers, config = [id(layer) for layer in recipient.model.layers], recipient.config.to_json_string()
+    organ = not_hub.extract_organ(tiny_model("llama", seed=2), layer_range=(2, 4))
+    for mode, position in (("replace", 2), ("insert", 3), ("insert", 0)):  # beside, among, or far from them
+        with pytest.raises(not_hub.errors.TransplantStateError, match=r"layers \[2, 3\] hold their weights on 'meta'"):
+            organ.transplant_into(recipient, position=position, mode=mode)
+    assert [id(layer) for layer in recipient.model.layers] == layers and recipient.config.to_json_string() == config
+    with torch.no_grad():
+        assert torch.equal(recipient(ids).logits, before_logits)  # still runs, through its offload hooks
+
+
 @pytest.mark.parametrize("mode", ["replace", "insert"])
 def test_explant_after_a_dtype_change_restores_a_working_model(mode):
     recipient = tiny_model("llama")
