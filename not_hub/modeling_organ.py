@@ -476,6 +476,7 @@ class OrganModel(PreTrainedModel):
                     "differ); load the checkpoint without config=, or pass its own OrganConfig"
                 )
             saved_config = config
+        _check_config_against_weights(cls, saved_config, tensors, folder)
         model = cls(saved_config)
         result = model.load_state_dict(tensors, strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -492,6 +493,40 @@ class OrganModel(PreTrainedModel):
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.organ_revision = revision
         return model.eval()
+
+
+def _check_config_against_weights(cls, config: OrganConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Check the config against the weights file before any layer is allocated.
+
+    A small checkpoint could otherwise ask for anything: a config naming 100,000 layers, or a 4096-wide donor,
+    would allocate gigabytes before the weights were found not to fit. The layer count is compared first (no
+    construction at all), then the organ is built on the `meta` device (shapes only, no memory) and every tensor's
+    name and shape compared.
+    """
+    found = {int(name.split(".")[1]) for name in tensors if name.startswith("layers.") and name.split(".")[1].isdigit()}
+    try:
+        expected = len(config.layer_indices)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointFormatError(f"{folder / CONFIG_NAME} describes no valid layers ({err})") from None
+    if found != set(range(expected)):
+        raise CheckpointFormatError(
+            f"{folder / CONFIG_NAME} describes {expected} layers (layer_range {config.layer_range}) but "
+            f"{folder / WEIGHTS_NAME} holds weights for {len(found)}; the files do not belong together. "
+            "Re-save the organ with OrganModel.save_pretrained"
+        )
+    with torch.device("meta"):
+        skeleton = cls(config)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    wrong = [
+        f"{name} {tuple(t.shape)} (config: {shapes[name]})"
+        for name, t in tensors.items()
+        if name in shapes and tuple(t.shape) != shapes[name]
+    ]
+    if wrong:
+        raise CheckpointFormatError(
+            f"{folder / WEIGHTS_NAME} does not fit the layers {folder / CONFIG_NAME} describes: "
+            f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}"
+        )
 
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")

@@ -215,6 +215,49 @@ def test_bf16_mixed_precision_training_leaves_the_model_as_it_found_it():
     assert out.returncode == 0 and "BF16-OK" in out.stdout, out.stderr[-3000:]
 
 
+HOSTILE_LOAD = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+import not_hub
+t0 = time.perf_counter()
+try:
+    not_hub.OrganModel.from_pretrained(sys.argv[1])
+except not_hub.errors.CheckpointFormatError as err:
+    print("REFUSED", round(time.perf_counter() - t0, 2), err)
+"""
+
+
+@pytest.mark.parametrize("change", ["layer_range", "donor_width"])
+def test_a_small_checkpoint_cannot_make_loading_allocate_unbounded_memory(tmp_path, change):
+    """A self-consistent 2-layer checkpoint (config hash recomputed, as anyone publishing it could) whose config
+    asks for 100,000 layers or a 4096-wide donor: refused from the weights file's contents before any layer is
+    allocated, under a 3 GiB address-space cap."""
+    from safetensors.torch import load_file, save_file
+
+    from not_hub.integrity import config_sha256
+
+    organ = not_hub.extract_organ(tiny_model("llama"), layer_range=(2, 4))
+    organ.save_pretrained(tmp_path / "organ")
+    config = json.loads((tmp_path / "organ" / "config.json").read_text())
+    if change == "layer_range":
+        config["layer_range"] = [0, 100000]
+    else:
+        config["donor_config"].update(hidden_size=4096, intermediate_size=16384, num_hidden_layers=40, head_dim=1024)
+    (tmp_path / "organ" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "organ" / "model.safetensors")
+    save_file(
+        tensors,
+        tmp_path / "organ" / "model.safetensors",
+        metadata={"not_hub.config_sha256": config_sha256(config), "format": "pt"},
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", HOSTILE_LOAD, str(tmp_path / "organ")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.startswith("REFUSED"), (out.stdout + out.stderr)[-3000:]
+    assert float(out.stdout.split()[1]) < 10  # refused at once, not after building layers
+    assert ("describes 100000 layers" if change == "layer_range" else "does not fit the layers") in out.stdout
+
+
 def test_a_recipient_with_disk_offloaded_layers_is_refused_before_it_is_touched(tmp_path):
     from accelerate import dispatch_model
 
