@@ -25,6 +25,7 @@ from .configuration_organ import OrganConfig
 from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks
 from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
 from .extraction import default_layer_range, excise, extract_organ
+from .grafted import load_grafted
 from .grafting import get_organ_model, trainable_parameters, unload_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
@@ -65,6 +66,7 @@ __all__ = [
     "extract_organ",
     "get_organ_model",
     "list_organs",
+    "load_grafted",
     "load_adapter",
     "load_documents",
     "make_blocks",

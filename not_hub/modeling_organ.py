@@ -503,7 +503,9 @@ def _check_config_against_weights(cls, config: OrganConfig, tensors: dict[str, t
     construction at all), then the organ is built on the `meta` device (shapes only, no memory) and every tensor's
     name and shape compared.
     """
-    found = {int(name.split(".")[1]) for name in tensors if name.startswith("layers.") and name.split(".")[1].isdigit()}
+    found = {
+        int(name.split(".")[1]) for name in tensors if name.startswith("layers.") and name.split(".")[1].isdigit()
+    }
     try:
         expected = len(config.layer_indices)
     except (TypeError, ValueError, KeyError) as err:

@@ -107,6 +107,53 @@ def test_push_then_load_by_repo_id_revision_and_offline(hub, tmp_path):
     assert "OFFLINE-OK" in out
 
 
+def test_one_call_from_an_organ_repo_id_to_a_grafted_model_and_a_pipeline(local_hub, tmp_path):
+    run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        from tiny_tokenizer import tiny_tokenizer
+        from transformers import AutoModelForCausalLM, pipeline
+        base = tiny_model("llama")
+        base.push_to_hub("org/tiny-llama")
+        tiny_tokenizer().push_to_hub("org/tiny-llama")
+        not_hub.extract_organ(tiny_model("llama", seed=4), layer_range=(2, 4), base_model="org/tiny-llama").push_to_hub(
+            "user/organ"
+        )
+        model, tokenizer = not_hub.load_grafted("user/organ")
+        expected = AutoModelForCausalLM.from_pretrained("org/tiny-llama")  # the five lines it replaces
+        untouched = copy.deepcopy(expected)
+        not_hub.OrganModel.from_pretrained("user/organ").transplant_into(expected)
+        ids = tiny_input_ids()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected(ids).logits)
+        assert model.config.transplants[0]["organ"] == "user/organ"
+        text = pipeline("text-generation", model=model, tokenizer=tokenizer)("int f", max_new_tokens=4, do_sample=False)
+        assert text[0]["generated_text"].startswith("int f"), text
+        not_hub.transplants_of(model)[0].explant()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, untouched(ids).logits)
+        # The standard arguments reach both loads: the organ's revision, the dtype of the whole grafted model.
+        not_hub.extract_organ(base, layer_range=(1, 2), base_model="org/tiny-llama").push_to_hub("user/organ", revision="v2")
+        m16, _ = not_hub.load_grafted("user/organ", revision="v2", dtype=torch.bfloat16)
+        assert m16.config.transplants[0]["position"] == 1 and m16.config.transplants[0]["organ_revision"] == "v2"
+        assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+        print("ONE-CALL-OK")
+    """,
+    )
+    out = run_scenario(  # offline, from the cache the first process filled; both downloads honour it
+        local_hub,
+        tmp_path,
+        """
+        model, tokenizer = not_hub.load_grafted("user/organ", local_files_only=True)
+        assert len(not_hub.transplants_of(model)) == 1 and tokenizer("ab")["input_ids"]
+        print("OFFLINE-OK")
+    """,
+        offline=True,
+    )
+    assert "OFFLINE-OK" in out
+
+
 def test_unknown_repo_revision_and_tampered_download(local_hub, tmp_path):
     hub = local_hub
     run_scenario(

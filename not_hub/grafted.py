@@ -1,0 +1,83 @@
+"""One call from an organ repo id to a grafted model: what `AutoPeftModelForCausalLM.from_pretrained` is for peft.
+
+`load_grafted("user/organ")` loads the organ, reads which model it belongs to (`base_model` at
+`base_model_revision`), loads that model and its tokenizer, and grafts the organ at its default transplant. The
+result is an ordinary transformers model: `generate()` and `transformers.pipeline("text-generation", ...)` work, and
+`not_hub.transplants_of(model)[0].explant()` still takes the organ out.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import InvalidArgumentError, ModelLoadError
+from .modeling_organ import OrganModel
+
+
+def load_grafted(
+    organs: str | os.PathLike | list[str | os.PathLike],
+    *,
+    recipient: str | os.PathLike | None = None,
+    revision: str | None = None,
+    recipient_revision: str | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+):
+    """Load the model an organ belongs to, with the organ grafted in, and its tokenizer.
+
+    Args:
+        organs: an organ repo id or folder, or a list of them (grafted in order, each at its default transplant).
+        recipient: the model to graft into (Hub id or folder); default: the first organ's `base_model`.
+        revision: the organ repo's revision (branch, tag or commit sha), for every organ given.
+        recipient_revision: the recipient's revision; default: the organ's `base_model_revision` when the
+            recipient is its `base_model`.
+        dtype, device_map: as `AutoModelForCausalLM.from_pretrained` (the organ follows the layers it joins).
+        token, cache_dir, local_files_only: passed to both downloads, organ and recipient.
+
+    Returns:
+        `(model, tokenizer)`: a transformers causal LM with the organ(s) grafted (`model.config.transplants` says
+        which, where) and the recipient's tokenizer.
+
+    Raises:
+        InvalidArgumentError: no organ given, or no recipient named and the organ records no `base_model`.
+        OrganNotFoundError, ModelLoadError, IncompatibleOrganError, ...: from loading and grafting; a model that
+            failed to graft is not returned.
+
+    Example:
+        ```python
+        >>> model, tokenizer = not_hub.load_grafted("me/my-organ")
+        >>> transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)("def add(a, b):")
+        ```
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    refs = list(organs) if isinstance(organs, (list, tuple)) else [organs]
+    if not refs:
+        raise InvalidArgumentError("load_grafted() needs at least one organ repo id or folder")
+    hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    loaded = [OrganModel.from_pretrained(ref, revision=revision, **hub) for ref in refs]
+    base = loaded[0].config.base_model
+    name = str(recipient) if recipient is not None else base
+    if not name:
+        raise InvalidArgumentError(
+            f"organ {refs[0]!s} records no base_model, so the model to graft it into is unknown; pass recipient="
+        )
+    if recipient_revision is None and name == base:
+        recipient_revision = loaded[0].config.base_model_revision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=recipient_revision, dtype=dtype, device_map=device_map, **hub
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=recipient_revision, **hub)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load {name!r}, the model organ {refs[0]!s} belongs to ({str(err).splitlines()[0][:200]}); "
+            "pass recipient= a local folder or a reachable Hub id of the same architecture"
+        ) from None
+    for organ in loaded:
+        organ.transplant_into(model)  # its default transplant; all-or-nothing
+    return model.eval(), tokenizer
