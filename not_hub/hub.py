@@ -69,11 +69,73 @@ def _connection_error(what: str, err: Exception) -> HubConnectionError:
     )
 
 
+DEFAULT_HUB_TIMEOUT_S = 60.0  # longest wait for one connect / read / write on the Hub; NOT_HUB_HUB_TIMEOUT overrides
+
+
+def hub_timeout() -> float:
+    """Seconds not_hub waits for the Hub on one connection step (`NOT_HUB_HUB_TIMEOUT`, default 60)."""
+    try:
+        value = float(os.environ.get("NOT_HUB_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT_S))
+    except ValueError:
+        value = DEFAULT_HUB_TIMEOUT_S
+    return value if value > 0 else DEFAULT_HUB_TIMEOUT_S
+
+
+class _BoundedTransport(httpx.BaseTransport):
+    """Wraps the client's transport: a request's unset (None) timeouts become `seconds`. A client-level timeout is
+    not enough: huggingface_hub passes `timeout=None` explicitly (e.g. `model_info`), which means "wait forever"."""
+
+    def __init__(self, inner, seconds: float):
+        self.inner, self.seconds = inner, seconds
+
+    def handle_request(self, request):
+        given = dict(request.extensions.get("timeout") or {})
+        request.extensions["timeout"] = {
+            key: self.seconds if given.get(key) is None else given[key] for key in ("connect", "read", "write", "pool")
+        }
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @contextmanager
-def hub_errors(what: str) -> Iterator[None]:
-    """Turn connection-level failures of a Hub call into `HubConnectionError` (one line, no traceback)."""
+def bounded_waits() -> Iterator[None]:
+    """Every request not_hub makes inside this block waits at most `hub_timeout()` seconds per connect, read or write.
+
+    huggingface_hub's default HTTP client never times out (`timeout=None`), so a server that accepts a connection
+    and never answers blocks a call forever (`model_info` ignores `HF_HUB_ETAG_TIMEOUT`). A client factory the user
+    installed with `huggingface_hub.set_client_factory` is left alone.
+    """
+    from huggingface_hub.utils import _http
+
+    default = getattr(_http, "default_client_factory", None)
+    if default is None or getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is not default:
+        yield
+        return
+    seconds = hub_timeout()
+
+    def bounded():
+        client = default()
+        inner = getattr(client, "_transport", None)
+        if inner is not None:
+            client._transport = _BoundedTransport(inner, seconds)
+        return client
+
+    _http.set_client_factory(bounded)
     try:
         yield
+    finally:
+        _http.set_client_factory(default)
+
+
+@contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn connection-level failures of a Hub call into `HubConnectionError` (one line, no traceback); every
+    request inside waits at most `hub_timeout()` seconds per step."""
+    try:
+        with bounded_waits():
+            yield
     except OfflineModeIsEnabled:
         raise HubConnectionError(
             f"{what}: the Hub is disabled (HF_HUB_OFFLINE=1); unset it to reach the Hub, or use local folders"
@@ -119,19 +181,20 @@ def resolve_checkpoint(
         )
     check_repo_id(repo_id)
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-                force_download=force_download,
-                allow_patterns=[f"{subfolder}/{name}" for name in _ALLOW] if subfolder else _ALLOW,
-                library_name=LIBRARY_NAME,
-                library_version=__version__,
+        with bounded_waits():
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    token=token,
+                    force_download=force_download,
+                    allow_patterns=[f"{subfolder}/{name}" for name in _ALLOW] if subfolder else _ALLOW,
+                    library_name=LIBRARY_NAME,
+                    library_version=__version__,
+                )
             )
-        )
         return (folder / subfolder if subfolder else folder), True
     except RepositoryNotFoundError:
         raise OrganNotFoundError(
@@ -144,7 +207,8 @@ def resolve_checkpoint(
     except LocalEntryNotFoundError:
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} (revision {revision or 'main'!r}) is not in the local Hub cache and the Hub "
-            "cannot be reached (offline, HF_HUB_OFFLINE=1 or local_files_only=True); download it once online with "
+            "cannot be reached (offline, HF_HUB_OFFLINE=1, local_files_only=True, or no answer within "
+            f"{hub_timeout():g} s: NOT_HUB_HUB_TIMEOUT sets the wait); download it once online with "
             f"`not-hub pull {repo_id}` or pass a local folder"
         ) from None
     except EntryNotFoundError:

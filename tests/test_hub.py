@@ -154,6 +154,56 @@ def test_one_call_from_an_organ_repo_id_to_a_grafted_model_and_a_pipeline(local_
     assert "OFFLINE-OK" in out
 
 
+SILENT_HUB = """
+import time, not_hub
+organ = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
+for what, call in [
+    ("load", lambda: not_hub.OrganModel.from_pretrained("user/organ")),
+    ("push", lambda: organ.push_to_hub("user/organ")),
+    ("search", lambda: not_hub.list_organs(base_model="org/base")),
+]:
+    t0 = time.perf_counter()
+    try:
+        call()
+    except (not_hub.errors.OrganNotFoundError, not_hub.errors.HubConnectionError) as err:
+        print(what, type(err).__name__, round(time.perf_counter() - t0, 1), str(err)[:200])
+"""
+
+
+def test_a_hub_that_accepts_and_never_answers_gets_a_bounded_wait_and_a_named_error(tmp_path):
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []  # connections accepted and never answered
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="t", NOT_HUB_HUB_TIMEOUT="2")
+        script = SCENARIO_PRELUDE.format(fixtures=str(Path(__file__).parent / "fixtures")) + SILENT_HUB
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    lines = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["load", "push", "search"], out.stdout + out.stderr[-3000:]
+    for line in lines:
+        assert float(line.split()[2]) < 40, line  # bounded: 2 s per request, a few retries, not forever
+    assert "no answer within 2 s" in lines[0]
+
+
 def test_unknown_repo_revision_and_tampered_download(local_hub, tmp_path):
     hub = local_hub
     run_scenario(
