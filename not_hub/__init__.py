@@ -27,6 +27,7 @@ from .evaluation import PerplexityResult, SweepResult, perplexity, position_swee
 from .extraction import default_layer_range, excise, extract_organ
 from .grafted import load_grafted
 from .grafting import get_organ_model, trainable_parameters, unload_organ
+from .growth import grow_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
@@ -65,6 +66,7 @@ __all__ = [
     "excise",
     "extract_organ",
     "get_organ_model",
+    "grow_organ",
     "list_organs",
     "load_grafted",
     "load_adapter",

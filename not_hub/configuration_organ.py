@@ -56,6 +56,8 @@ class OrganConfig(PreTrainedConfig):
             or position is given, e.g. `{"mode": "splice", "position": 9, "remove": 5}` for an organ that carries
             its recovered neighbours. None: `mode="replace"` at `layer_range[0]`.
         neighbours_from (`str`, *optional*): the recipient the recovered neighbours were trained in.
+        growth (`dict`, *optional*): for a growth organ (`not_hub.grow_organ`): the layers it was copied from and the
+            output projections zeroed to make it start as the identity.
 
     Example:
         ```python
@@ -91,6 +93,7 @@ class OrganConfig(PreTrainedConfig):
         layer_sources: list[dict] | None = None,
         default_transplant: dict | None = None,
         neighbours_from: str | None = None,
+        growth: dict | None = None,
         **kwargs: Any,
     ):
         _check_format_version(format_version)
@@ -123,6 +126,7 @@ class OrganConfig(PreTrainedConfig):
         self.layer_sources = [dict(source) for source in layer_sources] if layer_sources else None
         self.default_transplant = dict(default_transplant) if default_transplant else None
         self.neighbours_from = neighbours_from
+        self.growth = dict(growth) if growth else None
         super().__init__(**kwargs)
 
     @property

@@ -211,3 +211,23 @@ def test_architecture_file_points_at_real_modules(donor):
         assert "rotary" in type(donor.get_submodule(spec.rotary_emb)).__name__.lower()
     for path in spec.embeddings[1:] + spec.head_extras:
         optional_submodule(donor, path)  # optional parts may be absent, but a path must not be malformed
+
+
+def test_an_untrained_growth_organ_changes_nothing(donor, hash_state):
+    """Growth (LLaMA-Pro): copies of layers with their output projections zeroed, inserted; the grown model computes
+    bit for bit what the original did, with and without the KV cache, and explant restores it."""
+    before = hash_state(donor)
+    ids = tiny_input_ids(batch=1, length=6)
+    with torch.no_grad():
+        logits = donor(ids).logits
+    generated = donor.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    organ = not_hub.grow_organ(donor, position=3, num_layers=2)
+    assert hash_state(donor) == before  # the organ holds copies
+    assert organ.config.default_transplant == {"mode": "insert", "position": 3} and organ.config.growth["zeroed"]
+    with organ.transplanted(donor) as transplant:
+        assert transplant.mode == "insert" and transplant.layer_indices == [3, 4]
+        with torch.no_grad():
+            assert torch.equal(donor(ids).logits, logits)
+        assert torch.equal(donor.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True), generated)
+        assert torch.equal(donor.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False), generated)
+    assert hash_state(donor) == before

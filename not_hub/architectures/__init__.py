@@ -61,6 +61,11 @@ class ArchitectureSpec:
         rotary_emb: the model-level rotary embedding, if the family computes it once for all layers.
         per_layer_config: config fields that are lists with one entry per layer (e.g. `layer_types`).
         head_extras: modules between the final norm and the LM head (e.g. OPT's `project_out`).
+        output_projections: the modules (relative to a layer) that write into the residual stream: with their
+            weights and biases zeroed, the layer computes the identity (a growth organ, `not_hub.grow_organ`).
+            Parameters whose name starts with one of them are zeroed (a fused MoE expert tensor included).
+        identity_requires: config values under which that zeroing is an exact identity (e.g. OPT's pre-norm
+            `do_layer_norm_before: true`); other configs are refused.
         inferred: True when the spec was discovered at run time rather than read from a data file.
     """
 
@@ -72,6 +77,8 @@ class ArchitectureSpec:
     rotary_emb: str | None = None
     per_layer_config: tuple[str, ...] = ("layer_types",)
     head_extras: tuple[str, ...] = ()
+    output_projections: tuple[str, ...] = ()
+    identity_requires: dict | None = None
     inferred: bool = False
 
     @classmethod
