@@ -400,6 +400,8 @@ def run_trainer(
         over = args.max_seconds is not None and clock.training_s >= args.max_seconds
         if steps_done < max_steps and not over:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        elif checkpoint is not None:  # a finished run asked again: its weights, not the starting ones
+            trainer._load_from_checkpoint(str(checkpoint))
         step = trainer.state.global_step if trainer.state.global_step else steps_done
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         if checkpoint is not None and not trainer.state.global_step:

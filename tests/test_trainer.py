@@ -114,6 +114,19 @@ def test_gradient_checkpointing_and_trainer_args_pass_through_and_leave_the_mode
     assert (layer.mlp.up_proj.weight - start).abs().max() > 0
 
 
+def test_a_finished_run_asked_again_returns_its_weights_without_training(blocks, tmp_path):
+    donor = tiny_model("llama")
+    data = not_hub.BlockData(blocks.train, None, blocks.description)  # no validation: the last weights are kept
+    kwargs = dict(method="standalone", max_steps=3, lr=3e-3, batch_size=8, progress=False, output_dir=str(tmp_path))
+    first = not_hub.extract_organ(donor, layer_range=(2, 4))
+    train_organ(first, donor, data, **kwargs)
+    again = not_hub.extract_organ(donor, layer_range=(2, 4))
+    metrics = train_organ(again, donor, data, **kwargs)
+    assert metrics.steps == 3
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor)
+
+
 def test_a_restart_with_resume_false_never_hands_one_run_another_runs_weights(blocks, tmp_path, monkeypatch):
     donor = tiny_model("llama")
     run = str(tmp_path / "run")
