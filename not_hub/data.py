@@ -86,15 +86,26 @@ def _read_source(source, *, text_field, split, unit, revision, suffixes) -> list
                 f"{path} has no field {text_field!r}; its fields are {ds.column_names} (pass --text-field / "
                 "text_field=...)"
             )
-        return [str(t) for t in ds[text_field] if t is not None]
+        return _texts(ds[text_field], f"{path} field {text_field!r}")
     if path.is_file():
         return _cut(_load("text", source, data_files=str(path), sample_by="document")["text"], unit or "paragraph")
     if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not path.exists():
         ds = _load(str(source), source, split=split, revision=revision)
         if text_field not in ds.column_names:
             raise DataError(f"dataset {source!s} has no column {text_field!r}; its columns are {ds.column_names}")
-        return [str(t) for t in ds[text_field] if t is not None]
+        return _texts(ds[text_field], f"dataset {source!s} column {text_field!r}")
     raise DataFileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id ('namespace/name')")
+
+
+def _texts(values, where: str) -> list[str]:
+    """The text values of a column; a number, list or object is refused, not trained on as its Python repr."""
+    for i, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"{where} holds a value of type {type(value).__name__} in record {i} ({str(value)[:60]!r}), not "
+                "text; point --text-field / text_field= at a field of strings"
+            )
+    return [t for t in values if t is not None]
 
 
 def _load(builder: str, source, **kwargs) -> datasets.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,11 @@ def perplexity(
     Returns:
         `PerplexityResult(perplexity, nll, tokens)`.
     """
+    if isinstance(documents, (str, bytes)):
+        raise InvalidArgumentError(
+            "documents is one string; pass a list of documents (e.g. [text]), so it is not scored character by "
+            "character as one-letter documents"
+        )
     max_length = _check_window(model, max_length, stride)
     stride = stride if stride is not None else max(1, max_length // 2)
     docs = _as_token_lists(list(documents), tokenizer)
@@ -236,7 +242,14 @@ def add_evaluation_result(
     dataset_type: str | None = None,
     **extra: Any,
 ) -> None:
-    """Record an evaluation in an `OrganConfig` (shown in the card and its model-index); replaces a same-key entry."""
+    """Record an evaluation in an `OrganConfig` (shown in the card and its model-index); replaces a same-key entry.
+
+    Raises:
+        InvalidArgumentError: `value` or `baseline` is not a finite number (a NaN would be shown as a result).
+    """
+    for name, number in (("value", value), ("baseline", baseline)):
+        if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+            raise InvalidArgumentError(f"{name}={number!r} is not a finite number; record a measured result")
     evaluation = dict(config.evaluation or {})
     results = [
         r

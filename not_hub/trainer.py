@@ -48,7 +48,11 @@ STATE_FILE = "not_hub_state.json"  # written last: a checkpoint without it was c
 
 def finished_checkpoints(output_dir: Path) -> list[Path]:
     """The run dir's checkpoints that were completely written, oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 

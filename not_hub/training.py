@@ -161,7 +161,7 @@ class OrganTrainingArguments:
             self.max_seconds is None or number("max_seconds", self.max_seconds) >= 0,
             "max_seconds >= 0, or None (no budget)",
         )
-        number("seed", self.seed, integer=True)
+        check("seed", 0 <= number("seed", self.seed, integer=True) < 2**32, "an integer in [0, 2**32)")
         check(
             "mixed_precision",
             self.mixed_precision in (None, "no", "bf16", "fp16"),

@@ -156,6 +156,9 @@ def test_train_refuses_an_organ_that_does_not_fit_the_donor(blocks, hash_state):
         ("max_seconds", -1),
         ("mixed_precision", "fp8"),
         ("batch_size", True),
+        ("seed", 2**70),
+        ("seed", -1),
+        ("max_tokens", 0),
     ],
 )
 def test_zero_negative_or_nan_training_lengths_are_refused(field, value, blocks, hash_state, tmp_path):
@@ -256,6 +259,29 @@ def test_a_small_checkpoint_cannot_make_loading_allocate_unbounded_memory(tmp_pa
     assert out.returncode == 0 and out.stdout.startswith("REFUSED"), (out.stdout + out.stderr)[-3000:]
     assert float(out.stdout.split()[1]) < 10  # refused at once, not after building layers
     assert ("describes 100000 layers" if change == "layer_range" else "does not fit the layers") in out.stdout
+
+
+def test_odd_inputs_are_refused_not_reinterpreted(tmp_path, blocks):
+    from not_hub.evaluation import add_evaluation_result, perplexity
+
+    model = tiny_model("llama")
+    with pytest.raises(InvalidArgumentError, match="one string"):
+        perplexity(model, "int f(int x) { return x; }", tokenizer=tiny_tokenizer())
+    organ = not_hub.extract_organ(model, layer_range=(2, 4))
+    for value in (float("nan"), float("inf"), "7.5"):
+        with pytest.raises(InvalidArgumentError, match="not a finite number"):
+            add_evaluation_result(organ.config, dataset="d", value=value, baseline=8.0, position=2, mode="replace")
+    assert organ.config.evaluation is None
+    (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(not_hub.errors.DataError, match="of type int in record 1"):
+        not_hub.load_documents(tmp_path / "numbers.jsonl")
+    # a stray `checkpoint-abc/` folder in a run dir is not a checkpoint: it is skipped, not a raw ValueError
+    run = tmp_path / "run"
+    kwargs = dict(method="standalone", max_steps=2, lr=3e-3, batch_size=8, progress=False, output_dir=str(run))
+    train_organ(not_hub.extract_organ(model, layer_range=(2, 4)), model, blocks, **kwargs)
+    (run / "checkpoint-abc").mkdir()
+    (run / "checkpoint-abc" / "not_hub_state.json").write_text("{}")
+    assert train_organ(not_hub.extract_organ(model, layer_range=(2, 4)), model, blocks, **kwargs).steps == 2
 
 
 def test_a_recipient_with_disk_offloaded_layers_is_refused_before_it_is_touched(tmp_path):
