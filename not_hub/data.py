@@ -73,12 +73,8 @@ def _read_source(source, *, text_field, split, unit, revision, suffixes) -> list
     """Read one file, folder or Hub dataset through `datasets`; any failure is a `DataError` naming the source."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-        if not files:
-            raise DataFileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
-        return _cut(
-            _load("text", source, data_files=[str(f) for f in files], sample_by="document")["text"], unit or "file"
-        )
+        files = _text_files(path, suffixes)
+        return _cut(_load("text", source, data_files=files, sample_by="document")["text"], unit or "file")
     if path.is_file() and path.suffix in (".json", ".jsonl"):
         ds = _load("json", source, data_files=str(path))
         if text_field not in ds.column_names:
@@ -95,6 +91,24 @@ def _read_source(source, *, text_field, split, unit, revision, suffixes) -> list
             raise DataError(f"dataset {source!s} has no column {text_field!r}; its columns are {ds.column_names}")
         return _texts(ds[text_field], f"dataset {source!s} column {text_field!r}")
     raise DataFileNotFoundError(f"{source!s} is neither a file, a folder nor a Hub dataset id ('namespace/name')")
+
+
+def _text_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Every text file under `folder`, sorted; none is a `DataFileNotFoundError`."""
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise DataFileNotFoundError(f"{folder} holds no text files ({', '.join(suffixes)})")
+    return files
+
+
+def _check_fractions(validation: float, test: float) -> None:
+    for name, value in (("validation", validation), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InvalidArgumentError(f"{name}={value!r} is not a fraction in [0, 1)")
+    if validation + test >= 1:
+        raise InvalidArgumentError(
+            f"validation={validation} and test={test} leave no training documents; keep the sum < 1"
+        )
 
 
 def _texts(values, where: str) -> list[str]:
@@ -163,13 +177,7 @@ def split_documents(
     The result depends only on the documents and the seed (not on their order): each document is ranked by a seeded
     hash of its text.
     """
-    for name, value in (("validation", validation), ("test", test)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise InvalidArgumentError(f"{name}={value!r} is not a fraction in [0, 1)")
-    if validation + test >= 1:
-        raise InvalidArgumentError(
-            f"validation={validation} and test={test} leave no training documents; keep the sum < 1"
-        )
+    _check_fractions(validation, test)
     unique = sorted(set(docs), key=lambda d: hashlib.sha256(f"{seed}|{d}".encode()).hexdigest())
     n_val, n_test = round(len(unique) * validation), round(len(unique) * test)
     if (validation and not n_val) or (test and not n_test) or len(unique) - n_val - n_test < 1:
@@ -183,6 +191,18 @@ def split_documents(
         test=unique[n_val : n_val + n_test],
         description={"seed": seed, "validation_fraction": validation, "test_fraction": test, **(description or {})},
     )
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens), EOS after each: where one document ends in a packed stream."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [ids + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
+    """The documents' tokens as one stream, cut into `block_size` blocks (a tail that fills none is dropped)."""
+    stream = [t for ids in documents for t in ids]
+    return [stream[i * block_size : (i + 1) * block_size] for i in range(len(stream) // block_size)]
 
 
 def pack_blocks(
@@ -200,17 +220,13 @@ def pack_blocks(
     if shuffle_seed is not None:
         docs = list(docs)
         random.Random(shuffle_seed).shuffle(docs)
-    eos = tokenizer.eos_token_id
     ds = datasets.Dataset.from_dict({"text": list(docs)})
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + ([eos] if eos is not None else []) for x in ids]}
+        return {"input_ids": _with_eos(tokenizer, batch["text"])}
 
     def pack(batch):
-        stream = [t for ids in batch["input_ids"] for t in ids]
-        n = len(stream) // block_size
-        return {"input_ids": [stream[i * block_size : (i + 1) * block_size] for i in range(n)]}
+        return {"input_ids": _pack(batch["input_ids"], block_size)}
 
     ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenising")
     # One packing batch over everything: blocks may span documents (standard causal-LM packing) but never splits.
@@ -298,13 +314,7 @@ def _stream_source(source, *, text_field, unit, split, revision, suffixes) -> da
     path = Path(source)
     try:
         if path.is_dir() or (path.is_file() and path.suffix not in (".json", ".jsonl")):
-            files = (
-                sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-                if path.is_dir()
-                else [str(path)]
-            )
-            if not files:
-                raise DataFileNotFoundError(f"{path} holds no text files ({', '.join(suffixes)})")
+            files = _text_files(path, suffixes) if path.is_dir() else [str(path)]
             unit = unit or ("file" if path.is_dir() else "paragraph")
             sample_by = {"file": "document", "line": "line", "paragraph": "paragraph"}.get(unit)
             if sample_by is None:
@@ -350,11 +360,7 @@ def stream_documents(
     """
     if bucket not in ("train", "validation", "test"):
         raise InvalidArgumentError(f"bucket={bucket!r} is not one of 'train', 'validation', 'test'")
-    for name, value in (("validation", validation), ("test", test)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise InvalidArgumentError(f"{name}={value!r} is not a fraction in [0, 1)")
-    if validation + test >= 1:
-        raise InvalidArgumentError(f"validation={validation} and test={test} leave no training documents")
+    _check_fractions(validation, test)
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     opts = dict(text_field=text_field, unit=unit, split=split, revision=revision, suffixes=suffixes)
     streams = [_stream_source(s, **opts) for s in items]
@@ -396,27 +402,22 @@ def stream_blocks(
         raise InvalidArgumentError(f"block_size={block_size!r} is not allowed; expected an integer >= 2")
     opts = dict(validation=validation, test=test, seed=seed, text_field=text_field, unit=unit, split=split)
     opts["revision"] = revision
-    eos = tokenizer.eos_token_id
 
     def pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        stream = [t for x in ids for t in (x + ([eos] if eos is not None else []))]
-        n = len(stream) // block_size
-        return {"input_ids": [stream[i * block_size : (i + 1) * block_size] for i in range(n)]}
+        return {"input_ids": _pack(_with_eos(tokenizer, batch["text"]), block_size)}
 
     train = stream_documents(sources, bucket="train", **opts).shuffle(seed=seed, buffer_size=shuffle_buffer)
     train = train.map(pack, batched=True, batch_size=256, remove_columns=["text"]).with_format("torch")
-    docs: list[str] = []
+    held: list[list[int]] = []  # validation documents' token ids, read until they fill the blocks wanted
     tokens = 0
     if validation:
         for example in stream_documents(sources, bucket="validation", **opts):
-            docs.append(example["text"])
-            tokens += len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 1
+            held += _with_eos(tokenizer, [example["text"]])
+            tokens += len(held[-1])
             if tokens >= max_validation_blocks * block_size:
                 break
-    valid = pack_blocks(docs, tokenizer, block_size) if docs else None
-    if valid is not None and len(valid) > max_validation_blocks:
-        valid = valid.select(range(max_validation_blocks))
+    blocks = _pack(held, block_size)[:max_validation_blocks]
+    valid = datasets.Dataset.from_dict({"input_ids": blocks}).with_format("torch") if blocks else None
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     description = {
         "sources": [str(s) for s in items],
@@ -431,9 +432,7 @@ def stream_blocks(
         "validation_blocks": len(valid) if valid is not None else 0,
         "shuffle_buffer": shuffle_buffer,
     }
-    return BlockData(
-        train=train, validation=valid if valid is not None and len(valid) else None, description=description
-    )
+    return BlockData(train=train, validation=valid, description=description)
 
 
 def _file_stamp(source) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import TransplantStateError
 from .transplant import Transplant, transplants_of
 
-# model -> [(transplant, requires_grad flags of the model's parameters before grafting)], newest last
+# model -> [(transplant, requires_grad flags of the model's parameters before grafting, config.use_cache)], newest last
 _GRAFTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -49,8 +49,7 @@ def get_organ_model(organ, model: nn.Module, *, position: int | None = None, mod
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     # Trainer switches the KV cache off for training (`config.use_cache = False`); unloading switches it back.
-    flags.append(("use_cache", getattr(model.config, "use_cache", None)))
-    _GRAFTED.setdefault(model, []).append((transplant, flags))
+    _GRAFTED.setdefault(model, []).append((transplant, flags, getattr(model.config, "use_cache", None)))
     return model
 
 
@@ -69,23 +68,21 @@ def unload_organ(model: nn.Module, transplant: Transplant | None = None):
     """
     entries = _GRAFTED.get(model, [])
     current = {id(t) for t in transplants_of(model)}
-    live = [(t, flags) for t, flags in entries if t.active and id(t) in current]
+    live = [entry for entry in entries if entry[0].active and id(entry[0]) in current]
     if transplant is not None:
-        live = [(t, flags) for t, flags in live if t is transplant]
+        live = [entry for entry in live if entry[0] is transplant]
     if not live:
         raise TransplantStateError(
             "this model holds no organ grafted by not_hub.get_organ_model (or it was already unloaded); call "
             "get_organ_model(organ, model) first"
         )
-    chosen, flags = live[-1]
+    chosen, flags, use_cache = live[-1]
     organ = chosen.to_organ()
     chosen.explant()
     for p, flag in flags:
-        if isinstance(p, str):  # ("use_cache", value)
-            if flag is not None:
-                model.config.use_cache = flag
-        else:
-            p.requires_grad_(flag)
+        p.requires_grad_(flag)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     entries[:] = [e for e in entries if e[0] is not chosen]
     return organ
 

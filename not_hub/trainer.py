@@ -59,10 +59,15 @@ def finished_checkpoints(output_dir: Path) -> list[Path]:
 class Clock:
     """Training time of a run: wall-clock since start, minus validation, plus what earlier sessions used."""
 
-    def __init__(self, offset: float = 0.0, validation_s: float = 0.0):
-        self.t0 = time.perf_counter() - offset
-        self.validation_s = validation_s
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.validation_s = 0.0
         self.first_step_s: float | None = None
+
+    def resume(self, training_s: float, validation_s: float, first_step_s: float | None) -> None:
+        """Carry on from an earlier session's clock (read from a checkpoint)."""
+        self.t0 = time.perf_counter() - training_s - validation_s
+        self.validation_s, self.first_step_s = validation_s, first_step_s
 
     @property
     def wall_clock_s(self) -> float:
@@ -161,8 +166,7 @@ class _BestValidation(TrainerCallback):
         state = json.loads((checkpoint / STATE_FILE).read_text())
         self.best_loss, self.best_step = state["best_validation_loss"], state["best_step"]
         self.train_loss, self.history = state["train_loss"], state["history"]
-        self.clock.__init__(offset=state["training_s"] + state["validation_s"], validation_s=state["validation_s"])
-        self.clock.first_step_s = state.get("first_step_s")
+        self.clock.resume(state["training_s"], state["validation_s"], state.get("first_step_s"))
         if (checkpoint / BEST_FILE).is_file():
             self.best = load_file(checkpoint / BEST_FILE)
 
@@ -398,18 +402,15 @@ def run_trainer(
     try:
         if checkpoint is None and validate is not None:
             best.run_validation(0)  # the starting point counts: training must beat it to be kept
-        steps_done = (
-            int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]) if checkpoint else 0
-        )
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint is not None else {}
+        steps_done = int(saved.get("global_step", 0))
         over = args.max_seconds is not None and clock.training_s >= args.max_seconds
         if steps_done < max_steps and not over:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         elif checkpoint is not None:  # a finished run asked again: its weights, not the starting ones
             trainer._load_from_checkpoint(str(checkpoint))
         step = trainer.state.global_step if trainer.state.global_step else steps_done
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
-        if checkpoint is not None and not trainer.state.global_step:
-            tokens = int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+        tokens = int(trainer.state.num_input_tokens_seen or saved.get("num_input_tokens_seen", 0))
         if validate is not None and (not best.history or best.history[-1]["step"] != step):
             best.run_validation(step)  # stopped between validations (time budget): the last weights compete too
         if best.best is not None:  # keep the best validation weights

@@ -596,8 +596,8 @@ def train_organ(
                 metrics = fit_parameters(model, params, data, args, label)
             finally:
                 if model is not donor:
-                    # this run's lookups (a shared cache counts every run's)
-                    stats = cache.stats() | {k: cache.stats()[k] - v for k, v in counts.items()}
+                    stats = cache.stats()  # lookups: this run's only (a shared cache counts every run's)
+                    stats |= {k: stats[k] - v for k, v in counts.items()}
                     cache_info = {"layers": [0, start], **stats, **({"reused": True} if prefix_cache else {})}
                     if prefix_cache is None:
                         cache.close()  # its temporary file goes now, not at garbage collection
