@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/speed.py --quick    # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --full     # ~15 min
     .venv/bin/python benchmarks/speed.py --loop     # ~6 min: the Trainer-based loop vs the hand-written one it replaced
+    .venv/bin/python benchmarks/speed.py --load     # ~2 min: organ load + graft vs reading its bytes + their sha256
 
 Training methods run the same plain loop (forward, backward, AdamW step) at the same batch size and sequence length,
 each in its own process so its peak memory (max RSS) is its own: NOT organ standalone (the paper's wrapper), NOT
@@ -15,6 +16,7 @@ matmul rate, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -329,6 +331,7 @@ def latency_worker(repeats: int) -> dict:
         "graft": [],
         "safetensors_read": [],
         "safetensors_read_copy": [],
+        "safetensors_read_sha256": [],
         "peft_lora_load": [],
     }
     for _ in range(repeats):
@@ -346,6 +349,10 @@ def latency_worker(repeats: int) -> dict:
         with Timer() as t_copy:  # a read that touches every byte (load_file alone may only map the file)
             {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
         timings["safetensors_read_copy"].append(t_copy.seconds)
+        with Timer() as t_sha:  # the floor for a checked load: read every byte into memory, hash every tensor
+            for tensor in load_file(folder / "model.safetensors").values():
+                hashlib.sha256(memoryview(tensor.clone().reshape(-1).view(torch.uint8).numpy())).hexdigest()
+        timings["safetensors_read_sha256"].append(t_sha.seconds)
         with Timer() as t_peft:
             peft_model = PeftModel.from_pretrained(recipient, adapter_dir)
         timings["peft_lora_load"].append(t_peft.seconds)
@@ -358,6 +365,36 @@ def latency_worker(repeats: int) -> dict:
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def load_main(repeats: int) -> None:
+    """`--load`: is a checked organ load as fast as reading its bytes? Goal: load + graft <= 1.2x read + sha256."""
+    latency = run_worker("latency", f"--repeats={repeats}")
+    t = latency["median_seconds"]
+    result = {
+        "machine": machine(),
+        "transplant_latency": latency,
+        "load_and_graft_over_read_sha256": t["organ_load_and_graft"] / t["safetensors_read_sha256"],
+        "load_over_read_sha256": t["organ_load"] / t["safetensors_read_sha256"],
+        "command": f"benchmarks/speed.py --load --repeats {repeats}",
+    }
+    write_json("speed_load", result)
+    md = [
+        f"### Organ load (median of {repeats}, organ file {latency['organ_file_mb']:.1f} MB, SmolLM2 layers "
+        f"[{ORGAN[0]}, {ORGAN[1]}), from the local Hub cache, {latency['torch_threads']} threads)",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *(f"| {k} | {v:.4f} |" for k, v in t.items()),
+        "",
+        f"Load + graft (strict: config against the weights' header, the organ built on `meta` and given the read "
+        f"tensors, every tensor's sha256 checked on a thread while the next is read) / reading the same bytes + "
+        f"their sha256 on one thread: "
+        f"**{result['load_and_graft_over_read_sha256']:.2f}x** (goal <= 1.2x); the load alone "
+        f"{result['load_over_read_sha256']:.2f}x.",
+    ]
+    write_markdown("speed_load", "\n".join(md))
+    print("\n".join(md))
 
 
 # --------------------------------------------------------------------------------------- inference after transplant
@@ -418,6 +455,7 @@ def main() -> None:
     parser = preset_parser(__doc__)
     parser.add_argument("--worker", choices=[*METHODS, "latency", "inference", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--loop", action="store_true", help="the Trainer-based loop vs the replaced hand-written one")
+    parser.add_argument("--load", action="store_true", help="organ load + graft vs reading its bytes + their sha256")
     parser.add_argument("--kind", choices=["legacy", "trainer", "first_step"], help=argparse.SUPPRESS)
     for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens", "corpus_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=argparse.SUPPRESS)
@@ -427,6 +465,9 @@ def main() -> None:
         return
     if args.loop:
         loop_main()
+        return
+    if args.load:
+        load_main(args.repeats or 20)
         return
     if args.worker in METHODS:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.warmup, args.steps)))

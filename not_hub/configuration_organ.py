@@ -15,7 +15,8 @@ import copy
 import warnings
 from typing import Any
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .errors import CheckpointFormatError, UnknownConfigKeyWarning
 from .version import __version__
@@ -151,8 +152,12 @@ class OrganConfig(PreTrainedConfig):
 
     def donor_layer_config(self) -> PreTrainedConfig:
         """Rebuild the donor's config object (its family's own class), from which its layers are built."""
-        config_class = AutoConfig.for_model(self.donor_model_type).__class__
-        donor = config_class.from_dict(copy.deepcopy(self.donor_config))
+        # The class alone (AutoConfig.for_model would build a default config first), called as `from_dict` does,
+        # without its eager `logger.info(f"Model config {config}")` (a JSON dump of the config on every load).
+        if self.donor_model_type not in CONFIG_MAPPING:
+            raise ValueError(f"Unrecognized model type {self.donor_model_type!r} (not a transformers family)")
+        config_class = CONFIG_MAPPING[self.donor_model_type]
+        donor = config_class(**copy.deepcopy(self.donor_config))
         # A few families pick their attention class at build time from this; layers re-read it at run time from
         # the config they are pointed to (the recipient's, after a transplant).
         donor._attn_implementation = "sdpa"

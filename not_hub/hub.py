@@ -81,19 +81,33 @@ def hub_timeout() -> float:
     return value if value > 0 else DEFAULT_HUB_TIMEOUT_S
 
 
+class _HubGaveNoAnswer(httpx.TransportError):
+    """A request the Hub already let time out, asked again: refused at once. Not one of the errors huggingface_hub
+    retries, so a silent server costs one timeout per request, not six and 23 s of back-off (paginated calls such
+    as `list_models` retry timeouts five times)."""
+
+
 class _BoundedTransport(httpx.BaseTransport):
     """Wraps the client's transport: a request's unset (None) timeouts become `seconds`. A client-level timeout is
-    not enough: huggingface_hub passes `timeout=None` explicitly (e.g. `model_info`), which means "wait forever"."""
+    not enough: huggingface_hub passes `timeout=None` explicitly (e.g. `model_info`), which means "wait forever".
+    A request that timed out is not sent again inside the same `bounded_waits()` block."""
 
-    def __init__(self, inner, seconds: float):
-        self.inner, self.seconds = inner, seconds
+    def __init__(self, inner, seconds: float, timed_out: set[tuple[str, str]]):
+        self.inner, self.seconds, self.timed_out = inner, seconds, timed_out
 
     def handle_request(self, request):
+        key = (request.method, str(request.url))
+        if key in self.timed_out:
+            raise _HubGaveNoAnswer(f"no answer within {self.seconds:g} s, asked twice", request=request)
         given = dict(request.extensions.get("timeout") or {})
         request.extensions["timeout"] = {
             key: self.seconds if given.get(key) is None else given[key] for key in ("connect", "read", "write", "pool")
         }
-        return self.inner.handle_request(request)
+        try:
+            return self.inner.handle_request(request)
+        except httpx.TimeoutException:
+            self.timed_out.add(key)
+            raise
 
     def close(self) -> None:
         self.inner.close()
@@ -113,13 +127,13 @@ def bounded_waits() -> Iterator[None]:
     if default is None or getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is not default:
         yield
         return
-    seconds = hub_timeout()
+    seconds, timed_out = hub_timeout(), set()
 
     def bounded():
         client = default()
         inner = getattr(client, "_transport", None)
         if inner is not None:
-            client._transport = _BoundedTransport(inner, seconds)
+            client._transport = _BoundedTransport(inner, seconds, timed_out)
         return client
 
     _http.set_client_factory(bounded)

@@ -12,7 +12,7 @@ import torch
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes in its own dtype (contiguous, on CPU)."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(data)).hexdigest()  # the tensor's own memory: no copy
 
 
 def config_sha256(config_dict: dict[str, Any]) -> str:

@@ -7,11 +7,13 @@ the sha256 of the config, so a flipped byte in either file is caught on load, be
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+# Threads hashing tensors while the next ones are read.
+_HASH_THREADS = min(4, os.cpu_count() or 1)
 # Key of the safetensors header entry holding the config's sha256.
 _CONFIG_HASH_KEY = "not_hub.config_sha256"
 
@@ -476,14 +480,8 @@ class OrganModel(PreTrainedModel):
                     "differ); load the checkpoint without config=, or pass its own OrganConfig"
                 )
             saved_config = config
-        _check_config_against_weights(cls, saved_config, tensors, folder)
-        model = cls(saved_config)
-        result = model.load_state_dict(tensors, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointFormatError(
-                f"{folder / WEIGHTS_NAME} does not fit the layers its config describes: missing {result.missing_keys}, "
-                f"unexpected {result.unexpected_keys}"
-            )
+        skeleton = _check_config_against_weights(cls, saved_config, tensors, folder)
+        model = _materialize(cls, skeleton, saved_config, tensors, folder)
         model.to(target_dtype or next(iter(tensors.values())).dtype)
         if device is not None:
             model.to(device)
@@ -529,6 +527,26 @@ def _check_config_against_weights(cls, config: OrganConfig, tensors: dict[str, t
             f"{folder / WEIGHTS_NAME} does not fit the layers {folder / CONFIG_NAME} describes: "
             f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}"
         )
+    return skeleton
+
+
+def _materialize(cls, skeleton: OrganModel, config: OrganConfig, tensors: dict[str, torch.Tensor], folder: Path):
+    """The organ with the checkpoint's tensors as its weights, built without initialising random weights first.
+
+    The `meta` skeleton takes the loaded tensors as they are (`assign=True`: no allocation, no copy, no init). A
+    family whose layers compute buffers at construction (not saved, so still on `meta`) is built for real instead.
+    """
+    result = skeleton.load_state_dict(tensors, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointFormatError(
+            f"{folder / WEIGHTS_NAME} does not fit the layers its config describes: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    if not any(t.is_meta for t in itertools.chain(skeleton.parameters(), skeleton.buffers())):
+        return skeleton
+    model = cls(config)
+    model.load_state_dict(tensors, strict=False)
+    return model
 
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -605,15 +623,14 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
         raise OrganNotFoundError(f"{name} has no {WEIGHTS_NAME}; the organ checkpoint is incomplete")
     try:
         with safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata, keys = f.metadata() or {}, list(f.keys())
     except (SafetensorError, OSError, ValueError) as err:
         raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
 
-    config = OrganConfig.from_dict(raw_config)
+    config = OrganConfig(**raw_config)  # what from_dict does, without dumping the config into a log message
     expected = set(config.tensor_sha256)
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if set(keys) != expected:
+        missing, unexpected = sorted(expected - set(keys)), sorted(set(keys) - expected)
         raise CheckpointFormatError(
             f"{weights_path} does not hold the tensors its config lists: missing {missing}, unexpected {unexpected}"
         )
@@ -625,10 +642,20 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
                 "it was edited after saving. Re-save with OrganModel.save_pretrained, or pass "
                 "verify_integrity=False to load it anyway"
             )
-        for key, tensor in tensors.items():
-            if tensor_sha256(tensor) != config.tensor_sha256[key]:
-                raise IntegrityError(
-                    f"tensor {key!r} in {weights_path} does not match its recorded sha256: the file was altered or "
-                    "corrupted. Download it again (or pass verify_integrity=False to load anyway)"
-                )
+    # Each tensor is hashed (in a thread: hashlib releases the GIL) while the next one is read.
+    tensors, digests = {}, {}
+    try:
+        with safe_open(weights_path, framework="pt") as f, ThreadPoolExecutor(_HASH_THREADS) as pool:
+            for key in keys:
+                tensors[key] = f.get_tensor(key)
+                if verify_integrity:
+                    digests[key] = pool.submit(tensor_sha256, tensors[key])
+    except (SafetensorError, OSError, ValueError) as err:
+        raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
+    for key, digest in digests.items():
+        if digest.result() != config.tensor_sha256[key]:
+            raise IntegrityError(
+                f"tensor {key!r} in {weights_path} does not match its recorded sha256: the file was altered or "
+                "corrupted. Download it again (or pass verify_integrity=False to load anyway)"
+            )
     return config, tensors

@@ -443,16 +443,27 @@ def transplant_into(
     # The organ joins the layers around it: same dtype, same device (a device_map'd recipient keeps working).
     neighbour = stack[min(position, depth - 1)] if plan.remove else stack[max(position - 1, 0)]
     device, dtype = parameter_device_dtype(neighbour)
-    incoming = [copy.deepcopy(layer).to(device=device, dtype=dtype) for layer in organ.layers]
+    incoming = _copy_layers(organ.layers, device, dtype)
     if mode_spec.bridges:
         incoming = _wrap_with_bridges(organ, incoming, device, dtype)
     return apply_transplant_plan(recipient, spec, plan, organ, incoming)
 
 
+def _copy_layers(layers: nn.ModuleList, device, dtype) -> list[nn.Module]:
+    """The organ's layers, copied (the organ stays independent of the recipient), except their config objects: the
+    graft points the layers at the recipient's config, so copying the organ's (most of a deepcopy's time) is waste."""
+    memo = {id(m.config): m.config for m in layers.modules() if getattr(m, "config", None) is not None}
+    return [copy.deepcopy(layer, memo).to(device=device, dtype=dtype) for layer in layers]
+
+
 def _refuse_offloaded(recipient: nn.Module, stack) -> None:
     """Layers whose weights live on `meta` (offloaded to disk or CPU by accelerate's hooks, or never loaded) cannot
     take part in surgery: an organ placed beside them would be put on `meta` too and its weights lost."""
-    offloaded = [i for i, layer in enumerate(stack) if any(p.device.type == "meta" for p in layer.parameters())]
+    offloaded = [
+        i
+        for i, layer in enumerate(stack)
+        if any(p is not None and p.is_meta for m in layer.modules() for p in m._parameters.values())
+    ]
     if offloaded:
         raise TransplantStateError(
             f"the recipient's layers {offloaded} hold their weights on 'meta' (offloaded to disk or CPU by a "

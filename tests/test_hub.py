@@ -200,7 +200,8 @@ def test_a_hub_that_accepts_and_never_answers_gets_a_bounded_wait_and_a_named_er
     lines = out.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["load", "push", "search"], out.stdout + out.stderr[-3000:]
     for line in lines:
-        assert float(line.split()[2]) < 40, line  # bounded: 2 s per request, a few retries, not forever
+        # bounded: 2 s per request; a timed-out request is not retried (huggingface_hub's back-off would add 23 s)
+        assert float(line.split()[2]) < 12, line
     assert "no answer within 2 s" in lines[0]
 
 

@@ -309,7 +309,8 @@ def build_decoder_layer(layer_cls: type[nn.Module], config, layer_idx: int) -> n
 
 def _layer_idx_holders(layer: nn.Module) -> Iterator[nn.Module]:
     for module in layer.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
+        # layer_idx is a plain attribute: read from __dict__ (nn.Module's __getattr__ is slow for missing names)
+        if isinstance(module.__dict__.get("layer_idx"), int):
             yield module
 
 
