@@ -181,6 +181,9 @@ def resolve_checkpoint(
     Raises:
         OrganNotFoundError: the path does not exist and the repo id, revision or cached copy cannot be found.
     """
+    if not str(name_or_path).strip():
+        # Path("") is the current folder: an empty argument must not load whatever organ happens to be there.
+        raise OrganNotFoundError("the organ name is empty; pass a folder holding an organ or a Hub repo id")
     path = Path(name_or_path)
     subfolder = str(subfolder or "").strip("/")
     if path.is_dir():

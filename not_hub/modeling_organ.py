@@ -549,6 +549,71 @@ def _materialize(cls, skeleton: OrganModel, config: OrganConfig, tensors: dict[s
     return model
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_config_values(raw: dict, config_path: Path) -> None:
+    """Every field the loader relies on, of the type and range it must have, before anything is built from it.
+
+    The config comes from whoever published the checkpoint; a wrong type must be a `CheckpointFormatError` naming
+    the field, never a raw AttributeError / TypeError from deep inside, and never a silent reinterpretation (a
+    bool taken as a layer index, a negative start counted from the end).
+    """
+
+    def bad(field: str, expected: str) -> CheckpointFormatError:
+        value = raw.get(field)
+        return CheckpointFormatError(
+            f"{config_path}: {field}={str(value)[:80]} ({type(value).__name__}) is not {expected}; the organ config "
+            "is corrupt or was not written by OrganModel.save_pretrained"
+        )
+
+    version = raw.get("format_version", "1.0")
+    major = str(version).split(".")[0]
+    if not isinstance(version, str) or not major.isdigit() or int(major) < 1:
+        raise bad("format_version", "a version 'major.minor' with major >= 1")
+    span = raw.get("layer_range")
+    if not (isinstance(span, list) and len(span) == 2 and all(map(_is_index, span)) and span[0] < span[1]):
+        raise bad("layer_range", "[start, stop] with 0 <= start < stop, both integers")
+    for field in ("signature", "donor_config", "tensor_sha256"):
+        if not isinstance(raw.get(field), dict) or not raw.get(field):
+            raise bad(field, "a non-empty JSON object")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw["tensor_sha256"].items()):
+        raise bad("tensor_sha256", "an object of tensor name -> sha256 hex string")
+    if not isinstance(raw.get("donor_model_type"), str):
+        raise bad("donor_model_type", "a transformers model_type string")
+    sources = raw.get("layer_sources")
+    if sources is not None and not (
+        isinstance(sources, list)
+        and sources
+        and all(
+            isinstance(x, dict) and _is_index(x.get("index")) and x.get("role") in ("organ", "neighbour")
+            for x in sources
+        )
+    ):
+        raise bad("layer_sources", 'a list of {"role": "organ" | "neighbour", "index": int >= 0}')
+    default = raw.get("default_transplant")
+    if default is not None and not (
+        isinstance(default, dict)
+        and default.get("mode") in ("replace", "insert", "bridge", "splice")
+        and _is_index(default.get("position"))
+        and (default.get("remove") is None or _is_index(default.get("remove")))
+    ):
+        raise bad("default_transplant", 'an object {"mode": replace | insert | bridge | splice, "position": int >= 0}')
+
+
+def _check_tensor_dtypes(tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """One floating dtype for every tensor: an integer tensor would be truncated into the layers, and one fp16
+    tensor among fp32 ones would silently turn the whole organ fp16."""
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
+        found = sorted({f"{name}: {t.dtype}" for name, t in tensors.items()})[:4]
+        raise CheckpointFormatError(
+            f"{weights_path} mixes dtypes or holds non-floating tensors ({', '.join(found)} ...); an organ's tensors "
+            "share one floating dtype. Re-save the organ with OrganModel.save_pretrained"
+        )
+
+
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -556,12 +621,13 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     """None / "auto": as saved. A torch.dtype or its name ("bfloat16", "torch.float16")."""
     if dtype is None or dtype == "auto":
         return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
-    if not isinstance(resolved, torch.dtype):
+    resolved = dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise InvalidArgumentError(
-            f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.bfloat16, 'float32' or 'auto'"
+            f"dtype={dtype!r} is not a floating torch dtype (organ weights are floats); pass e.g. torch.bfloat16, "
+            "'float32' or 'auto'"
         )
     return resolved
 
@@ -580,11 +646,26 @@ def _resolve_device(device_map) -> torch.device | None:
     if device_map == "auto":
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        return torch.device(device_map)
+        device = torch.device(device_map)
     except (RuntimeError, TypeError):
         raise InvalidArgumentError(
             f"device_map={device_map!r} is not a device; pass 'cpu', 'cuda:0', 0 or 'auto'"
         ) from None
+    if device.type == "meta":
+        raise UnexpectedArgumentError(
+            f"device_map={device_map!r} would load the organ without its weights (meta holds shapes only); pass a "
+            "real device, or build a skeleton with `with torch.device('meta'): OrganModel(config)`"
+        )
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+        if not available or (device.index is not None and device.index >= count):
+            raise InvalidArgumentError(
+                f"device_map={device_map!r}: this machine has no such device ({device.type} devices available: "
+                f"{count}); pass 'cpu' or 'auto'"
+            )
+    return device
 
 
 def _set_attn_implementation(model: OrganModel, implementation: str) -> None:
@@ -608,6 +689,8 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
         raw_config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFormatError(f"{config_path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{config_path} nests JSON too deeply to be an organ config") from None
     if not isinstance(raw_config, dict):
         raise CheckpointFormatError(
             f"{config_path} holds a JSON {type(raw_config).__name__}, not an object; an organ config is a JSON "
@@ -619,6 +702,7 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
             f"{OrganConfig.model_type!r}. Load models with AutoModelForCausalLM and cut organs from them with "
             "not_hub.extract_organ(model)"
         )
+    _check_config_values(raw_config, config_path)
     if not weights_path.is_file():
         raise OrganNotFoundError(f"{name} has no {WEIGHTS_NAME}; the organ checkpoint is incomplete")
     try:
@@ -652,6 +736,7 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
                     digests[key] = pool.submit(tensor_sha256, tensors[key])
     except (SafetensorError, OSError, ValueError) as err:
         raise IntegrityError(f"{weights_path} is not a readable safetensors file ({err})") from None
+    _check_tensor_dtypes(tensors, weights_path)
     for key, digest in digests.items():
         if digest.result() != config.tensor_sha256[key]:
             raise IntegrityError(

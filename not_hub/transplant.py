@@ -29,7 +29,7 @@ from .architectures import (
 )
 from .bridges import BridgedLayer, identity_bridge, unwrap
 from .compatibility import CompatibilityReport, compare
-from .errors import IncompatibleOrganError, TransplantStateError
+from .errors import IncompatibleOrganError, InvalidModeError, TransplantStateError
 from .plan import MODE_NAMES, TransplantPlan, get_mode, plan_transplant
 
 logger = logging.getLogger(__name__)
@@ -312,6 +312,15 @@ class Transplant:
                 layer.to(device=now[0], dtype=now[1])
         incoming_per_layer = {name: self._removed_per_layer.get(name, []) for name in self._spec.per_layer_config}
         remaining = [e for e in getattr(self.recipient.config, "transplants", []) if e is not self.entry]
+        # The layers that come back follow the model as it is now: train/eval mode, gradient checkpointing, and
+        # requires_grad when the rest of the model agrees on it (frozen since the transplant: they come back frozen).
+        kept = {id(p) for layer in self.layers for p in layer.parameters()}
+        others = {p.requires_grad for p in self.recipient.parameters() if id(p) not in kept}
+        for layer in self._removed:
+            layer.train(self.recipient.training)
+            _follow_checkpointing(layer, stack)
+            if len(others) == 1:
+                layer.requires_grad_(next(iter(others)))
         apply_plan(self.recipient, self._spec, undo, self._removed, incoming_per_layer, remaining)
         with torch.no_grad():  # recovery's changes to the neighbours go too (same shapes: this cannot fail halfway)
             for layer, state in self._neighbour_backup:
@@ -417,6 +426,16 @@ def transplant_into(
     """
     mode, position, remove = _defaults(organ.config, mode, position, remove)
     mode_spec = get_mode(mode)
+    if mode == "excise":
+        raise InvalidModeError(
+            "mode='excise' takes recipient layers out and grafts nothing, so it is not a transplant of an organ; "
+            "use not_hub.excise(model, (start, stop))"
+        )
+    if not mode_spec.bridges and _has_trained_bridges(organ):
+        raise InvalidModeError(
+            f"organ {organ.name_or_path or '(unsaved)'} carries trained bridges, which mode={mode!r} would leave out "
+            "(its layers were trained between them); transplant it with mode='bridge'"
+        )
     spec = resolve_architecture(recipient)
     stack = get_layer_stack(recipient, spec)
     report = compare(organ.config, recipient.config, stack[0])
@@ -447,6 +466,30 @@ def transplant_into(
     if mode_spec.bridges:
         incoming = _wrap_with_bridges(organ, incoming, device, dtype)
     return apply_transplant_plan(recipient, spec, plan, organ, incoming)
+
+
+def _has_trained_bridges(organ) -> bool:
+    """The organ holds bridges that are not the identity (an untrained pair changes nothing when left out)."""
+    if not getattr(organ.config, "bridges", False):
+        return False
+    for bridge in (organ.bridge_in, organ.bridge_out):
+        eye = torch.eye(bridge.weight.shape[0], dtype=bridge.weight.dtype, device=bridge.weight.device)
+        if not torch.equal(bridge.weight, eye) or (bridge.bias is not None and bridge.bias.count_nonzero()):
+            return True
+    return False
+
+
+def _follow_checkpointing(layer: nn.Module, stack) -> None:
+    """Give a layer joining (or rejoining) the stack the gradient-checkpointing setting of the layers already in it,
+    as `model.gradient_checkpointing_enable()` would have given it."""
+    current = next((m for m in unwrap(stack[0]).modules() if hasattr(m, "gradient_checkpointing")), None)
+    if current is None:
+        return
+    for module in unwrap(layer).modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = current.gradient_checkpointing
+            if hasattr(current, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = current._gradient_checkpointing_func
 
 
 def _copy_layers(layers: nn.ModuleList, device, dtype) -> list[nn.Module]:
@@ -499,6 +542,7 @@ def apply_transplant_plan(
     for layer in incoming:  # the incoming copies only: nothing of the recipient is touched yet
         point_layer_config(layer, recipient.config)
         layer.train(recipient.training)
+        _follow_checkpointing(layer, stack)
         if hook is not None:
             _attach_device_hook(layer, device)
     transplants = [*getattr(recipient.config, "transplants", []), entry]

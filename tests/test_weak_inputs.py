@@ -1,0 +1,174 @@
+"""Reliability round three, the weak handling: odd config values, load arguments, file-system faults, Hub answers,
+lifecycle corners, adapters, training and data, the Space engine. Each case was a raw traceback, a silent
+reinterpretation or a leftover; each is now a named `not_hub.errors` class (also its builtin) or a refusal.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_model
+
+import not_hub
+from not_hub.errors import (
+    CheckpointFormatError,
+    InvalidArgumentError,
+    OrganNotFoundError,
+    UnexpectedArgumentError,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_organ(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("organ") / "organ"
+    not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(folder)
+    return folder
+
+
+def _copy(saved_organ, tmp_path, *, config=None, tensors=None) -> Path:
+    folder = tmp_path / "edited"
+    shutil.copytree(saved_organ, folder)
+    if config is not None:
+        raw = json.loads((folder / "config.json").read_text())
+        config(raw)
+        (folder / "config.json").write_text(json.dumps(raw))
+    if tensors is not None:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _set(key, value):
+    return lambda raw: raw.__setitem__(key, value)
+
+
+CONFIG_CASES = {
+    "negative start": ("layer_range", _set("layer_range", [-1, 1])),
+    "bool start": ("layer_range", _set("layer_range", [True, 3])),
+    "float range": ("layer_range", _set("layer_range", [1.0, 3.0])),
+    "three numbers": ("layer_range", _set("layer_range", [1, 2, 3])),
+    "string range": ("layer_range", _set("layer_range", "1,3")),
+    "empty organ": ("layer_range", _set("layer_range", [2, 2])),
+    "negative format": ("format_version", _set("format_version", "-3.0")),
+    "signature list": ("signature", _set("signature", [1, 2])),
+    "donor_config string": ("donor_config", _set("donor_config", "llama")),
+    "layer_sources string": ("layer_sources", _set("layer_sources", "organ")),
+    "layer_sources without index": ("layer_sources", _set("layer_sources", [{"role": "organ"}, {"role": "organ"}])),
+    "default_transplant string": ("default_transplant", _set("default_transplant", "replace")),
+    "default_transplant excise": ("default_transplant", _set("default_transplant", {"mode": "excise", "position": 1})),
+    "tensor_sha256 list": ("tensor_sha256", _set("tensor_sha256", [])),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_values_of_the_wrong_type_or_range_are_named_format_errors(case, saved_organ, tmp_path):
+    field, edit = CONFIG_CASES[case]
+    folder = _copy(saved_organ, tmp_path, config=edit)
+    with pytest.raises(CheckpointFormatError, match=f"{field}="):
+        not_hub.OrganModel.from_pretrained(folder, verify_integrity=False)
+
+
+def test_a_config_nested_too_deeply_is_a_format_error(saved_organ, tmp_path):
+    folder = _copy(saved_organ, tmp_path)
+    raw = (folder / "config.json").read_text().rstrip().removesuffix("}")
+    (folder / "config.json").write_text(raw + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointFormatError, match="nests JSON too deeply"):
+        not_hub.OrganModel.from_pretrained(folder, verify_integrity=False)
+
+
+def _first(state, change):
+    key = sorted(state)[0]
+    state[key] = change(state[key])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda t: (t * 1000).to(torch.int64), lambda t: t.half()],
+    ids=["int64 tensor", "one fp16 tensor"],
+)
+def test_tensors_of_another_dtype_are_refused_not_cast(change, saved_organ, tmp_path):
+    folder = _copy(saved_organ, tmp_path, tensors=lambda state: _first(state, change))
+    with pytest.raises(CheckpointFormatError, match="mixes dtypes or holds non-floating"):
+        not_hub.OrganModel.from_pretrained(folder, verify_integrity=False)
+
+
+def test_a_tensor_of_the_wrong_shape_is_a_format_error(saved_organ, tmp_path):
+    folder = _copy(saved_organ, tmp_path, tensors=lambda state: _first(state, lambda t: torch.zeros(3, 3)))
+    with pytest.raises(CheckpointFormatError, match="does not fit"):
+        not_hub.OrganModel.from_pretrained(folder, verify_integrity=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"device_map": "meta"}, UnexpectedArgumentError, "without its weights"),
+        ({"dtype": "int8"}, InvalidArgumentError, "not a floating torch dtype"),
+        ({"dtype": torch.int64}, InvalidArgumentError, "not a floating torch dtype"),
+        ({"device_map": "cuda:7"}, InvalidArgumentError, "no such device"),
+    ],
+    ids=["meta", "int8 name", "int64 dtype", "missing device"],
+)
+def test_load_arguments_that_would_drop_or_misplace_weights_are_refused(kwargs, error, words, saved_organ):
+    if kwargs.get("device_map") == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(error, match=words):
+        not_hub.OrganModel.from_pretrained(saved_organ, **kwargs)
+
+
+def test_an_empty_name_never_loads_the_current_folder(saved_organ, monkeypatch):
+    monkeypatch.chdir(saved_organ)  # an organ sits right here
+    with pytest.raises(OrganNotFoundError, match="empty"):
+        not_hub.OrganModel.from_pretrained("")
+
+
+# ----------------------------------------------------------------------------------------------------- lifecycle
+
+
+def test_explanted_layers_follow_the_model_as_it_is_now():
+    model = tiny_model("llama")
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    transplant = organ.transplant_into(model, position=1)
+    model.train()
+    model.requires_grad_(False)
+    transplant.explant()
+    restored = model.model.layers[1:3]
+    assert all(m.training for layer in restored for m in layer.modules())
+    assert not any(p.requires_grad for p in restored.parameters())
+
+
+def test_organ_layers_are_checkpointed_when_the_recipient_is():
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    transplant = organ.transplant_into(model, position=1, mode="insert")
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True] * 8
+    model.gradient_checkpointing_disable()
+    transplant.explant()
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [False] * 6
+
+
+def test_trained_bridges_are_never_silently_left_out(hash_state):
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    organ.add_bridges()
+    recipient = tiny_model("llama")
+    organ.transplant_into(recipient, position=1).explant()  # untrained (identity) bridges change nothing: allowed
+    with torch.no_grad():
+        organ.bridge_in.weight.mul_(1.1)
+    before = hash_state(recipient)
+    with pytest.raises(not_hub.errors.InvalidModeError, match="trained bridges"):
+        organ.transplant_into(recipient, position=1, mode="replace")
+    assert hash_state(recipient) == before
+    organ.transplant_into(recipient, position=1, mode="bridge").explant()
+
+
+def test_excise_is_not_a_transplant_mode(hash_state):
+    organ = not_hub.extract_organ(tiny_model("llama", seed=3), layer_range=(1, 3))
+    recipient = tiny_model("llama")
+    before = hash_state(recipient)
+    with pytest.raises(not_hub.errors.InvalidModeError, match="not_hub.excise"):
+        organ.transplant_into(recipient, position=1, mode="excise", remove=2)
+    assert hash_state(recipient) == before
