@@ -102,6 +102,13 @@ def perplexity(
     max_length = _check_window(model, max_length, stride)
     stride = stride if stride is not None else max(1, max_length // 2)
     docs = _as_token_lists(list(documents), tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    outside = next(((i, t) for i, d in enumerate(docs) for t in d if t < 0 or (vocab and t >= vocab)), None)
+    if outside is not None:
+        raise DataError(
+            f"document {outside[0]} holds token id {outside[1]}, outside the model's vocabulary [0, {vocab}); "
+            "tokenise with the model's own tokenizer (or pass strings and tokenizer=...)"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

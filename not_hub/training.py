@@ -158,8 +158,8 @@ class OrganTrainingArguments:
         )
         check(
             "max_seconds",
-            self.max_seconds is None or number("max_seconds", self.max_seconds) >= 0,
-            "max_seconds >= 0, or None (no budget)",
+            self.max_seconds is None or number("max_seconds", self.max_seconds) > 0,
+            "max_seconds > 0 (a budget of 0 s trains nothing), or None (no budget)",
         )
         check("seed", 0 <= number("seed", self.seed, integer=True) < 2**32, "an integer in [0, 2**32)")
         check(
@@ -345,8 +345,13 @@ def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArgument
     if path.is_file() and args.resume:
         try:
             recorded = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as err:
             raise CheckpointFormatError(f"{path} is unreadable ({err}); delete the run dir or pass another") from None
+        if not isinstance(recorded, dict):
+            raise CheckpointFormatError(
+                f"{path} holds a JSON {type(recorded).__name__}, not the run's identity; delete the run dir or pass "
+                "another"
+            )
         recorded = json.loads(json.dumps(recorded, default=str))
         mine = json.loads(json.dumps(identity, default=str))
         differs = sorted(k for k in mine if recorded.get(k) != mine[k])

@@ -154,6 +154,7 @@ def test_train_refuses_an_organ_that_does_not_fit_the_donor(blocks, hash_state):
         ("eval_every", 0),
         ("warmup_ratio", 5),
         ("max_seconds", -1),
+        ("max_seconds", 0),
         ("mixed_precision", "fp8"),
         ("batch_size", True),
         ("seed", 2**70),

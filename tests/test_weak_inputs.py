@@ -172,3 +172,27 @@ def test_excise_is_not_a_transplant_mode(hash_state):
     with pytest.raises(not_hub.errors.InvalidModeError, match="not_hub.excise"):
         organ.transplant_into(recipient, position=1, mode="excise", remove=2)
     assert hash_state(recipient) == before
+
+
+# ------------------------------------------------------------------------------------------------ training, data
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"], ids=["not json", "a list"])
+def test_a_corrupted_run_identity_is_a_named_error(content, tmp_path):
+    from tiny_tokenizer import code_documents, tiny_tokenizer
+
+    blocks = not_hub.make_blocks(not_hub.split_documents(code_documents(60), seed=0), tiny_tokenizer(), 32)
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    not_hub.train_organ(organ, donor, blocks, max_steps=1, output_dir=tmp_path, progress=False)
+    (tmp_path / "run_identity.json").write_text(content)
+    with pytest.raises(CheckpointFormatError, match="run_identity.json"):
+        not_hub.train_organ(organ, donor, blocks, max_steps=1, output_dir=tmp_path, progress=False)
+
+
+def test_token_ids_past_the_vocabulary_are_a_data_error():
+    model = tiny_model("llama")
+    with pytest.raises(not_hub.errors.DataError, match="token id 500, outside the model's vocabulary"):
+        not_hub.perplexity(model, [[1, 2, 3], [1, 2, 500, 3]])
+    with pytest.raises(not_hub.errors.DataError, match="token id -1"):
+        not_hub.perplexity(model, [[1, -1, 3]])
