@@ -112,3 +112,25 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(new, ignore_errors=True)
+
+
+_OS_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a parent of the path is a file, not a folder",
+    errno.EEXIST: "the path exists and is not a folder",
+    errno.ENAMETOOLONG: "the path is too long",
+}
+
+
+def describe_os_error(err: BaseException) -> str:
+    """One line for a failed write: the cause in words (disk full, read-only, ...) and the path it names."""
+    code = getattr(err, "errno", None)
+    if code is None and "No space left" in str(err):  # safetensors' own error carries only the text
+        code = errno.ENOSPC
+    cause = _OS_CAUSES.get(code) or (getattr(err, "strerror", None) or str(err).splitlines()[0][:160])
+    where = getattr(err, "filename", None)
+    return f"{cause}{f' ({where})' if where else ''}"

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.utils.hub import convert_file_size_to_int  # transformers' own parser of '5GB', '500MB'
 
 from .architectures import build_decoder_layer, import_decoder_layer_class
-from .atomic import replace_folder
+from .atomic import describe_os_error, replace_folder
 from .bridges import identity_bridge
 from .cards import CARD_MARKER, merge_card, render_card
 from .configuration_organ import OrganConfig
@@ -258,6 +258,8 @@ class OrganModel(PreTrainedModel):
         self._check_shard_size(max_shard_size)
         if push_kwargs and not push_to_hub:
             raise UnexpectedArgumentError(f"save_pretrained() got unexpected keyword arguments {sorted(push_kwargs)}")
+        if not str(save_directory).strip():
+            raise OutputPathError("save_directory is empty; pass the folder to write the organ into")
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise OutputPathError(f"save_directory={str(save_directory)!r} is an existing file; pass a folder path")
@@ -282,7 +284,13 @@ class OrganModel(PreTrainedModel):
             if not keep_card:
                 (folder / CARD_NAME).write_text(render_card(self.config, repo_id, tags))
 
-        replace_folder(save_directory, write)
+        try:
+            replace_folder(save_directory, write)
+        except (OSError, SafetensorError) as err:
+            raise OutputPathError(
+                f"could not save the organ to {str(save_directory)!r}: {describe_os_error(err)}. Nothing was "
+                "changed there (a previous checkpoint in it is intact); free space or pick another folder"
+            ) from None
         if push_to_hub:
             self.push_to_hub(repo_id or save_directory.name, tags=tags, **push_kwargs)
         return [str(save_directory / name) for name in CHECKPOINT_FILES]
@@ -723,8 +731,8 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
         if recorded != config_sha256(raw_config):
             raise IntegrityError(
                 f"{config_path} does not match the config saved with {weights_path.name} (sha256 {recorded!s:.12}...): "
-                "it was edited after saving. Re-save with OrganModel.save_pretrained, or pass "
-                "verify_integrity=False to load it anyway"
+                "it was edited after saving, or a save into this folder finished while it was being read (then "
+                "load again). Re-save with OrganModel.save_pretrained, or pass verify_integrity=False to load it anyway"
             )
     # Each tensor is hashed (in a thread: hashlib releases the GIL) while the next one is read.
     tensors, digests = {}, {}
@@ -741,6 +749,7 @@ def _read_checkpoint(folder: Path, name: str, verify_integrity: bool) -> tuple[O
         if digest.result() != config.tensor_sha256[key]:
             raise IntegrityError(
                 f"tensor {key!r} in {weights_path} does not match its recorded sha256: the file was altered or "
-                "corrupted. Download it again (or pass verify_integrity=False to load anyway)"
+                "corrupted, or a save into this folder finished while it was being read (then load again). "
+                "Download it again (or pass verify_integrity=False to load anyway)"
             )
     return config, tensors

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -37,7 +38,8 @@ from transformers import Trainer, TrainerCallback
 from transformers import TrainingArguments as HFTrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .errors import CheckpointFormatError
+from .atomic import describe_os_error
+from .errors import CheckpointFormatError, OutputPathError
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +238,21 @@ class OrganTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
-        super()._maybe_log_save_evaluate(*args, **kwargs)
+        try:
+            super()._maybe_log_save_evaluate(*args, **kwargs)
+        except (OSError, SafetensorError) as err:
+            # A checkpoint write failed (disk full, read-only, ...): the checkpoint it left is incomplete (no
+            # completion marker) and would only be skipped on resume; remove it instead of leaving it behind.
+            run_dir = Path(self.args.output_dir)
+            finished = set(finished_checkpoints(run_dir))
+            for partial in run_dir.glob("checkpoint-*"):
+                if partial not in finished:
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise OutputPathError(
+                f"could not write a checkpoint into run dir {str(run_dir)!r}: {describe_os_error(err)}. The "
+                "unfinished checkpoint was removed; the last finished one (if any) is kept, so the run resumes from "
+                "it once there is room"
+            ) from None
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, _BestValidation) and callback.pending_log:
                 # Validation runs inside on_step_end; logged here, after the step's loss, so trackers (report_to)

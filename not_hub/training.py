@@ -27,12 +27,14 @@ from accelerate import PartialState
 from torch import nn
 
 from .architectures import context_length
+from .atomic import describe_os_error
 from .data import BlockData
 from .errors import (
     CheckpointFormatError,
     IncompatibleOrganError,
     InvalidArgumentError,
     InvalidModeError,
+    OutputPathError,
     RunDirMismatchError,
     TransplantStateError,
     UnexpectedArgumentError,
@@ -340,6 +342,8 @@ def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArgument
     kill at any point leaves either the old run whole or a run dir that names the new run: never one run's
     checkpoints under another's identity.
     """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputPathError(f"run dir {str(output_dir)!r} is an existing file; pass a folder (--run-dir)")
     path = output_dir / _IDENTITY_FILE
     has_checkpoints = bool(finished_checkpoints(output_dir)) if output_dir.is_dir() else False
     if path.is_file() and args.resume:
@@ -372,10 +376,16 @@ def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArgument
             "resuming could mix two runs. Use a new run dir, or pass resume=False (--no-resume) to start over in it"
         )
     if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = output_dir / f".{_IDENTITY_FILE}.tmp"
-        tmp.write_text(json.dumps(identity, indent=2, default=str))
-        os.replace(tmp, path)  # this run's identity first ...
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = output_dir / f".{_IDENTITY_FILE}.tmp"
+            tmp.write_text(json.dumps(identity, indent=2, default=str))
+            os.replace(tmp, path)  # this run's identity first ...
+        except OSError as err:
+            raise OutputPathError(
+                f"run dir {str(output_dir)!r} cannot be written: {describe_os_error(err)}; pass another output_dir "
+                "(--run-dir)"
+            ) from None
         for old in output_dir.glob("checkpoint-*"):  # ... then the old run's checkpoints go
             shutil.rmtree(old, ignore_errors=True)
     PartialState().wait_for_everyone()

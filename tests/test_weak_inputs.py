@@ -196,3 +196,65 @@ def test_token_ids_past_the_vocabulary_are_a_data_error():
         not_hub.perplexity(model, [[1, 2, 3], [1, 2, 500, 3]])
     with pytest.raises(not_hub.errors.DataError, match="token id -1"):
         not_hub.perplexity(model, [[1, -1, 3]])
+
+
+# ------------------------------------------------------------------------------------------- file-system faults
+
+
+def test_saving_under_a_file_or_to_an_empty_path_is_an_output_path_error(tmp_path):
+    organ = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(not_hub.errors.OutputPathError, match="exists and is not a folder"):
+        organ.save_pretrained(tmp_path / "a-file" / "organ")
+    with pytest.raises(not_hub.errors.OutputPathError, match="empty"):
+        organ.save_pretrained("")
+
+
+def test_a_full_disk_during_save_keeps_the_previous_organ_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    import not_hub.modeling_organ
+
+    old = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
+    old.save_pretrained(tmp_path / "organ")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "organ").iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+
+    monkeypatch.setattr(not_hub.modeling_organ, "save_file", full)
+    new = not_hub.extract_organ(tiny_model("llama", seed=5), layer_range=(1, 3))
+    with pytest.raises(not_hub.errors.OutputPathError, match="the disk is full"):
+        new.save_pretrained(tmp_path / "organ")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "organ").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["organ"]  # no temporary folder left
+
+
+def test_a_run_dir_that_is_a_file_or_cannot_hold_a_checkpoint_is_named(tmp_path, monkeypatch):
+    import errno
+
+    import not_hub.trainer
+    from tiny_tokenizer import code_documents, tiny_tokenizer
+
+    blocks = not_hub.make_blocks(not_hub.split_documents(code_documents(60), seed=0), tiny_tokenizer(), 32)
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    (tmp_path / "run-file").write_text("x")
+    with pytest.raises(not_hub.errors.OutputPathError, match="is an existing file"):
+        not_hub.train_organ(organ, donor, blocks, max_steps=2, output_dir=tmp_path / "run-file", progress=False)
+
+    real_save = not_hub.trainer.save_file
+    calls = []
+
+    def full_on_the_second_checkpoint(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(not_hub.trainer, "save_file", full_on_the_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(not_hub.errors.OutputPathError, match="the disk is full"):
+        not_hub.train_organ(organ, donor, blocks, max_steps=4, save_every=1, output_dir=run, progress=False)
+    left = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert left and all((run / name / "not_hub_state.json").is_file() for name in left)  # no partial checkpoint
