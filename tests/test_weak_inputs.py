@@ -3,6 +3,7 @@ lifecycle corners, adapters, training and data, the Space engine. Each case was 
 reinterpretation or a leftover; each is now a named `not_hub.errors` class (also its builtin) or a refusal.
 """
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -11,8 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
+from tiny_tokenizer import code_documents, tiny_tokenizer
 
 import not_hub
+import not_hub.modeling_organ
+import not_hub.trainer
 from not_hub.errors import (
     CheckpointFormatError,
     InvalidArgumentError,
@@ -179,8 +183,6 @@ def test_excise_is_not_a_transplant_mode(hash_state):
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]"], ids=["not json", "a list"])
 def test_a_corrupted_run_identity_is_a_named_error(content, tmp_path):
-    from tiny_tokenizer import code_documents, tiny_tokenizer
-
     blocks = not_hub.make_blocks(not_hub.split_documents(code_documents(60), seed=0), tiny_tokenizer(), 32)
     donor = tiny_model("llama")
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
@@ -211,10 +213,6 @@ def test_saving_under_a_file_or_to_an_empty_path_is_an_output_path_error(tmp_pat
 
 
 def test_a_full_disk_during_save_keeps_the_previous_organ_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    import errno
-
-    import not_hub.modeling_organ
-
     old = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
     old.save_pretrained(tmp_path / "organ")
     before = {p.name: p.read_bytes() for p in (tmp_path / "organ").iterdir()}
@@ -231,11 +229,6 @@ def test_a_full_disk_during_save_keeps_the_previous_organ_and_leaves_nothing_beh
 
 
 def test_a_run_dir_that_is_a_file_or_cannot_hold_a_checkpoint_is_named(tmp_path, monkeypatch):
-    import errno
-
-    import not_hub.trainer
-    from tiny_tokenizer import code_documents, tiny_tokenizer
-
     blocks = not_hub.make_blocks(not_hub.split_documents(code_documents(60), seed=0), tiny_tokenizer(), 32)
     donor = tiny_model("llama")
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
