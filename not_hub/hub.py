@@ -5,6 +5,7 @@ Organs themselves are pushed with `OrganModel.push_to_hub` and loaded with `Orga
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
+from huggingface_hub import HfApi, constants, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
     EntryNotFoundError,
@@ -59,6 +60,33 @@ def check_repo_id(repo_id: str) -> str:
     if repo_id.count("/") != 1:
         raise InvalidRepoIdError(f"repo id {repo_id!r} is malformed; expected 'namespace/name'")
     return repo_id
+
+
+def check_revision(revision) -> None:
+    """A branch, tag or commit sha: a string that is not a path (`..` or a leading `/` would address the cache's
+    folders, not a revision)."""
+    if revision is None:
+        return
+    if not isinstance(revision, str) or not revision.strip() or ".." in revision or revision.startswith("/"):
+        raise InvalidArgumentError(
+            f"revision={revision!r} is not a branch, tag or commit sha (no '..', no leading '/'); pass e.g. 'main'"
+        )
+
+
+def _server_error(what: str, err: Exception) -> HubRequestError | None:
+    """The Hub answered, but with a server error or something that is not JSON: a named error saying so."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, HfHubHTTPError) and status is not None and status >= 500:
+        return HubRequestError(
+            f"{what}: the Hub answered HTTP {status}, a server error; nothing was changed. Retry later (the Hub's "
+            "status page says whether it is down)"
+        )
+    if isinstance(err, json.JSONDecodeError):
+        return HubRequestError(
+            f"{what}: the Hub answered with something that is not JSON ({err.doc[:60]!r}...); is HF_ENDPOINT "
+            f"({constants.ENDPOINT}) a Hugging Face Hub? Nothing was changed"
+        )
+    return None
 
 
 def _connection_error(what: str, err: Exception) -> HubConnectionError:
@@ -156,8 +184,12 @@ def hub_errors(what: str) -> Iterator[None]:
         ) from None
     except HFValidationError as err:
         raise InvalidRepoIdError(f"{what}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise _server_error(what, err) from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
+        if status is not None and status >= 500:
+            raise _server_error(what, err) from None
         raise HubRequestError(
             f"{what}: the Hub refused the request (HTTP {status}): {str(err).splitlines()[0][:200]}. Check the repo "
             "id, your token's permissions (--token / HF_TOKEN) and retry"
@@ -197,6 +229,7 @@ def resolve_checkpoint(
             f"{repo_id!r} is neither a folder holding an organ nor a Hub repo id of the form 'namespace/name'"
         )
     check_repo_id(repo_id)
+    check_revision(revision)
     try:
         with bounded_waits():
             folder = Path(
@@ -221,7 +254,10 @@ def resolve_checkpoint(
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} has no revision {revision!r}; pass an existing branch, tag or commit sha"
         ) from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as err:
+        answered = _server_error(f"downloading organ repo {repo_id!r}", err.__cause__ or err.__context__)
+        if answered is not None:  # the Hub did answer, with a server error or not JSON: not "cannot be reached"
+            raise answered from None
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} (revision {revision or 'main'!r}) is not in the local Hub cache and the Hub "
             "cannot be reached (offline, HF_HUB_OFFLINE=1, local_files_only=True, or no answer within "
@@ -232,7 +268,12 @@ def resolve_checkpoint(
         raise OrganNotFoundError(
             f"organ repo {repo_id!r} has no organ checkpoint files ({', '.join(_ALLOW)})"
         ) from None
+    except json.JSONDecodeError as err:
+        raise _server_error(f"downloading organ repo {repo_id!r}", err) from None
     except HfHubHTTPError as err:
+        answered = _server_error(f"downloading organ repo {repo_id!r}", err)
+        if answered is not None:
+            raise answered from None
         raise OrganNotFoundError(f"could not download organ repo {repo_id!r}: {err}") from None
     except (httpx.HTTPError, ConnectionError, TimeoutError) as err:
         # e.g. the server closed the connection mid-file: huggingface_hub keeps the partial download under

@@ -28,7 +28,7 @@ from transformers.utils.hub import convert_file_size_to_int  # transformers' own
 from .architectures import build_decoder_layer, import_decoder_layer_class
 from .atomic import describe_os_error, replace_folder
 from .bridges import identity_bridge
-from .cards import CARD_MARKER, merge_card, render_card
+from .cards import CARD_MARKER, check_tags, merge_card, render_card
 from .configuration_organ import OrganConfig
 from .errors import (
     CheckpointFormatError,
@@ -39,7 +39,7 @@ from .errors import (
     OutputPathError,
     UnexpectedArgumentError,
 )
-from .hub import evict_snapshot, hub_errors, prepare_repo, remote_card, resolve_checkpoint
+from .hub import check_revision, evict_snapshot, hub_errors, prepare_repo, remote_card, resolve_checkpoint
 from .integrity import config_sha256, tensor_sha256
 from .transplant import Transplant, check_compatibility, transplant_into, transplanted
 
@@ -256,6 +256,7 @@ class OrganModel(PreTrainedModel):
                 "safe_serialization=False: organs are stored as safetensors only (never pickle); drop the argument"
             )
         self._check_shard_size(max_shard_size)
+        tags = check_tags(tags)
         if push_kwargs and not push_to_hub:
             raise UnexpectedArgumentError(f"save_pretrained() got unexpected keyword arguments {sorted(push_kwargs)}")
         if not str(save_directory).strip():
@@ -357,6 +358,8 @@ class OrganModel(PreTrainedModel):
         if not safe_serialization:
             raise UnexpectedArgumentError("safe_serialization=False: organs are stored as safetensors only")
         self._check_shard_size(max_shard_size)
+        tags = check_tags(tags)
+        check_revision(revision)
         api = prepare_repo(repo_id, revision=revision, private=private, token=token)
         start, stop = self.config.layer_range
         message = commit_message or f"Upload organ layers [{start}, {stop}) of {self.config.base_model}"

@@ -384,3 +384,50 @@ def test_interrupted_download_and_malformed_repo_ids_are_named_errors(local_hub,
     hub.state.truncate.clear()
     out = run_scenario(hub, tmp_path, 'not_hub.OrganModel.from_pretrained("user/organ"); print("RETRY-OK")')
     assert "RETRY-OK" in out
+
+
+def test_odd_hub_answers_and_arguments_are_named_errors(local_hub, tmp_path):
+    """A server error is not "not on the Hub", a non-JSON answer is not a raw JSONDecodeError, a card whose YAML
+    cannot be read safely does not stop a push, and tags / revisions that are not what they look like are refused."""
+    hub = local_hub
+    hub.state.faults["/user/err500"] = (500, b'{"error": "internal"}')
+    hub.state.faults["/user/err501"] = (501, b'{"error": "not implemented"}')  # (5xx huggingface_hub does not retry)
+    hub.state.faults["/user/garbage"] = (200, b"<html>not json</html>")
+    out = run_scenario(
+        hub,
+        tmp_path,
+        """
+        from huggingface_hub import HfApi
+        from not_hub.errors import HubRequestError, InvalidArgumentError
+        organ = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
+        organ.push_to_hub("user/organ")
+        cases = [
+            (lambda: not_hub.OrganModel.from_pretrained("user/err500"), HubRequestError, "answered HTTP 500"),
+            (lambda: not_hub.OrganModel.from_pretrained("user/garbage"), HubRequestError, "not JSON"),
+            (lambda: organ.push_to_hub("user/err501"), HubRequestError, "answered HTTP 501"),
+            (lambda: organ.push_to_hub("user/garbage"), HubRequestError, "not JSON"),
+            (lambda: not_hub.OrganModel.from_pretrained("user/organ", revision="../../x"), InvalidArgumentError, "'..'"),
+            (lambda: organ.push_to_hub("user/organ", tags="code"), InvalidArgumentError, "not a list of strings"),
+            (lambda: organ.push_to_hub("user/organ", tags=[None, 5]), InvalidArgumentError, "non-empty string"),
+        ]
+        for call, error, words in cases:
+            try:
+                call()
+                raise SystemExit(f"accepted: {words}")
+            except error as err:
+                assert words in str(err), err
+        api = HfApi()
+        for repo, yaml_text in [("user/hostile", "license: !!python/object/apply:os.system ['echo pwned']"),
+                                ("user/malformed", "license: [unclosed")]:
+            api.create_repo(repo, exist_ok=True)
+            api.upload_file(path_or_fileobj=f"---\\n{yaml_text}\\n---\\nOur notes.\\n".encode(), path_in_repo="README.md",
+                            repo_id=repo)
+            organ.push_to_hub(repo)  # the card's YAML cannot be read safely: replaced, its text kept
+        print("OK")
+    """,
+    )
+    assert "OK" in out
+    for repo in ("user/hostile", "user/malformed"):
+        card = hub.state.repos[repo].commits[hub.state.repos[repo].branches["main"]]["README.md"].decode()
+        assert "Our notes." in card and "library_name: not_hub" in card and "python/object" not in card
+    assert len(hub.state.repos["user/organ"].commits) == 2  # the initial commit and the one good push

@@ -724,6 +724,11 @@ CLI_CASES = {
     "evaluate: --max-length 0": (lambda w: _eval(w, "--max-length", "0"), 2, "--max-length"),
     "evaluate: --max-length 1": (lambda w: _eval(w, "--max-length", "1"), 2, "--max-length"),
     "evaluate: --stride 0": (lambda w: _eval(w, "--stride", "0"), 2, "--stride"),
+    "evaluate: --record with a repo id": (
+        lambda w: _eval(w, "--organ", "user/organ", "--record"),
+        1,
+        "is not a local folder",
+    ),
     "evaluate: --max-eval-docs 0": (lambda w: _eval(w, "--max-eval-docs", "0"), 2, "--max-eval-docs"),
     "recover: --radius -1": (
         lambda w: [

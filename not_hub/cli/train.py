@@ -355,7 +355,12 @@ def cmd_recover(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Perplexity on held-out documents: the model as is and, with --organ, with the organ transplanted."""
-
+    if args.record and args.organ and not Path(args.organ).is_dir():
+        raise InvalidArgumentError(
+            f"--record writes the result into the organ's folder, and {args.organ!r} is not a local folder (a Hub "
+            f"repo id would become a new folder ./{args.organ}/). Download it first (`not-hub pull {args.organ}` "
+            "prints its folder) and pass that folder, or drop --record"
+        )
     model, tokenizer = load_model(args, args.model, args.recipient_revision)
     docs = _held_out(args, _splits(args))
     t0 = time.perf_counter()
