@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,9 +39,12 @@ from torch import nn
 
 from .architectures import resolve_architecture
 from .atomic import replace_folder
+from .bridges import unwrap
 from .cards import LIBRARY_TAG
-from .errors import IncompatibleAdapterError, InvalidArgumentError
+from .errors import CheckpointFormatError, IncompatibleAdapterError, InvalidArgumentError
 from .hub import LIBRARY_NAME, check_repo_id, hub_errors, prepare_repo, remote_card
+from .integrity import tensor_sha256
+from .transplant import transplants_of
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -56,16 +60,60 @@ def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _weights_sha256(layers) -> str:
+    """sha256 of a block of layers' weights (as float32, so a later cast does not count as other weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(nn.ModuleList(layers).state_dict().items()):
+        if "lora_" in name or "modules_to_save" in name:  # peft's own weights, injected into the layers
+            continue
+        name = name.replace(".base_layer.", ".")  # a layer peft wrapped is the same layer
+        digest.update(name.encode())
+        digest.update(tensor_sha256(tensor.detach().float()).encode())
+    return digest.hexdigest()
+
+
 def transplant_record(model: nn.Module) -> dict[str, Any]:
     """What an adapter trained on `model` (a `PeftModel` or the transformers model) needs: the recipient, its depth
-    and the live transplants (`config.transplants`, in order)."""
+    and the live transplants (`config.transplants`, in order), each with the sha256 of the organ layers' weights
+    as they are in the model (two organs under one repo id and revision but with other weights are told apart)."""
     base = _base(model)
+    transplants = getattr(base.config, "transplants", [])
+    live = {id(t.entry): t for t in transplants_of(base)}
+    entries = []
+    for entry in transplants:
+        record = json.loads(json.dumps(entry, default=str))
+        if id(entry) in live and live[id(entry)].layers:
+            record["weights_sha256"] = _weights_sha256(unwrap(layer) for layer in live[id(entry)].layers)
+        entries.append(record)
     return {
         "recipient": getattr(base, "name_or_path", None) or None,
         "num_hidden_layers": base.config.num_hidden_layers,
-        "transplants": json.loads(json.dumps(getattr(base.config, "transplants", []), default=str)),
+        "transplants": entries,
         "not_hub_version": __version__,
     }
+
+
+def _read_record(path: Path, adapter) -> dict:
+    """The adapter's transplant record, checked for the shape `check_adapter` relies on."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointFormatError(f"{path} (adapter {str(adapter)!r}) is not valid JSON ({err})") from None
+
+    def entry_ok(e) -> bool:
+        return isinstance(e, dict) and isinstance(e.get("mode"), str) and isinstance(e.get("position"), int)
+
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("num_hidden_layers"), int)
+        and isinstance(record.get("transplants"), list)
+        and all(map(entry_ok, record["transplants"]))
+    ):
+        raise CheckpointFormatError(
+            f"{path} (adapter {str(adapter)!r}) is not a transplant record (an object with num_hidden_layers and a "
+            "list of transplants, as not_hub.save_adapter writes it); re-save the adapter with not_hub.save_adapter"
+        )
+    return record
 
 
 def _describe(record: dict) -> str:
@@ -204,11 +252,34 @@ def check_adapter(
     base = _base(model)
     mine = transplant_record(base)
     record_path = _adapter_file(adapter, RECORD_FILE, revision, token)
+    weights = _adapter_file(adapter, ADAPTER_WEIGHTS, revision, token)
+    indices = set()
+    if weights is not None:
+        pattern = re.compile(re.escape(resolve_architecture(base).layers) + r"\.(\d+)\.")
+        with safe_open(str(weights), framework="pt") as f:
+            indices = {int(m.group(1)) for key in f.keys() if (m := pattern.search(key))}
     if record_path is not None:
-        record = json.loads(record_path.read_text())
-        wanted = [{k: e.get(k) for k in _COMPARED} for e in record.get("transplants", [])]
-        have = [{k: e.get(k) for k in _COMPARED} for e in mine["transplants"]]
-        if wanted != have or record.get("num_hidden_layers") != mine["num_hidden_layers"]:
+        record = _read_record(record_path, adapter)
+        if indices and max(indices) >= record["num_hidden_layers"]:
+            raise IncompatibleAdapterError(
+                f"adapter {str(adapter)!r} is inconsistent: its record says {record['num_hidden_layers']} layers but "
+                f"its weights reach layer {max(indices)}; the record was edited or belongs to another adapter"
+            )
+
+        def compared(entries, other):
+            return [
+                {k: e.get(k) for k in _COMPARED}
+                | (
+                    {"weights_sha256": e["weights_sha256"]}
+                    if e.get("weights_sha256") and o.get("weights_sha256")
+                    else {}
+                )
+                for e, o in zip(entries, other, strict=True)
+            ]
+
+        wanted, have = record["transplants"], mine["transplants"]
+        same = len(wanted) == len(have) and compared(wanted, have) == compared(have, wanted)
+        if not same or record["num_hidden_layers"] != mine["num_hidden_layers"]:
             if record["transplants"]:
                 grafts = "; ".join(_graft_line(e) for e in record["transplants"])
                 fix = f"Graft the same organs first ({grafts}), then load the adapter"
@@ -219,17 +290,25 @@ def check_adapter(
                 f"model has {_describe(mine)}. {fix}"
             )
         return record
-    weights = _adapter_file(adapter, ADAPTER_WEIGHTS, revision, token)
-    if weights is not None:
-        pattern = re.compile(re.escape(resolve_architecture(base).layers) + r"\.(\d+)\.")
-        with safe_open(str(weights), framework="pt") as f:
-            indices = {int(m.group(1)) for key in f.keys() if (m := pattern.search(key))}
-        if indices and max(indices) >= mine["num_hidden_layers"]:
+    if indices:
+        if max(indices) >= mine["num_hidden_layers"]:
             raise IncompatibleAdapterError(
                 f"adapter {str(adapter)!r} has weights for layer {max(indices)}, this model has "
                 f"{mine['num_hidden_layers']} layers ({_describe(mine)}): it was trained on a deeper model, e.g. one "
                 "carrying an inserted organ, and records no transplant. Load it onto the model it was trained on"
             )
+        config_path = _adapter_file(adapter, "adapter_config.json", revision, token)
+        try:
+            chosen = json.loads(config_path.read_text()).get("layers_to_transform") if config_path else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            chosen = None
+        if chosen is None and max(indices) + 1 < mine["num_hidden_layers"]:
+            logger.warning(
+                "adapter %r has weights for layers up to %d only, and this model has %d layers: it was probably "
+                "trained on a shallower model (e.g. one with layers excised), and records no transplant; its "
+                "weights would land on the first %d layers of this one",
+                str(adapter), max(indices), mine["num_hidden_layers"], max(indices) + 1,
+            )  # fmt: skip
     if mine["transplants"]:
         logger.warning(
             "adapter %r records no transplant, and this model carries %s: if the adapter was trained on the "

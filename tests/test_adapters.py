@@ -133,3 +133,40 @@ def test_adapter_on_a_transplant_by_repo_id(tmp_path):
         )
     finally:
         hub.stop()
+
+
+def test_a_malformed_or_hostile_record_is_never_trusted_over_the_weights(tmp_path):
+    _adapter_on_transplant(tmp_path, "insert", 2)  # weights for 8 layers (the organ inserted 2 deeper)
+    record_path = tmp_path / "adapter" / RECORD_FILE
+    for text in ["{not json", '["a list"]', '{"num_hidden_layers": "8", "transplants": []}']:
+        record_path.write_text(text)
+        with pytest.raises(not_hub.errors.CheckpointFormatError, match=RECORD_FILE):
+            not_hub.check_adapter(tiny_model("llama"), tmp_path / "adapter")
+    # A record that claims no transplant on a 6-layer model, while the weights reach layer 7.
+    record_path.write_text(json.dumps({"recipient": None, "num_hidden_layers": 6, "transplants": []}))
+    with pytest.raises(IncompatibleAdapterError, match="inconsistent: its record says 6 layers but its weights reach"):
+        not_hub.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+
+
+def test_the_record_tells_two_organs_with_one_name_apart_by_their_weights(tmp_path):
+    organ, _ = _adapter_on_transplant(tmp_path, "replace", 2)
+    retrained = not_hub.OrganModel.from_pretrained(tmp_path / "organ")
+    with torch.no_grad():
+        retrained.layers[0].mlp.down_proj.weight.add_(0.01)  # same path, same revision, other weights
+    model = tiny_model("llama")
+    retrained.transplant_into(model, position=2, mode="replace")
+    with pytest.raises(IncompatibleAdapterError, match="Graft the same organs first"):
+        not_hub.load_adapter(model, tmp_path / "adapter")
+    same = tiny_model("llama")
+    organ.transplant_into(same, position=2, mode="replace")
+    not_hub.check_adapter(same, tmp_path / "adapter")  # the organ it was trained on passes
+
+
+def test_a_plain_adapter_from_a_shallower_model_is_said_to_be_one(tmp_path, caplog):
+    pruned = tiny_model("llama")
+    not_hub.excise(pruned, (4, 6))  # 4 layers left
+    peft_model = get_peft_model(pruned, LoraConfig(**LORA))
+    peft_model.save_pretrained(tmp_path / "plain")  # plain peft: no record
+    with caplog.at_level("WARNING", logger="not_hub.adapters"):
+        not_hub.check_adapter(tiny_model("llama"), tmp_path / "plain")
+    assert "layers up to 3 only, and this model has 6 layers" in caplog.text
