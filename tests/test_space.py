@@ -10,6 +10,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -40,6 +41,12 @@ def assets(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(autouse=True)
+def offered_folders(assets, monkeypatch):
+    """The test assets are folders this server offers (as an operator would list them in NOT_HUB_SPACE_FOLDERS)."""
+    monkeypatch.setattr(engine, "SERVER_FOLDERS", [*engine.SERVER_FOLDERS, assets.resolve()])
 
 
 def test_metadata_and_compatibility(assets):
@@ -148,6 +155,7 @@ def test_a_visitor_pushes_only_with_the_token_they_typed(assets, tmp_path):
         env.update(
             HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_owner", HF_HUB_DISABLE_TELEMETRY="1"
         )
+        env["NOT_HUB_SPACE_FOLDERS"] = str(assets)
         script = PUSH_AS_VISITOR.format(
             space=str(SPACE), recipient=str(assets / "recipient"), organ=str(assets / "organ")
         )
@@ -185,6 +193,7 @@ def app_url(assets):
         **os.environ,
         "NOT_HUB_SPACE_RECIPIENT": str(assets / "recipient"),
         "NOT_HUB_SPACE_ORGAN": str(assets / "organ"),
+        "NOT_HUB_SPACE_FOLDERS": str(assets),
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
@@ -350,3 +359,41 @@ def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, ass
         recipient, str(assets / "organ"), "replace", api_name="/check"
     )
     assert status.startswith("Compatible") and "BLOCKS" not in compat
+
+
+def test_the_engine_refuses_odd_fields_and_server_paths_it_does_not_offer(assets, tmp_path):
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    for value in (5, ["user/organ"], {"path": organ}):
+        with pytest.raises(not_hub.errors.InvalidArgumentError, match="must be given as text"):
+            engine.organ_metadata(value)
+        with pytest.raises(not_hub.errors.InvalidArgumentError, match="must be given as text"):
+            engine.compatibility(organ, value)
+    # A real organ folder elsewhere on this server is answered exactly like a path that does not exist.
+    elsewhere = tmp_path / "private-organ"
+    not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(elsewhere)
+    answers = {}
+    for path in (str(elsewhere), str(tmp_path / "missing"), str(assets / ".." / elsewhere.parent.name / "x")):
+        with pytest.raises(not_hub.errors.OrganNotFoundError) as err:
+            engine.organ_metadata(path)
+        answers[path] = str(err.value).replace(path[:120], "PATH")
+    assert len(set(answers.values())) == 1, answers
+    recipients = {}
+    for path in ("/etc", "/no/such/folder", str(elsewhere)):
+        with pytest.raises(not_hub.errors.ModelLoadError) as err:
+            engine.compatibility(organ, path)
+        recipients[path] = str(err.value).replace(path, "PATH")
+    assert len(set(recipients.values())) == 1 and "huggingface.co" not in next(iter(recipients.values()))
+
+
+def test_the_engine_refuses_positions_that_are_not_whole_or_all_out_of_range(assets):
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    with pytest.raises(not_hub.errors.InvalidPositionError, match="none of the positions"):
+        engine.sweep(recipient, organ, "replace", positions=[40, 50])
+    for position, words in (
+        (2.7, "not a whole number"),
+        (True, "not a layer position"),
+        ("2", "not a layer position"),
+    ):
+        with pytest.raises(not_hub.errors.InvalidPositionError, match=words):
+            engine.export_folder(recipient, organ, "insert", position)
+    assert engine._position(3.0) == 3 and engine._position(np.int64(2)) == 2

@@ -28,6 +28,7 @@ from not_hub.architectures import context_length
 from not_hub.errors import (
     HubConnectionError,
     InvalidArgumentError,
+    InvalidPositionError,
     InvalidRepoIdError,
     ModelLoadError,
     OrganNotFoundError,
@@ -41,6 +42,7 @@ DEFAULT_RECIPIENT = os.environ.get("NOT_HUB_SPACE_RECIPIENT", "smollm2")
 # The organ trained by this project's pipeline ships with the Space; on the Hub it is referred to by repo id.
 DEFAULT_ORGAN = os.environ.get("NOT_HUB_SPACE_ORGAN", str(HERE / "organ"))
 DEFAULT_ORGAN_REPO_ID = "not-hub/smollm2-135m-code-organ"
+DEFAULT_RECIPIENT_NAME = "SmolLM2-135M-Instruct" if DEFAULT_RECIPIENT == "smollm2" else Path(DEFAULT_RECIPIENT).name
 MAX_MODELS = int(os.environ.get("NOT_HUB_SPACE_MAX_MODELS", "2"))
 MAX_NEW_TOKENS = 24
 # Seconds between streamed tokens (0: as fast as the model goes); set it to watch a stream on a fast machine.
@@ -66,6 +68,49 @@ GENERAL_SAMPLE = [
 DEFAULT_PROMPT = "public int max(int a, int b) {"
 
 
+def _server_folders() -> list[Path]:
+    """Folders of this server a visitor may name: the page's own organ and recipient, and what the operator lists
+    in NOT_HUB_SPACE_FOLDERS (separated by the OS path separator). Any other path is answered like a missing one,
+    so a visitor cannot map which paths exist here."""
+    listed = [f for f in os.environ.get("NOT_HUB_SPACE_FOLDERS", "").split(os.pathsep) if f.strip()]
+    return [Path(f).expanduser().resolve() for f in [DEFAULT_ORGAN, DEFAULT_RECIPIENT, *listed] if Path(f).exists()]
+
+
+SERVER_FOLDERS = _server_folders()
+
+
+def _text(value, what: str) -> str:
+    """A visitor's field as text ('' when empty); anything else (a number, a list, a file) is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"the {what} must be given as text (a Hub repo id), not {type(value).__name__}")
+    return value.strip()
+
+
+def _position(value) -> int:
+    """A layer position from a visitor: a whole number (3 or 3.0 from a slider); 2.7, True or 'x' are refused, not
+    rounded or taken as 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise InvalidPositionError(f"position={value!r} is not a layer position; give a whole number such as 3")
+    if isinstance(value, float) and not value.is_integer():
+        raise InvalidPositionError(f"position={value!r} is not a whole number; layers are counted 0, 1, 2, ...")
+    return int(value)
+
+
+def _names_a_server_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~", "\\")) or ref.count("/") != 1 or Path(ref).exists()
+
+
+def _reachable(ref: str) -> bool:
+    """A local path a visitor may use: inside one of SERVER_FOLDERS (resolved, so `..` and links cannot leave it)."""
+    try:
+        resolved = Path(ref).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return any(resolved == root or root in resolved.parents for root in SERVER_FOLDERS)
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module  # untouched reference, never transplanted into
@@ -84,18 +129,23 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def recipient(self, name: str) -> Loaded:
-        name = (name or "").strip() or DEFAULT_RECIPIENT
+        name = _text(name, "recipient") or DEFAULT_RECIPIENT
         with self._lock:
             if name in self._models:
                 self._models.move_to_end(name)
                 return self._models[name]
+        # One message for every failure (unknown repo, unreachable Hub, a server path that is not offered, one that
+        # does not exist): nothing about this server's files or network leaks to a visitor.
+        refused = ModelLoadError(
+            f"could not load recipient {name[:120]!r}: give the Hub repo id of a decoder-only causal LM, "
+            f"or leave the field empty for this page's model ({DEFAULT_RECIPIENT_NAME})"
+        )
+        if name not in ("smollm2", DEFAULT_RECIPIENT) and _names_a_server_path(name) and not _reachable(name):
+            raise refused
         try:
             model, tokenizer = load_causal_lm(name)
-        except ModelLoadError as err:  # unknown repo, unreachable Hub, a folder that holds no model, ...
-            raise ModelLoadError(
-                f"could not load recipient {name!r}: {str(err).splitlines()[0][:300].rstrip('.')}. Give a Hub repo "
-                "id of a decoder-only causal LM, a local folder, or 'smollm2'"
-            ) from None
+        except ModelLoadError:
+            raise refused from None
         not_hub.resolve_architecture(model)  # refuse encoders etc. before caching
         loaded = Loaded(model=model, working=copy.deepcopy(model), tokenizer=tokenizer, lock=threading.Lock())
         with self._lock:
@@ -105,18 +155,21 @@ class ModelCache:
         return loaded
 
     def organ(self, ref: str) -> not_hub.OrganModel:
-        ref = (ref or "").strip() or DEFAULT_ORGAN
+        ref = _text(ref, "organ") or DEFAULT_ORGAN
         with self._lock:
             if ref in self._organs:
                 return self._organs[ref]
+        # Said to a web visitor: no shell commands, environment variables or paths of this server.
+        missing = OrganNotFoundError(
+            f"no organ found at {ref[:120]!r}: give the Hub repo id of an organ (e.g. {DEFAULT_ORGAN_REPO_ID}) or "
+            "leave the field empty for this page's default organ"
+        )
+        if ref != DEFAULT_ORGAN and _names_a_server_path(ref) and not _reachable(ref):
+            raise missing
         try:
             organ = not_hub.OrganModel.from_pretrained(ref)
         except OrganNotFoundError:
-            # Said to a web visitor: no shell commands or environment variables of this server.
-            raise OrganNotFoundError(
-                f"no organ found at {ref!r}: give the Hub repo id of an organ (e.g. {DEFAULT_ORGAN_REPO_ID}) or "
-                "leave the field empty for this page's default organ"
-            ) from None
+            raise missing from None
         with self._lock:
             self._organs[ref] = organ
             while len(self._organs) > 8:
@@ -282,14 +335,14 @@ def transplant_and_measure(recipient_name: str, organ_ref: str, mode: str, posit
         loaded.model, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model)
     ).perplexity
     with loaded.lock:
-        with organ.transplanted(loaded.working, position=int(position), mode=mode):
+        with organ.transplanted(loaded.working, position=_position(position), mode=mode):
             domain_after = perplexity(loaded.working, DOMAIN_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             general_after = perplexity(loaded.working, GENERAL_SAMPLE, tokenizer=tok, max_length=_window(loaded.model))
             depth_after = loaded.working.config.num_hidden_layers
     depth = loaded.model.config.num_hidden_layers
-    figure = layer_stack_figure(depth, int(position), mode, organ_labels(organ))
+    figure = layer_stack_figure(depth, _position(position), mode, organ_labels(organ))
     return TransplantReport(
-        int(position),
+        _position(position),
         mode,
         depth_after,
         domain_before,
@@ -399,7 +452,7 @@ def stream_side_by_side(
             if index == 0:
                 result = model(input_ids=inp, cache=past, use_cache=True)
             else:
-                with loaded.lock, organ.transplanted(loaded.working, position=int(position), mode=mode):
+                with loaded.lock, organ.transplanted(loaded.working, position=_position(position), mode=mode):
                     result = model(input_ids=inp, cache=past, use_cache=True)
             nxt = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             state[1], state[2] = nxt, result.cache
@@ -423,7 +476,12 @@ def sweep(
     loaded = CACHE.recipient(recipient_name)
     docs = DOMAIN_SAMPLE if use_domain else GENERAL_SAMPLE
     lo, hi = position_range(organ_ref, recipient_name, mode)
-    positions = [p for p in (positions or range(lo, hi + 1)) if lo <= p <= hi]
+    asked = [_position(p) for p in positions] if positions else list(range(lo, hi + 1))
+    positions = [p for p in asked if lo <= p <= hi]
+    if not positions:
+        raise InvalidPositionError(
+            f"none of the positions {asked} fits: expected {lo} <= position <= {hi} for mode {mode!r}"
+        )
     # The lock is taken for one position at a time, so a transplant asked for during a sweep waits for one position,
     # not for the whole sweep.
     result = None
@@ -489,6 +547,7 @@ def public_model_name(recipient_name: str, model) -> str:
 
 def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int) -> str:
     """A .zip of the transplanted recipient (plain transformers folder + tokenizer); returns its path."""
+    position = _position(position)
     if mode == "bridge":
         raise InvalidArgumentError(
             "a bridge-mode recipient is not a plain transformers model: download replace or insert"
@@ -497,7 +556,7 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
     loaded = CACHE.recipient(recipient_name)
     out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
     with loaded.lock:
-        with organ.transplanted(loaded.working, position=int(position), mode=mode) as transplant:
+        with organ.transplanted(loaded.working, position=_position(position), mode=mode) as transplant:
             # No path of this server in the download: the organ and the recipient are named, not located.
             transplant.entry["organ"] = public_organ_name(organ_ref)
             copy_ = copy.deepcopy(loaded.working)  # a copy in bf16: half the bytes, and the shared model unchanged
@@ -505,7 +564,7 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
     copy_.to(torch.bfloat16).save_pretrained(out / "model")
     del copy_
     loaded.tokenizer.save_pretrained(out / "model")
-    archive = out / f"transplanted-{mode}-{position}.zip"
+    archive = out / f"transplanted-{mode}-{_position(position)}.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:  # weights do not compress
         for path in sorted((out / "model").iterdir()):
             zf.write(path, path.name)
@@ -548,5 +607,5 @@ def push(recipient_name: str, organ_ref: str, mode: str, position: int, repo_id:
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     with loaded.lock:
-        with organ.transplanted(loaded.working, position=int(position), mode=mode):
+        with organ.transplanted(loaded.working, position=_position(position), mode=mode):
             return not_hub.push_recipient(loaded.working, repo_id, tokenizer=loaded.tokenizer, token=token)
