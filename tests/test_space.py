@@ -362,7 +362,7 @@ def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, ass
 
 
 def test_the_engine_refuses_odd_fields_and_server_paths_it_does_not_offer(assets, tmp_path):
-    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+    organ = str(assets / "organ")
     for value in (5, ["user/organ"], {"path": organ}):
         with pytest.raises(not_hub.errors.InvalidArgumentError, match="must be given as text"):
             engine.organ_metadata(value)
