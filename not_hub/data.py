@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from .errors import DataError, DataFileNotFoundError, InvalidArgumentError
@@ -193,16 +194,58 @@ def split_documents(
     )
 
 
-def _with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text (no special tokens), EOS after each: where one document ends in a packed stream."""
+# A document longer than this is tokenised in pieces (cut before a whitespace character near each boundary), so a
+# one-line multi-megabyte file never becomes one tokenizer call holding millions of token objects at once.
+_PIECE_CHARS = 1 << 16
+
+
+def _pieces(text: str) -> list[str]:
+    if len(text) <= _PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > _PIECE_CHARS:
+        end = start + _PIECE_CHARS
+        cut = max(text.rfind(" ", start + _PIECE_CHARS // 2, end), text.rfind("\n", start + _PIECE_CHARS // 2, end))
+        cut = cut if cut > start else end  # no whitespace in the window: cut anywhere
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), EOS after each: where one document ends in a packed stream.
+
+    Ids are int32 arrays (4 bytes a token, not a Python int each). A document longer than 64K characters is tokenised
+    in pieces cut before a whitespace character: tokenizers whose pre-tokenizer splits at whitespace (byte-level BPE,
+    WordPiece, word-level) give the tokens of the whole document."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [ids + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    eos = np.asarray(eos, dtype=np.int32)
+    short = [i for i, text in enumerate(texts) if len(text) <= _PIECE_CHARS]  # one batched call (fast, parallel)
+    batch = tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"] if short else []
+    ids = dict(zip(short, batch, strict=True))
+    out = []
+    for i, text in enumerate(texts):
+        if i in ids:
+            parts = [ids.pop(i)]
+        else:  # a long document: its pieces a few at a time (parallel in the tokenizer, bounded in memory)
+            pieces = _pieces(text)
+            parts = [
+                piece_ids
+                for k in range(0, len(pieces), 4)
+                for piece_ids in tokenizer(pieces[k : k + 4], add_special_tokens=False)["input_ids"]
+            ]
+        out.append(np.concatenate([*(np.asarray(p, dtype=np.int32) for p in parts), eos]))
+    return out
 
 
-def _pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
+def _pack(documents: list, block_size: int) -> list[np.ndarray]:
     """The documents' tokens as one stream, cut into `block_size` blocks (a tail that fills none is dropped)."""
-    stream = [t for ids in documents for t in ids]
-    return [stream[i * block_size : (i + 1) * block_size] for i in range(len(stream) // block_size)]
+    if len(documents) == 0:
+        return []
+    stream = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in documents])
+    n = len(stream) // block_size
+    return list(stream[: n * block_size].reshape(n, block_size))
 
 
 def pack_blocks(
@@ -228,9 +271,10 @@ def pack_blocks(
     def pack(batch):
         return {"input_ids": _pack(batch["input_ids"], block_size)}
 
-    ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenising")
+    ds = ds.map(tokenize, batched=True, batch_size=64, remove_columns=["text"], desc="tokenising")
     # One packing batch over everything: blocks may span documents (standard causal-LM packing) but never splits.
-    ds = ds.map(pack, batched=True, batch_size=None, desc="packing")
+    # Read as numpy arrays (not one Python int per token).
+    ds = ds.with_format("numpy").map(pack, batched=True, batch_size=None, desc="packing")
     return ds.with_format("torch")
 
 
@@ -408,7 +452,7 @@ def stream_blocks(
 
     train = stream_documents(sources, bucket="train", **opts).shuffle(seed=seed, buffer_size=shuffle_buffer)
     train = train.map(pack, batched=True, batch_size=256, remove_columns=["text"]).with_format("torch")
-    held: list[list[int]] = []  # validation documents' token ids, read until they fill the blocks wanted
+    held: list[np.ndarray] = []  # validation documents' token ids, read until they fill the blocks wanted
     tokens = 0
     if validation:
         for example in stream_documents(sources, bucket="validation", **opts):

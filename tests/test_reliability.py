@@ -481,6 +481,7 @@ def test_space_bounds_the_prompt_and_never_holds_the_lock_between_tokens(tmp_pat
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     not_hub.extract_organ(gpt2, layer_range=(1, 3)).save_pretrained(tmp_path / "organ")
     recipient, organ = str(tmp_path / "gpt2"), str(tmp_path / "organ")
+    monkeypatch.setattr(engine, "SERVER_FOLDERS", [*engine.SERVER_FOLDERS, tmp_path.resolve()])  # offered here
     with pytest.raises(not_hub.errors.InvalidArgumentError, match="characters"):
         next(engine.stream_side_by_side(recipient, organ, "replace", 1, "x" * 100_000))
     with pytest.raises(not_hub.errors.InvalidArgumentError, match="context of 64 tokens"):

@@ -251,3 +251,45 @@ def test_a_run_dir_that_is_a_file_or_cannot_hold_a_checkpoint_is_named(tmp_path,
         not_hub.train_organ(organ, donor, blocks, max_steps=4, save_every=1, output_dir=run, progress=False)
     left = sorted(p.name for p in run.glob("checkpoint-*"))
     assert left and all((run / name / "not_hub_state.json").is_file() for name in left)  # no partial checkpoint
+
+
+def test_a_long_one_line_document_is_tokenised_in_pieces_with_the_same_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from not_hub.data import _PIECE_CHARS, _with_eos
+
+    words = [f"w{i}" for i in range(50)]
+    vocab = {w: i for i, w in enumerate(words)} | {"<unk>": 50, "<eos>": 51}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    text = " ".join(words[i % 50] for i in range(3 * _PIECE_CHARS // 3))  # ~200K characters on one line
+    assert len(text) > 2 * _PIECE_CHARS
+    for tokenizer in (word_level, tiny_tokenizer()):
+        whole = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert _with_eos(tokenizer, [text])[0].tolist() == whole
+
+
+PACK_UNDER_A_MEMORY_CAP = """
+import resource, sys
+sys.path.insert(0, {fixtures!r})
+from not_hub.data import pack_blocks
+from tiny_tokenizer import tiny_tokenizer
+tokenizer = tiny_tokenizer()
+pack_blocks(["warm up"] * 300, tokenizer, 4)
+size = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (768 << 20), resource.RLIM_INFINITY))  # 768 MiB more, no further
+text = ("int f(int x) {{ return x + 1; }} " * 200_000)[:5_000_000]  # a 5 MB file of one line
+print(len(pack_blocks([text], tokenizer, 256)), "blocks")
+"""
+
+
+def test_packing_a_five_megabyte_line_stays_within_a_memory_bound():
+    import subprocess
+    import sys
+
+    script = PACK_UNDER_A_MEMORY_CAP.format(fixtures=str(Path(__file__).parent / "fixtures"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "19531 blocks" in out.stdout
