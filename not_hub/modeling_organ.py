@@ -635,9 +635,13 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     resolved = dtype
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    if not isinstance(resolved, torch.dtype):
         raise InvalidArgumentError(
-            f"dtype={dtype!r} is not a floating torch dtype (organ weights are floats); pass e.g. torch.bfloat16, "
+            f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.bfloat16, 'float32' or 'auto'"
+        )
+    if not resolved.is_floating_point:
+        raise InvalidArgumentError(
+            f"dtype={dtype!r} is not a floating dtype (organ weights are floats); pass e.g. torch.bfloat16, "
             "'float32' or 'auto'"
         )
     return resolved

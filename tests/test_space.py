@@ -397,3 +397,55 @@ def test_the_engine_refuses_positions_that_are_not_whole_or_all_out_of_range(ass
         with pytest.raises(not_hub.errors.InvalidPositionError, match=words):
             engine.export_folder(recipient, organ, "insert", position)
     assert engine._position(3.0) == 3 and engine._position(np.int64(2)) == 2
+
+
+def test_each_side_of_the_stream_stops_at_its_own_end_of_text(assets, monkeypatch):
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    *_, (_, free) = engine.stream_side_by_side(recipient, organ, "replace", 2, "int f(", max_new_tokens=6)
+    loaded = engine.CACHE.recipient(recipient)
+    first = loaded.tokenizer("int f(" + free, add_special_tokens=False)["input_ids"][len("int f(")]
+    # The transplanted side's first token becomes the end-of-text token: that side ends there and says so.
+    monkeypatch.setattr(loaded.model.generation_config, "eos_token_id", first)
+    steps = list(engine.stream_side_by_side(recipient, organ, "replace", 2, "int f(", max_new_tokens=6))
+    untouched, transplanted = steps[-1]
+    assert transplanted == engine.END_OF_TEXT  # nothing forced after it
+    assert all(after == engine.END_OF_TEXT for _, after in steps)
+    assert untouched.endswith(engine.END_OF_TEXT) or len(steps) == 6  # the other side goes on to its own end
+    assert "greedy" in engine.DECODING_NOTE and "end-of-text" in engine.DECODING_NOTE
+
+
+def test_bridge_with_untrained_bridges_is_said_to_equal_insert(assets):
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    bridge = engine.transplant_and_measure(recipient, organ, "bridge", 2)
+    insert = engine.transplant_and_measure(recipient, organ, "insert", 2)
+    assert bridge.domain_after == pytest.approx(insert.domain_after, rel=1e-6)
+    assert "exactly those of insert" in engine.bridge_note(organ, "bridge") and not engine.bridge_note(organ, "insert")
+
+
+def test_inputs_are_checked_before_anything_runs(assets, monkeypatch):
+    recipient, organ = str(assets / "recipient"), str(assets / "organ")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the transplant ran before the inputs were checked")
+
+    monkeypatch.setattr(engine, "transplant_and_measure", never)
+    for prompt, position, words in [
+        ("  ", 2, "prompt is empty"),
+        ("x" * 3000, 2, "characters"),
+        ("int", 2.5, "whole"),
+    ]:
+        with pytest.raises(not_hub.errors.NotHubError, match=words):
+            engine.check_inputs(recipient, organ, "replace", position, prompt)
+    with pytest.raises(not_hub.errors.InvalidPositionError, match="expected 0 <= position <= 4"):
+        engine.check_inputs(recipient, organ, "replace", 7, "int f(")
+
+
+def test_ten_archive_builds_leave_one_archive_with_a_card(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "EXPORT_DIR", tmp_path / "exports")
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    paths = [engine.export_folder(recipient, organ, "insert", p % 3) for p in range(10)]
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [Path(paths[-1]).name]
+    assert engine.export_folder(recipient, organ, "insert", 0) == paths[-1]  # (9 % 3 == 0) reused, not rebuilt
+    with zipfile.ZipFile(paths[-1]) as zf:
+        card = zf.read("README.md").decode()
+    assert "bfloat16" in card and "float32" in card and "foreign-organ" in card and str(assets) not in card

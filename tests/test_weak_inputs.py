@@ -110,8 +110,8 @@ def test_a_tensor_of_the_wrong_shape_is_a_format_error(saved_organ, tmp_path):
     "kwargs, error, words",
     [
         ({"device_map": "meta"}, UnexpectedArgumentError, "without its weights"),
-        ({"dtype": "int8"}, InvalidArgumentError, "not a floating torch dtype"),
-        ({"dtype": torch.int64}, InvalidArgumentError, "not a floating torch dtype"),
+        ({"dtype": "int8"}, InvalidArgumentError, "not a floating dtype"),
+        ({"dtype": torch.int64}, InvalidArgumentError, "not a floating dtype"),
         ({"device_map": "cuda:7"}, InvalidArgumentError, "no such device"),
     ],
     ids=["meta", "int8 name", "int64 dtype", "missing device"],

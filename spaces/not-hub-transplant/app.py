@@ -32,7 +32,7 @@ CONCURRENCY_NOTE = (
 
 MODE_HELP = "\n".join(
     f"- **{name}**: {mode.summary}" for name, mode in not_hub.MODES.items() if name in ("replace", "insert", "bridge")
-)
+) + (" Until the bridges are trained they are the identity, so bridge gives exactly the numbers and text of insert.")
 SAMPLE_HELP = (
     "Perplexity is measured on two short samples written for this page: **domain (code)**, six one-line Java/C# "
     "methods (the default organ's domain), and **general text**, two English sentences (to see what the organ costs "
@@ -101,6 +101,7 @@ def on_transplant(recipient, organ, mode, position, prompt, request: gr.Request)
 
 def _transplant(recipient, organ, mode, position, prompt, stream):
     try:
+        engine.check_inputs(recipient, organ, mode, position, prompt)  # said at once, before the 3 s transplant
         if engine.is_busy(recipient):  # say it: a sweep or another visitor's request holds the shared model
             yield None, "", "", "", "Queued: another request is using the shared model; yours runs right after.", None
         report = engine.transplant_and_measure(recipient, organ, mode, int(position))
@@ -117,7 +118,10 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
         f"{report.general_after / report.general_before:.2f}x |"
     )
     state = {"mode": mode, "position": int(position), "organ": organ, "recipient": recipient}
-    status = f"Transplanted ({mode} at {int(position)}; recipient has {report.depth_after} layers while in use)."
+    status = (
+        f"Transplanted ({mode} at {int(position)}; recipient has {report.depth_after} layers while in use)."
+        + engine.bridge_note(organ, mode)
+    )
     yield report.figure, table, "", "", status, state
     try:
         for before, after in engine.stream_side_by_side(
@@ -177,7 +181,8 @@ def on_push(state, repo_id, token):
 
 
 def build() -> gr.Blocks:
-    with gr.Blocks(title=TITLE) as demo:
+    # delete_cache: gradio's copies of built archives are removed after an hour (checked every 10 minutes).
+    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             f"# {TITLE}\nGraft an *organ* (a few decoder layers trained elsewhere) into a model, see what "
             f"it does, and take it out again. {CONCURRENCY_NOTE}"
@@ -208,9 +213,13 @@ def build() -> gr.Blocks:
         prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
         gr.Examples(
             [
-                [engine.DEFAULT_RECIPIENT, "", "replace", engine.DEFAULT_PROMPT],
-                [engine.DEFAULT_RECIPIENT, "", "insert", "public static void main(String[] args) {"],
-                [engine.DEFAULT_RECIPIENT, "", "bridge", "The capital of France is"],
+                [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN_REPO_ID, "replace", engine.DEFAULT_PROMPT],
+                [
+                    engine.DEFAULT_RECIPIENT,
+                    engine.DEFAULT_ORGAN_REPO_ID,
+                    "insert",
+                    "public static void main(String[] a) {",
+                ],
             ],
             [recipient, organ, mode, prompt],
             label="Typical cases (then press Check compatibility and Transplant)",
@@ -228,6 +237,7 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     before = gr.Textbox(label="Untouched model", lines=4, elem_id="before")
                     after = gr.Textbox(label="Transplanted model", lines=4, elem_id="after")
+                gr.Markdown(engine.DECODING_NOTE, elem_id="decoding-note")
         sweep_plot = gr.Plot(label="Perplexity vs position")
         sweep_text = gr.Markdown(elem_id="sweep-summary", label="Sweep summary")
         with gr.Accordion("Download or push the transplanted model", open=False):
@@ -247,6 +257,9 @@ def build() -> gr.Blocks:
             [recipient, organ, mode, position, prompt],
             [stack, ppl, before, after, run_status, state],
             api_name="transplant",
+        )
+        prompt.submit(  # Enter in the prompt transplants, as the button does
+            on_transplant, [recipient, organ, mode, position, prompt], [stack, ppl, before, after, run_status, state]
         )
         run_sweep.click(on_sweep, [recipient, organ, mode], [sweep_plot, sweep_text], api_name="sweep")
         explant.click(on_explant, [state], [stack, ppl, before, after, run_status, state], api_name="explant")

@@ -11,6 +11,7 @@ concurrent visitors never see each other's organs; requests for one recipient qu
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import tempfile
@@ -156,6 +157,8 @@ class ModelCache:
 
     def organ(self, ref: str) -> not_hub.OrganModel:
         ref = _text(ref, "organ") or DEFAULT_ORGAN
+        if ref == DEFAULT_ORGAN_REPO_ID:
+            ref = DEFAULT_ORGAN  # this page's organ, shipped with it (its repo id names it in downloads)
         with self._lock:
             if ref in self._organs:
                 return self._organs[ref]
@@ -374,6 +377,31 @@ def check_prompt_fits(prompt: str, tokenizer, model, max_new_tokens: int) -> tor
     return ids
 
 
+def check_inputs(recipient_name: str, organ_ref: str, mode: str, position, prompt: str) -> None:
+    """Every field of a transplant request, checked before anything runs (a bad prompt is said at once, not after the
+    transplant and its measurement)."""
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError("the prompt must be text")
+    position = _position(position)
+    loaded = CACHE.recipient(recipient_name)
+    check_prompt_fits(prompt, loaded.tokenizer, loaded.model, MAX_NEW_TOKENS)
+    if mode not in not_hub.MODES or mode == "excise":
+        raise InvalidArgumentError(f"mode {mode!r} is not offered here; choose replace, insert or bridge")
+    lo, hi = position_range(organ_ref, recipient_name, mode)
+    if not lo <= position <= hi:
+        raise InvalidPositionError(f"position {position} does not fit: expected {lo} <= position <= {hi} for {mode}")
+
+
+def bridge_note(organ_ref: str, mode: str) -> str:
+    """What a visitor must know about mode "bridge" with this organ: untrained bridges are the identity."""
+    if mode != "bridge" or CACHE.organ(organ_ref).config.bridges:
+        return ""
+    return (
+        " This organ has no trained bridges, so its bridges start as the identity: the numbers and text are exactly "
+        "those of insert at the same position (train_bridges would train them)."
+    )
+
+
 @dataclass
 class Stream:
     """One visitor's running generation: `stop` asks it to end, `done` says it has."""
@@ -421,6 +449,22 @@ class Streams:
 STREAMS = Streams()
 
 
+END_OF_TEXT = " [end of text]"
+DECODING_NOTE = (
+    f"Both sides decode the same way: greedy (the most likely token each step), at most {MAX_NEW_TOKENS} new tokens, "
+    f"and each side stops at its own end-of-text token, shown as `{END_OF_TEXT.strip()}`."
+)
+
+
+def end_of_text_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the model's generation config's and the tokenizer's end-of-text."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 @torch.no_grad()
 def stream_side_by_side(
     recipient_name: str,
@@ -439,28 +483,39 @@ def stream_side_by_side(
     stream ends early, before its next token, once `stop` is set.
     """
     stop = stop if stop is not None else threading.Event()
+    position = _position(position)
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
     tok = loaded.tokenizer
     ids = check_prompt_fits(prompt, tok, loaded.model, max_new_tokens)
+    eos = end_of_text_ids(loaded.model, tok)
     states = [[loaded.model, ids, None, []], [loaded.working, ids, None, []]]
+    ended = [False, False]
+
+    def text(index: int) -> str:
+        return tok.decode(states[index][3], skip_special_tokens=True) + (END_OF_TEXT if ended[index] else "")
+
     for _ in range(max_new_tokens):
         if stop.wait(TOKEN_DELAY_S):  # set (now, or during the delay): end before the next token
             return
         for index, state in enumerate(states):
+            if ended[index]:  # this side wrote its end-of-text token: it says no more
+                continue
             model, inp, past, out = state
             if index == 0:
                 result = model(input_ids=inp, cache=past, use_cache=True)
             else:
-                with loaded.lock, organ.transplanted(loaded.working, position=_position(position), mode=mode):
+                with loaded.lock, organ.transplanted(loaded.working, position=position, mode=mode):
                     result = model(input_ids=inp, cache=past, use_cache=True)
             nxt = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             state[1], state[2] = nxt, result.cache
-            out.append(int(nxt))
-        yield (
-            tok.decode(states[0][3], skip_special_tokens=True),
-            tok.decode(states[1][3], skip_special_tokens=True),
-        )
+            if int(nxt) in eos:
+                ended[index] = True
+            else:
+                out.append(int(nxt))
+        yield text(0), text(1)
+        if all(ended):
+            return
 
 
 def sweep(
@@ -545,8 +600,38 @@ def public_model_name(recipient_name: str, model) -> str:
     return name if name.count("/") == 1 and not Path(name).exists() else Path(name).name
 
 
+# Archives a visitor builds live here, one at a time: building another removes the previous one, and building the
+# same transplant again returns the archive already built. So the disk holds at most one archive (plus what gradio
+# keeps of it, which its own cache cleaning bounds: app.py's delete_cache).
+EXPORT_DIR = Path(tempfile.gettempdir()) / f"not-hub-export-{os.getpid()}"
+_EXPORT_LOCK = threading.Lock()
+
+ARCHIVE_CARD = """---
+library_name: transformers
+base_model: {recipient}
+tags: [not_hub, neural-organ-transplantation]
+---
+
+# {recipient} with an organ transplanted
+
+Built on the not_hub Space: organ `{organ}` grafted into `{recipient}` ({mode} at position {position}). A plain
+transformers checkpoint (`AutoModelForCausalLM.from_pretrained(folder)`); `config.transplants` records the organ.
+
+**Weights are stored in bfloat16** (half the download). The page computed in float32 from float32 weights, so this
+archive's outputs are close to the page's, not identical. The page's exact numbers come from the same transplant in
+float32:
+
+```python
+import not_hub
+from not_hub.loading import load_causal_lm
+model, tokenizer = load_causal_lm({recipient_load!r})  # float32
+not_hub.OrganModel.from_pretrained({organ!r}).transplant_into(model, position={position}, mode={mode!r})
+```
+"""
+
+
 def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int) -> str:
-    """A .zip of the transplanted recipient (plain transformers folder + tokenizer); returns its path."""
+    """A .zip of the transplanted recipient (plain transformers folder + tokenizer + card); returns its path."""
     position = _position(position)
     if mode == "bridge":
         raise InvalidArgumentError(
@@ -554,21 +639,41 @@ def export_folder(recipient_name: str, organ_ref: str, mode: str, position: int)
         )
     organ = CACHE.organ(organ_ref)
     loaded = CACHE.recipient(recipient_name)
-    out = Path(tempfile.mkdtemp(prefix="not-hub-export-"))
-    with loaded.lock:
-        with organ.transplanted(loaded.working, position=_position(position), mode=mode) as transplant:
-            # No path of this server in the download: the organ and the recipient are named, not located.
-            transplant.entry["organ"] = public_organ_name(organ_ref)
-            copy_ = copy.deepcopy(loaded.working)  # a copy in bf16: half the bytes, and the shared model unchanged
-    copy_.config.name_or_path = public_model_name(recipient_name, loaded.model)
-    copy_.to(torch.bfloat16).save_pretrained(out / "model")
-    del copy_
-    loaded.tokenizer.save_pretrained(out / "model")
-    archive = out / f"transplanted-{mode}-{_position(position)}.zip"
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:  # weights do not compress
-        for path in sorted((out / "model").iterdir()):
-            zf.write(path, path.name)
-    shutil.rmtree(out / "model")
+    organ_name = public_organ_name(organ_ref)
+    recipient_public = public_model_name(recipient_name, loaded.model)
+    key = hashlib.sha256(f"{recipient_name}|{organ_ref}|{mode}|{position}".encode()).hexdigest()[:12]
+    archive = EXPORT_DIR / f"transplanted-{mode}-{position}-{key}.zip"
+    with _EXPORT_LOCK:
+        if archive.is_file():
+            return str(archive)  # the same transplant: the archive already built
+        EXPORT_DIR.mkdir(exist_ok=True)
+        for old in EXPORT_DIR.iterdir():  # one archive at a time on this server's disk
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        work = Path(tempfile.mkdtemp(dir=EXPORT_DIR, prefix=".building-"))
+        try:
+            with loaded.lock:
+                with organ.transplanted(loaded.working, position=position, mode=mode) as transplant:
+                    # No path of this server in the download: the organ and the recipient are named, not located.
+                    transplant.entry["organ"] = organ_name
+                    copy_ = copy.deepcopy(loaded.working)  # a bf16 copy: half the bytes; the shared model unchanged
+            copy_.config.name_or_path = recipient_public
+            copy_.to(torch.bfloat16).save_pretrained(work)
+            del copy_
+            loaded.tokenizer.save_pretrained(work)
+            recipient_load = "smollm2" if recipient_name in ("", "smollm2") else recipient_public
+            (work / "README.md").write_text(
+                ARCHIVE_CARD.format(
+                    recipient=recipient_public, organ=organ_name, mode=mode, position=position,
+                    recipient_load=recipient_load,
+                )
+            )  # fmt: skip
+            partial = archive.with_suffix(".zip.partial")
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as zf:  # weights do not compress
+                for path in sorted(work.iterdir()):
+                    zf.write(path, path.name)
+            os.replace(partial, archive)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return str(archive)
 
 
