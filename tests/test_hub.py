@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from hub_server import LocalHub
+from tiny_models import tiny_model
+
+import not_hub
 
 SCENARIO_PRELUDE = """
 import sys, torch, copy
@@ -205,16 +208,15 @@ def test_a_hub_that_accepts_and_never_answers_gets_a_bounded_wait_and_a_named_er
     assert "no answer within 2 s" in lines[0]
 
 
+def _seed_organ(hub, tmp_path) -> None:
+    """An organ on the local Hub as setup (committed server-side; pushing is tested over HTTP elsewhere)."""
+    not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(tmp_path / "seeded-organ")
+    hub.seed("user/organ", tmp_path / "seeded-organ")
+
+
 def test_unknown_repo_revision_and_tampered_download(local_hub, tmp_path):
     hub = local_hub
-    run_scenario(
-        hub,
-        tmp_path,
-        """
-        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub("user/organ")
-        print("pushed")
-    """,
-    )
+    _seed_organ(hub, tmp_path)
     blob = hub.state.repos["user/organ"].commits[hub.state.repos["user/organ"].branches["main"]]["model.safetensors"]
     altered = bytearray(blob)
     altered[-1] ^= 1
@@ -347,13 +349,7 @@ def test_interrupted_download_and_malformed_repo_ids_are_named_errors(local_hub,
     """A transfer cut off half-way is a HubConnectionError (no raw RemoteProtocolError), nothing partial is used,
     and the retry after the server recovers loads the organ; malformed ids are refused before any request."""
     hub = local_hub
-    run_scenario(
-        hub,
-        tmp_path,
-        """
-        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub("user/organ")
-    """,
-    )
+    _seed_organ(hub, tmp_path)
     hub.state.truncate.add(("user/organ", "model.safetensors"))
     run_scenario(
         hub,

@@ -279,17 +279,17 @@ from tiny_tokenizer import tiny_tokenizer
 tokenizer = tiny_tokenizer()
 pack_blocks(["warm up"] * 300, tokenizer, 4)
 size = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (size + (768 << 20), resource.RLIM_INFINITY))  # 768 MiB more, no further
-text = ("int f(int x) {{ return x + 1; }} " * 200_000)[:5_000_000]  # a 5 MB file of one line
+resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))  # 512 MiB more, no further
+text = ("int f(int x) {{ return x + 1; }} " * 120_000)[:3_000_000]  # a 3 MB file of one line
 print(len(pack_blocks([text], tokenizer, 256)), "blocks")
 """
 
 
-def test_packing_a_five_megabyte_line_stays_within_a_memory_bound():
+def test_packing_a_multi_megabyte_line_stays_within_a_memory_bound():
     import subprocess
     import sys
 
     script = PACK_UNDER_A_MEMORY_CAP.format(fixtures=str(Path(__file__).parent / "fixtures"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "19531 blocks" in out.stdout
+    assert "11718 blocks" in out.stdout
