@@ -314,6 +314,8 @@ def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
         browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1500})
         page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        page.click("#compat-details button, #compat-details .label-wrap")  # the details are folded away
         page.wait_for_selector("#compat-table table", timeout=60_000)
         assert "decoder_layer_class" in page.inner_text("#compat-table")
         page.click("#transplant")
@@ -346,6 +348,58 @@ def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
         browser.close()
     assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def _browser_page(p, viewport):
+    from screenshot import ARGS as BROWSER_ARGS
+
+    browser = p.chromium.launch(executable_path=_chromium(), args=BROWSER_ARGS)
+    return browser, browser.new_page(viewport=viewport)
+
+
+def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(app_url, tmp_path):
+    """1280x900: the verdict and Transplant are visible without scrolling. 390x844 (a phone): no table cell is cut
+    off, the compatibility verdict is on screen, and Transplant is within the first two screens."""
+    if _chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _browser_page(p, {"width": 1280, "height": 900})
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        box = page.locator("#transplant").bounding_box()
+        assert box["y"] + box["height"] <= 900, box  # no scrolling to reach the action
+        assert page.locator("#status").bounding_box()["y"] < 900
+        page.screenshot(path=str(tmp_path / "desktop.png"))
+        browser.close()
+
+        browser, page = _browser_page(p, {"width": 390, "height": 844})
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        status = page.locator("#status").bounding_box()
+        assert status["x"] >= 0 and status["x"] + status["width"] <= 390
+        assert page.locator("#transplant").bounding_box()["y"] < 2 * 844
+        page.click("#compat-details button, #compat-details .label-wrap")
+        page.wait_for_selector("#compat-table table", timeout=30_000)
+        clipped = page.evaluate(
+            """() => {
+                const box = document.querySelector('#compat-table').getBoundingClientRect();
+                return [...document.querySelectorAll('#compat-table td')]
+                    .map(td => td.getBoundingClientRect())
+                    .filter(r => r.right > Math.min(box.right, window.innerWidth) + 1 || r.left < box.left - 1)
+                    .length;
+            }"""
+        )
+        assert clipped == 0
+        words = page.evaluate(  # no word broken letter by letter: every cell at least a few characters wide
+            "Math.min(...[...document.querySelectorAll('#compat-table td')].map(td => td.getBoundingClientRect().width))"
+        )
+        assert words > 40
+        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        browser.close()
 
 
 def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, assets):

@@ -23,7 +23,10 @@ TITLE = "not_hub: Neural Organ Transplantation"
 MODES = ["replace", "insert", "bridge"]
 HOST = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
 PORT = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-CSS = "#compat-table table {font-size: 12px; width: 100%} #compat-table td {word-break: break-all}"
+CSS = (
+    "#compat-table {overflow-x: auto; max-width: 100%} #compat-table table {font-size: 12px; width: 100%; "
+    "table-layout: fixed} #compat-table td {word-break: normal; overflow-wrap: anywhere; vertical-align: top}"
+)
 CONCURRENCY_NOTE = (
     "Requests are queued. Each transplant runs on a shared, cached recipient under a lock and is explanted before "
     "the lock is released, so visitors never see each other's organs (the untouched model is a separate copy)."
@@ -33,6 +36,14 @@ CONCURRENCY_NOTE = (
 MODE_HELP = "\n".join(
     f"- **{name}**: {mode.summary}" for name, mode in not_hub.MODES.items() if name in ("replace", "insert", "bridge")
 ) + (" Until the bridges are trained they are the identity, so bridge gives exactly the numbers and text of insert.")
+GLOSSARY = """- **Organ**: a few consecutive decoder layers cut from one model (the *donor*) and trained, published as
+  their own small repo.
+- **Recipient**: the model the organ is grafted into (here SmolLM2-135M-Instruct, 30 layers).
+- **Transplant**: put the organ's layers into the recipient. **Explant** (*Stop and clear*): take them out again;
+  the recipient is then exactly what it was, bit for bit. Every request here explants when it is done.
+- **Position**: the index of the first recipient layer the organ occupies, counting from 0.
+- **In situ**: the organ was trained at its own place inside the frozen donor.
+- **BLOCKS**: a property (hidden size, heads, ...) on which organ and recipient differ, so the organ cannot fit."""
 SAMPLE_HELP = (
     "Perplexity is measured on two short samples written for this page: **domain (code)**, six one-line Java/C# "
     "methods (the default organ's domain), and **general text**, two English sentences (to see what the organ costs "
@@ -184,33 +195,46 @@ def build() -> gr.Blocks:
     # delete_cache: gradio's copies of built archives are removed after an hour (checked every 10 minutes).
     with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
-            f"# {TITLE}\nGraft an *organ* (a few decoder layers trained elsewhere) into a model, see what "
-            f"it does, and take it out again. {CONCURRENCY_NOTE}"
+            f"# {TITLE}\nGraft an *organ* (a few decoder layers trained elsewhere) into a language model, compare "
+            "its text and perplexity with the untouched model, and take it out again. Press **Transplant** to try "
+            "this page's code organ.",
+            elem_id="intro",
         )
         state = gr.State(None)
-        with gr.Row():
-            recipient = gr.Textbox(engine.DEFAULT_RECIPIENT, label="Recipient (Hub id, folder or 'smollm2')")
+        with gr.Row(equal_height=False):
+            recipient = gr.Textbox(
+                engine.DEFAULT_RECIPIENT, label="Recipient model (Hub id; empty: this page's)", min_width=160
+            )
             organ = gr.Textbox(
                 "",
                 label="Organ (Hub repo id; empty: this page's organ)",
                 placeholder=f"{engine.DEFAULT_ORGAN_REPO_ID} (this page's organ)",
                 elem_id="organ-input",
+                min_width=160,
             )
-            check = gr.Button("Check compatibility", variant="secondary", elem_id="check")
-        status = gr.Markdown(elem_id="status", label="Compatibility status")
-        with gr.Row():
-            meta = gr.Markdown(elem_id="organ-meta", label="Organ")
-            compat = gr.HTML(elem_id="compat-table")
-        gr.Markdown("Rows marked **BLOCKS** (red) prevent the transplant; depth and vocabulary never block.")
-        with gr.Accordion("Organ card", open=False):
-            card = gr.Markdown(elem_id="organ-card", label="Organ card")
-        with gr.Row():
-            mode = gr.Radio(MODES, value="replace", label="Mode")
+        with gr.Row(equal_height=False):
+            mode = gr.Radio(MODES, value="replace", label="Mode", min_width=160)
             position = gr.Slider(
-                0, 27, value=10, step=1, label="Position (first recipient layer of the organ)", elem_id="position"
-            )
-        gr.Markdown(MODE_HELP)
-        prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt")
+                0, 27, value=10, step=1, label="Position: the first layer the organ occupies", elem_id="position",
+                min_width=160,
+            )  # fmt: skip
+        prompt = gr.Textbox(engine.DEFAULT_PROMPT, label="Prompt (Enter transplants)", elem_id="prompt")
+        with gr.Row():
+            go = gr.Button("Transplant", variant="primary", elem_id="transplant", min_width=100)
+            explant = gr.Button("Stop and clear", elem_id="explant", min_width=100)
+            run_sweep = gr.Button("Try every position", elem_id="sweep", min_width=100)
+        status = gr.Markdown(elem_id="status", label="Compatibility")
+        run_status = gr.Markdown(elem_id="run-status", label="Transplant status")
+        with gr.Row(equal_height=False):
+            stack = gr.Plot(label="Layer stack", min_width=300)
+            with gr.Column(min_width=300):
+                ppl = gr.Markdown(elem_id="perplexity", label="Perplexity")
+                with gr.Row(equal_height=False):
+                    before = gr.Textbox(label="Untouched model", lines=4, elem_id="before", min_width=160)
+                    after = gr.Textbox(label="Transplanted model", lines=4, elem_id="after", min_width=160)
+                gr.Markdown(engine.DECODING_NOTE, elem_id="decoding-note")
+        sweep_plot = gr.Plot(label="Perplexity vs position")
+        sweep_text = gr.Markdown(elem_id="sweep-summary", label="Sweep summary")
         gr.Examples(
             [
                 [engine.DEFAULT_RECIPIENT, engine.DEFAULT_ORGAN_REPO_ID, "replace", engine.DEFAULT_PROMPT],
@@ -222,24 +246,17 @@ def build() -> gr.Blocks:
                 ],
             ],
             [recipient, organ, mode, prompt],
-            label="Typical cases (then press Check compatibility and Transplant)",
+            label="Examples (click one, then Transplant)",
         )
-        with gr.Row():
-            go = gr.Button("Transplant", variant="primary", elem_id="transplant")
-            explant = gr.Button("Explant", elem_id="explant")
-            run_sweep = gr.Button("Position sweep", elem_id="sweep")
-        run_status = gr.Markdown(elem_id="run-status", label="Transplant status")
-        gr.Markdown(SAMPLE_HELP)
-        with gr.Row():
-            stack = gr.Plot(label="Layer stack")
-            with gr.Column():
-                ppl = gr.Markdown(elem_id="perplexity", label="Perplexity")
-                with gr.Row():
-                    before = gr.Textbox(label="Untouched model", lines=4, elem_id="before")
-                    after = gr.Textbox(label="Transplanted model", lines=4, elem_id="after")
-                gr.Markdown(engine.DECODING_NOTE, elem_id="decoding-note")
-        sweep_plot = gr.Plot(label="Perplexity vs position")
-        sweep_text = gr.Markdown(elem_id="sweep-summary", label="Sweep summary")
+        with gr.Accordion("Compatibility details", open=False, elem_id="compat-details"):
+            check = gr.Button("Check compatibility again", variant="secondary", elem_id="check")
+            meta = gr.Markdown(elem_id="organ-meta", label="Organ")
+            compat = gr.HTML(elem_id="compat-table")
+            gr.Markdown("Rows marked **BLOCKS** (red) prevent the transplant; depth and vocabulary never block.")
+        with gr.Accordion("Organ card", open=False):
+            card = gr.Markdown(elem_id="organ-card", label="Organ card")
+        with gr.Accordion("What the words mean", open=False, elem_id="glossary"):
+            gr.Markdown(GLOSSARY + "\n\n" + MODE_HELP + "\n\n" + SAMPLE_HELP + "\n\n" + CONCURRENCY_NOTE)
         with gr.Accordion("Download or push the transplanted model", open=False):
             download = gr.Button("Build archive")
             download_status = gr.Markdown(label="Archive status")
