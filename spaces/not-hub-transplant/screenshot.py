@@ -1,6 +1,6 @@
 """Take the README screenshot: start the Space on its real defaults, transplant and sweep in headless Chromium.
 
-python spaces/not-hub-transplant/screenshot.py      # writes spaces/not-hub-transplant/screenshot.png
+python spaces/not-hub-transplant/screenshot.py      # writes screenshot.png (desktop) and screenshot-phone.png
 """
 
 import os
@@ -40,10 +40,18 @@ def main() -> None:
                 time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1700})
-            page.goto(f"http://127.0.0.1:{PORT}/")
-            page.wait_for_selector("#compat-table table", timeout=180_000)
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(f"http://127.0.0.1:{PORT}/")
+            phone.wait_for_function(
+                "document.querySelector('#status')?.innerText.includes('ompatible')", timeout=180_000
+            )
             print(f"first page usable after {time.time() - t0:.0f}s")
+            phone.screenshot(path=str(HERE / "screenshot-phone.png"))  # the first screen of a phone
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{PORT}/")
+            page.wait_for_function(
+                "document.querySelector('#status')?.innerText.includes('ompatible')", timeout=180_000
+            )
             page.click("#transplant")
             page.wait_for_function(
                 "document.querySelector('#run-status').innerText.includes('Transplanted')", timeout=180_000
