@@ -136,10 +136,11 @@ class CompatibilityRow:
     donor: Any
     recipient: Any
     blocking: bool
+    warning: str | None = None  # a difference that does not block but should be known (e.g. a slot taken)
 
     @property
     def matches(self) -> bool:
-        return self.donor == self.recipient
+        return self.donor == self.recipient and self.warning is None
 
 
 @dataclass
@@ -160,6 +161,10 @@ class CompatibilityReport:
     def compatible(self) -> bool:
         return not self.blocking
 
+    @property
+    def warnings(self) -> list[CompatibilityRow]:
+        return [row for row in self.rows if row.warning]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "compatible": self.compatible,
@@ -170,6 +175,7 @@ class CompatibilityReport:
                     "recipient": r.recipient,
                     "matches": r.matches,
                     "blocking": r.blocking,
+                    "warning": r.warning,
                 }
                 for r in self.rows
             ],
@@ -182,14 +188,18 @@ class CompatibilityReport:
 
         lines = [f"{'field':<28} {'donor':<50} {'recipient':<50} status"]
         for r in self.rows:
-            status = "BLOCKS" if r.blocking else ("ok" if r.matches else "differs (info)")
+            status = "BLOCKS" if r.blocking else "WARNS" if r.warning else ("ok" if r.matches else "differs (info)")
             lines.append(f"{r.field:<28} {short(r.donor):<50} {short(r.recipient):<50} {status}")
         verdict = "compatible" if self.compatible else f"INCOMPATIBLE ({', '.join(r.field for r in self.blocking)})"
         return "\n".join(lines + [f"=> {verdict}"])
 
 
 def compare(organ_config, recipient_config: PreTrainedConfig, recipient_layer: nn.Module) -> CompatibilityReport:
-    """Compare an organ's recorded signature and donor config (an `OrganConfig`) with a recipient."""
+    """Compare an organ's recorded signature and donor config (an `OrganConfig`) with a recipient.
+
+    Besides the structure, the organs the recipient already holds (`config.transplants`) are compared with this
+    one: an organ trained for the same slot of the same base model is a warning row ("WARNS"), since two organs
+    trained for one slot cannot both sit where they were trained."""
     donor_signature, donor_config = organ_config.signature, organ_config.donor_config
     recipient_signature = structural_signature(recipient_config, recipient_layer)
     rows = []
@@ -211,4 +221,20 @@ def compare(organ_config, recipient_config: PreTrainedConfig, recipient_layer: n
         )
     )
     rows.append(CompatibilityRow("vocab_size", donor_config.get("vocab_size"), recipient_config.vocab_size, False))
+    slot = list(organ_config.layer_range or ())
+    for held in getattr(recipient_config, "transplants", None) or []:
+        if held.get("donor_layer_range") == slot and held.get("base_model") == organ_config.base_model and slot:
+            rows.append(
+                CompatibilityRow(
+                    "trained slot",
+                    f"layers [{slot[0]}, {slot[1]}) of {organ_config.base_model}",
+                    f"taken by {held.get('organ') or '(unsaved organ)'} ({held.get('mode')} at {held.get('position')})",
+                    False,
+                    warning=(
+                        f"organ {held.get('organ') or '(unsaved)'} was trained for the same slot (layers "
+                        f"[{slot[0]}, {slot[1]}) of {organ_config.base_model}); grafted together, at most one of the "
+                        "two sits where it was trained. Compose organs trained for different slots"
+                    ),
+                )
+            )
     return CompatibilityReport(rows)

@@ -115,5 +115,10 @@ class NotHubWarning(UserWarning):
     """Base class of every warning emitted by not_hub."""
 
 
+class SameSlotWarning(NotHubWarning):
+    """Two organs trained for the same slot of the same base model are grafted into one recipient: at most one of
+    them sits where it was trained."""
+
+
 class UnknownConfigKeyWarning(NotHubWarning):
     """An organ config holds keys this version does not know (written by a newer not_hub); they are dropped."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .architectures import (
 )
 from .bridges import BridgedLayer, identity_bridge, unwrap
 from .compatibility import CompatibilityReport, compare
-from .errors import IncompatibleOrganError, InvalidModeError, TransplantStateError
+from .errors import IncompatibleOrganError, InvalidModeError, SameSlotWarning, TransplantStateError
 from .plan import MODE_NAMES, TransplantPlan, get_mode, plan_transplant
 
 logger = logging.getLogger(__name__)
@@ -449,6 +450,8 @@ def transplant_into(
             "architecture and size (see organ.check_compatibility(recipient))",
             report,
         )
+    for row in report.warnings:  # e.g. another organ trained for this one's slot is already in the recipient
+        warnings.warn(row.warning, SameSlotWarning, stacklevel=3)
     plan = plan_transplant(
         mode,
         position,

@@ -293,3 +293,21 @@ def test_packing_a_multi_megabyte_line_stays_within_a_memory_bound():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "11718 blocks" in out.stdout
+
+
+def test_two_organs_trained_for_one_slot_are_reported_and_warned():
+    from not_hub.errors import SameSlotWarning
+
+    base = tiny_model("llama")
+    first = not_hub.extract_organ(base, layer_range=(1, 3), base_model="org/base")
+    second = not_hub.extract_organ(tiny_model("llama", seed=4), layer_range=(1, 3), base_model="org/base")
+    other_slot = not_hub.extract_organ(tiny_model("llama", seed=4), layer_range=(3, 5), base_model="org/base")
+    recipient = tiny_model("llama")
+    assert not second.check_compatibility(recipient).warnings  # nothing grafted yet
+    first.transplant_into(recipient, position=1)
+    report = second.check_compatibility(recipient)
+    assert report.compatible and [row.field for row in report.warnings] == ["trained slot"]
+    assert "WARNS" in str(report)
+    with pytest.warns(SameSlotWarning, match=r"trained for the same slot \(layers \[1, 3\) of org/base\)"):
+        second.transplant_into(recipient, position=3, mode="insert")
+    assert not other_slot.check_compatibility(tiny_model("llama")).warnings
