@@ -30,6 +30,7 @@ from .grafting import get_organ_model, trainable_parameters, unload_organ
 from .growth import grow_organ
 from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
+from .organ_set import OrganSet
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
 from .trainer import OrganTrainer, WallClockBudget, collate_blocks
 from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
@@ -45,6 +46,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BlockData",
     "CompatibilityReport",
+    "OrganSet",
     "CompatibilityRow",
     "DocumentSplits",
     "OrganConfig",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import InvalidArgumentError, ModelLoadError
+from .errors import InvalidArgumentError, ModelLoadError, OrganNotFoundError
 from .modeling_organ import OrganModel
+from .organ_set import OrganSet, is_organ_set
 
 
 def load_grafted(
@@ -30,7 +31,8 @@ def load_grafted(
     """Load the model an organ belongs to, with the organ grafted in, and its tokenizer.
 
     Args:
-        organs: an organ repo id or folder, or a list of them (grafted in order, each at its default transplant).
+        organs: an organ repo id or folder, or a list of them (grafted in order, each at its default transplant); an
+            organ set (`not_hub.OrganSet`: several organs in one repo) is grafted whole, at its recorded places.
         recipient: the model to graft into (Hub id or folder); default: the first organ's `base_model`.
         revision: the organ repo's revision (branch, tag or commit sha), for every organ given.
         recipient_revision: the recipient's revision; default: the organ's `base_model_revision` when the
@@ -59,15 +61,16 @@ def load_grafted(
     if not refs:
         raise InvalidArgumentError("load_grafted() needs at least one organ repo id or folder")
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    loaded = [OrganModel.from_pretrained(ref, revision=revision, **hub) for ref in refs]
-    base = loaded[0].config.base_model
+    loaded = [_load_organ_or_set(ref, revision, hub) for ref in refs]
+    first = loaded[0].organs[0] if isinstance(loaded[0], OrganSet) else loaded[0]
+    base = first.config.base_model
     name = str(recipient) if recipient is not None else base
     if not name:
         raise InvalidArgumentError(
             f"organ {refs[0]!s} records no base_model, so the model to graft it into is unknown; pass recipient="
         )
     if recipient_revision is None and name == base:
-        recipient_revision = loaded[0].config.base_model_revision
+        recipient_revision = first.config.base_model_revision
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=recipient_revision, dtype=dtype, device_map=device_map, **hub
@@ -79,5 +82,18 @@ def load_grafted(
             "pass recipient= a local folder or a reachable Hub id of the same architecture"
         ) from None
     for organ in loaded:
-        organ.transplant_into(model)  # its default transplant; all-or-nothing
+        organ.transplant_into(model)  # an organ at its default transplant, a set at its recorded places
     return model.eval(), tokenizer
+
+
+def _load_organ_or_set(ref, revision, hub) -> OrganModel | OrganSet:
+    """An organ, or an organ set (`organ_set.json` and one organ per subfolder), by folder or repo id."""
+    if is_organ_set(ref):
+        return OrganSet.from_pretrained(ref, revision=revision, **hub)
+    try:
+        return OrganModel.from_pretrained(ref, revision=revision, **hub)
+    except OrganNotFoundError as err:
+        try:  # a Hub repo holding a set has no organ at its root
+            return OrganSet.from_pretrained(ref, revision=revision, **hub)
+        except OrganNotFoundError:
+            raise err from None

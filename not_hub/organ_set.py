@@ -1,0 +1,178 @@
+"""Several organs as one repo: grown or trained together, published together, grafted back in one call.
+
+LLaMA-Pro interleaves new blocks through the whole depth (one after every few layers) and trains them jointly; such
+a set only works as a whole. An `OrganSet` is one folder (or Hub repo) holding each organ in its own subfolder
+(`organ-0/`, `organ-1/`, ..., each an ordinary organ checkpoint with its sha256 checks) and `organ_set.json`, the
+manifest: the organs in graft order, each with the mode and position it was grafted at (positions count the
+recipient's layers as they were at that moment, with the earlier organs of the set already in).
+
+    >>> grown = [not_hub.grow_organ(model, position=p) for p in (6, 12, 18, 24)]
+    >>> transplants = [o.transplant_into(model, position=p) for o, p in zip(grown, (6, 13, 20, 27))]
+    >>> not_hub.recover(model, transplants, blocks, radius=0)  # the new blocks train jointly, the rest frozen
+    >>> not_hub.OrganSet.from_transplants(transplants).push_to_hub("me/my-growth-set")
+    >>> not_hub.OrganSet.from_pretrained("me/my-growth-set").transplant_into(fresh_model)  # the trained model again
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from torch import nn
+
+from .atomic import replace_folder
+from .errors import CheckpointFormatError, InvalidArgumentError, OrganNotFoundError
+from .hub import LIBRARY_NAME, check_repo_id, check_revision, hub_errors
+from .modeling_organ import OrganModel
+from .transplant import Transplant, transplants_of
+from .version import __version__
+
+SET_FILE = "organ_set.json"
+SET_FORMAT = "1.0"
+
+
+class OrganSet:
+    """Organs grafted in a fixed order at recorded places: saved, pushed and grafted back as one."""
+
+    def __init__(self, organs: list[OrganModel], placements: list[dict[str, Any]]):
+        if not organs or len(organs) != len(placements):
+            raise InvalidArgumentError("an OrganSet needs one placement (mode, position) per organ, and an organ")
+        self.organs, self.placements = list(organs), [dict(p) for p in placements]
+
+    @classmethod
+    def from_transplants(cls, transplants: list[Transplant] | nn.Module) -> OrganSet:
+        """The live transplants of a model (or a list of them, in the order they were grafted), with their current
+        weights (what training and recovery made of them; recovered neighbours are not part of a set)."""
+        if isinstance(transplants, nn.Module):
+            transplants = transplants_of(transplants)
+        transplants = list(transplants)
+        if not transplants:
+            raise InvalidArgumentError("no transplants given: graft the organs first, then build the set from them")
+        organs = [t.to_organ(neighbours=False) for t in transplants]
+        placements = [
+            {"mode": t.entry["mode"], "position": t.entry["position"]}
+            | ({"remove": t.entry["removed_layers"]} if "removed_layers" in t.entry else {})
+            for t in transplants
+        ]
+        return cls(organs, placements)
+
+    def transplant_into(self, recipient: nn.Module) -> list[Transplant]:
+        """Graft every organ, in order, at its recorded place. All or nothing: on an error the organs already
+        grafted are explanted again (newest first) and the error is raised."""
+        done: list[Transplant] = []
+        try:
+            for organ, place in zip(self.organs, self.placements, strict=True):
+                done.append(organ.transplant_into(recipient, **place))
+        except BaseException:
+            for transplant in reversed(done):
+                transplant.explant()
+            raise
+        return done
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write `organ_set.json` and one organ checkpoint per subfolder, atomically as a folder."""
+        manifest = {
+            "format_version": SET_FORMAT,
+            "not_hub_version": __version__,
+            "base_model": self.organs[0].config.base_model,
+            "organs": [{"subfolder": f"organ-{i}", **p} for i, p in enumerate(self.placements)],
+        }
+
+        def write(folder: Path) -> None:
+            for i, organ in enumerate(self.organs):
+                organ.save_pretrained(folder / f"organ-{i}")
+            (folder / SET_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        replace_folder(save_directory, write)
+        return Path(save_directory)
+
+    def push_to_hub(
+        self, repo_id: str, *, revision: str | None = None, private: bool | None = None, token=None,
+        commit_message: str = "Upload organ set (not_hub)",
+    ) -> str:  # fmt: skip
+        """Push the set as one commit to a model repo; returns the commit URL."""
+        check_repo_id(repo_id)
+        check_revision(revision)
+        api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+        with tempfile.TemporaryDirectory(prefix="not_hub-set-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "set")
+            with hub_errors(f"pushing organ set to {repo_id!r}"):
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                if revision not in (None, "main"):
+                    api.create_branch(repo_id, branch=revision, exist_ok=True)
+                info = api.upload_folder(
+                    repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
+                )
+        return str(info)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, token=None, **kwargs: Any
+    ) -> OrganSet:
+        """Load a set from a folder or a Hub repo id (`revision`, `token`, `cache_dir`, `local_files_only`, `dtype`,
+        `device_map` reach every organ's `from_pretrained`). Each organ is checked as any organ is."""
+        manifest = _read_manifest(name_or_path, revision, token, kwargs)
+        organs = [
+            OrganModel.from_pretrained(name_or_path, subfolder=entry["subfolder"], revision=revision, token=token, **kwargs)
+            for entry in manifest["organs"]
+        ]  # fmt: skip
+        placements = [{k: v for k, v in entry.items() if k != "subfolder"} for entry in manifest["organs"]]
+        return cls(organs, placements)
+
+    def __len__(self) -> int:
+        return len(self.organs)
+
+
+def is_organ_set(name_or_path: str | os.PathLike) -> bool:
+    """Whether a local folder holds an organ set (Hub repos: `OrganSet.from_pretrained` says so by loading)."""
+    return (Path(name_or_path) / SET_FILE).is_file()
+
+
+def _read_manifest(name_or_path, revision, token, kwargs) -> dict:
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / SET_FILE).is_file():
+            raise OrganNotFoundError(f"{str(path)!r} holds no {SET_FILE}: it is not an organ set")
+        manifest_path = path / SET_FILE
+    else:
+        check_repo_id(str(name_or_path))
+        check_revision(revision)
+        with hub_errors(f"reading organ set {str(name_or_path)!r}"):
+            try:
+                manifest_path = Path(
+                    hf_hub_download(
+                        str(name_or_path), SET_FILE, revision=revision, token=token,
+                        cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False),
+                        library_name=LIBRARY_NAME, library_version=__version__,
+                    )
+                )  # fmt: skip
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                raise OrganNotFoundError(
+                    f"{str(name_or_path)!r} has no {SET_FILE} (at revision {revision or 'main'!r}): not an organ set"
+                ) from None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointFormatError(f"{manifest_path} is not valid JSON ({err})") from None
+    entries = manifest.get("organs") if isinstance(manifest, dict) else None
+    valid = isinstance(entries, list) and entries and all(
+        isinstance(e, dict)
+        and isinstance(e.get("subfolder"), str)
+        and e["subfolder"].startswith("organ-")
+        and "/" not in e["subfolder"]
+        and e.get("mode") in ("replace", "insert", "bridge", "splice")
+        and isinstance(e.get("position"), int)
+        and not isinstance(e.get("position"), bool)
+        for e in entries
+    )  # fmt: skip
+    if not valid:
+        raise CheckpointFormatError(
+            f"{manifest_path} is not an organ-set manifest (a list of organs, each with subfolder organ-N, mode and "
+            "position), as OrganSet.save_pretrained writes it"
+        )
+    return manifest
