@@ -223,7 +223,8 @@ def compare(organ_config, recipient_config: PreTrainedConfig, recipient_layer: n
     rows.append(CompatibilityRow("vocab_size", donor_config.get("vocab_size"), recipient_config.vocab_size, False))
     slot = list(organ_config.layer_range or ())
     for held in getattr(recipient_config, "transplants", None) or []:
-        if held.get("donor_layer_range") == slot and held.get("base_model") == organ_config.base_model and slot:
+        same_base = bool(organ_config.base_model) and held.get("base_model") == organ_config.base_model
+        if slot and same_base and held.get("donor_layer_range") == slot and held.get("mode") != "excise":
             rows.append(
                 CompatibilityRow(
                     "trained slot",
