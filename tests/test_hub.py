@@ -330,19 +330,24 @@ def test_server_gone_uses_the_cache_or_says_what_to_do(local_hub, tmp_path):
     """,
     )
     local_hub.stop()
-    run_scenario(
-        local_hub,
-        tmp_path,
-        """
-        from not_hub.errors import OrganNotFoundError
-        assert not_hub.OrganModel.from_pretrained("user/organ").config.layer_range == (1, 3)
-        try:
-            not_hub.OrganModel.from_pretrained("user/other")
-            raise SystemExit("loaded without server or cache")
-        except OrganNotFoundError as err:
-            assert "user/other" in str(err), err
-    """,
-    )
+    import socket
+
+    with socket.socket() as held:  # the gone server's port stays unanswered (a parallel test cannot take it)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", int(local_hub.endpoint.rsplit(":", 1)[1])))
+        run_scenario(
+            local_hub,
+            tmp_path,
+            """
+            from not_hub.errors import OrganNotFoundError
+            assert not_hub.OrganModel.from_pretrained("user/organ").config.layer_range == (1, 3)
+            try:
+                not_hub.OrganModel.from_pretrained("user/other")
+                raise SystemExit("loaded without server or cache")
+            except OrganNotFoundError as err:
+                assert "user/other" in str(err), err
+        """,
+        )
 
 
 def test_interrupted_download_and_malformed_repo_ids_are_named_errors(local_hub, tmp_path):

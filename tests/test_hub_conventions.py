@@ -279,15 +279,17 @@ def test_cli_hub_commands_json_quiet_and_unreachable(local_hub, tmp_path):
     import subprocess
     import sys
 
-    with socket.socket() as s:  # a port nobody listens on
+    # A port nobody listens on, held (bound, not listening) for the whole call: a port closed again could be taken
+    # meanwhile by a parallel test's server (pytest -n), which would then receive this test's requests.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=dead, HF_HOME=str(tmp_path / "home2"), HF_TOKEN="t", HF_HUB_DISABLE_XET="1")
-    not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(tmp_path / "o2")
-    result = subprocess.run(
-        [sys.executable, "-m", "not_hub.cli", "push", str(tmp_path / "o2"), "user/organ"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=dead, HF_HOME=str(tmp_path / "home2"), HF_TOKEN="t", HF_HUB_DISABLE_XET="1")
+        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(tmp_path / "o2")
+        result = subprocess.run(
+            [sys.executable, "-m", "not_hub.cli", "push", str(tmp_path / "o2"), "user/organ"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().startswith("error:") and "could not be reached" in result.stderr
