@@ -32,8 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from torch import nn
 
@@ -42,7 +41,7 @@ from .atomic import replace_folder
 from .bridges import unwrap
 from .cards import LIBRARY_TAG
 from .errors import CheckpointFormatError, IncompatibleAdapterError, InvalidArgumentError
-from .hub import LIBRARY_NAME, check_repo_id, hub_errors, prepare_repo, remote_card
+from .hub import hub_errors, prepare_repo, remote_card, repo_file
 from .integrity import tensor_sha256
 from .transplant import transplants_of
 from .version import __version__
@@ -224,20 +223,13 @@ def push_adapter(
 
 
 def _adapter_file(adapter: str | os.PathLike, name: str, revision: str | None, token) -> Path | None:
-    path = Path(adapter)
-    if path.is_dir():
-        return path / name if (path / name).is_file() else None
-    check_repo_id(str(adapter))
-    with hub_errors(f"reading adapter {str(adapter)!r}"):
-        try:
-            return Path(
-                hf_hub_download(
-                    str(adapter), name, revision=revision, token=token,
-                    library_name=LIBRARY_NAME, library_version=__version__,
-                )
-            )  # fmt: skip
-        except EntryNotFoundError:
-            return None
+    return repo_file(adapter, name, revision=revision, token=token)
+
+
+def _same_transplant(a: dict, b: dict) -> bool:
+    """The same organ weights in the same place (weights compared when both records carry their sha256)."""
+    keys = _COMPARED + (("weights_sha256",) if a.get("weights_sha256") and b.get("weights_sha256") else ())
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def check_adapter(
@@ -266,19 +258,8 @@ def check_adapter(
                 f"its weights reach layer {max(indices)}; the record was edited or belongs to another adapter"
             )
 
-        def compared(entries, other):
-            return [
-                {k: e.get(k) for k in _COMPARED}
-                | (
-                    {"weights_sha256": e["weights_sha256"]}
-                    if e.get("weights_sha256") and o.get("weights_sha256")
-                    else {}
-                )
-                for e, o in zip(entries, other, strict=True)
-            ]
-
         wanted, have = record["transplants"], mine["transplants"]
-        same = len(wanted) == len(have) and compared(wanted, have) == compared(have, wanted)
+        same = len(wanted) == len(have) and all(map(_same_transplant, wanted, have))
         if not same or record["num_hidden_layers"] != mine["num_hidden_layers"]:
             if record["transplants"]:
                 grafts = "; ".join(_graft_line(e) for e in record["transplants"])

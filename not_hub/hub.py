@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, scan_cache_dir, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
     EntryNotFoundError,
@@ -187,9 +187,10 @@ def hub_errors(what: str) -> Iterator[None]:
     except json.JSONDecodeError as err:
         raise _server_error(what, err) from None
     except HfHubHTTPError as err:
+        answered = _server_error(what, err)
+        if answered is not None:
+            raise answered from None
         status = getattr(getattr(err, "response", None), "status_code", None)
-        if status is not None and status >= 500:
-            raise _server_error(what, err) from None
         raise HubRequestError(
             f"{what}: the Hub refused the request (HTTP {status}): {str(err).splitlines()[0][:200]}. Check the repo "
             "id, your token's permissions (--token / HF_TOKEN) and retry"
@@ -279,6 +280,34 @@ def resolve_checkpoint(
         # e.g. the server closed the connection mid-file: huggingface_hub keeps the partial download under
         # .incomplete and never links it into the snapshot, so nothing half-downloaded can be loaded later.
         raise _connection_error(f"downloading organ repo {repo_id!r}", err) from None
+
+
+def repo_file(
+    name_or_path: str | os.PathLike,
+    filename: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path | None:
+    """One file of a local folder or a Hub repo (downloaded through the cache), or None when the repo has no such
+    file. Connection failures are named errors (`hub_errors`)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    check_repo_id(str(name_or_path))
+    check_revision(revision)
+    with hub_errors(f"reading {filename} of {str(name_or_path)!r}"):
+        try:
+            return Path(
+                hf_hub_download(
+                    str(name_or_path), filename, revision=revision, token=token, cache_dir=cache_dir,
+                    local_files_only=local_files_only, library_name=LIBRARY_NAME, library_version=__version__,
+                )
+            )  # fmt: skip
+        except EntryNotFoundError:
+            return None
 
 
 def evict_snapshot(folder: Path) -> None:

@@ -21,13 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from .atomic import replace_folder
 from .errors import CheckpointFormatError, InvalidArgumentError, OrganNotFoundError
-from .hub import LIBRARY_NAME, check_repo_id, check_revision, hub_errors
+from .hub import check_revision, hub_errors, prepare_repo, repo_file
 from .modeling_organ import OrganModel
 from .transplant import Transplant, transplants_of
 from .version import __version__
@@ -96,15 +95,11 @@ class OrganSet:
         commit_message: str = "Upload organ set (not_hub)",
     ) -> str:  # fmt: skip
         """Push the set as one commit to a model repo; returns the commit URL."""
-        check_repo_id(repo_id)
         check_revision(revision)
-        api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+        api = prepare_repo(repo_id, revision=revision, private=private, token=token)
         with tempfile.TemporaryDirectory(prefix="not_hub-set-") as tmp:
             folder = self.save_pretrained(Path(tmp) / "set")
             with hub_errors(f"pushing organ set to {repo_id!r}"):
-                api.create_repo(repo_id, private=private, exist_ok=True)
-                if revision not in (None, "main"):
-                    api.create_branch(repo_id, branch=revision, exist_ok=True)
                 info = api.upload_folder(
                     repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
                 )
@@ -134,27 +129,17 @@ def is_organ_set(name_or_path: str | os.PathLike) -> bool:
 
 
 def _read_manifest(name_or_path, revision, token, kwargs) -> dict:
-    path = Path(name_or_path)
-    if path.is_dir():
-        if not (path / SET_FILE).is_file():
-            raise OrganNotFoundError(f"{str(path)!r} holds no {SET_FILE}: it is not an organ set")
-        manifest_path = path / SET_FILE
-    else:
-        check_repo_id(str(name_or_path))
-        check_revision(revision)
-        with hub_errors(f"reading organ set {str(name_or_path)!r}"):
-            try:
-                manifest_path = Path(
-                    hf_hub_download(
-                        str(name_or_path), SET_FILE, revision=revision, token=token,
-                        cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False),
-                        library_name=LIBRARY_NAME, library_version=__version__,
-                    )
-                )  # fmt: skip
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                raise OrganNotFoundError(
-                    f"{str(name_or_path)!r} has no {SET_FILE} (at revision {revision or 'main'!r}): not an organ set"
-                ) from None
+    try:
+        manifest_path = repo_file(
+            name_or_path, SET_FILE, revision=revision, token=token, cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False),
+        )  # fmt: skip
+    except LocalEntryNotFoundError:  # offline, and not in the cache
+        manifest_path = None
+    if manifest_path is None:
+        raise OrganNotFoundError(
+            f"{str(name_or_path)!r} has no {SET_FILE} (at revision {revision or 'main'!r}): not an organ set"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:

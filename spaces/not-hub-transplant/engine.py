@@ -99,8 +99,9 @@ def _position(value) -> int:
     return int(value)
 
 
-def _names_a_server_path(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~", "\\")) or ref.count("/") != 1 or Path(ref).exists()
+def _is_hub_id(ref: str) -> bool:
+    """`namespace/name` that is not a path of this server."""
+    return not ref.startswith(("/", ".", "~", "\\")) and ref.count("/") == 1 and not Path(ref).exists()
 
 
 def _reachable(ref: str) -> bool:
@@ -141,7 +142,7 @@ class ModelCache:
             f"could not load recipient {name[:120]!r}: give the Hub repo id of a decoder-only causal LM, "
             f"or leave the field empty for this page's model ({DEFAULT_RECIPIENT_NAME})"
         )
-        if name not in ("smollm2", DEFAULT_RECIPIENT) and _names_a_server_path(name) and not _reachable(name):
+        if name not in ("smollm2", DEFAULT_RECIPIENT) and not _is_hub_id(name) and not _reachable(name):
             raise refused
         try:
             model, tokenizer = load_causal_lm(name)
@@ -167,7 +168,7 @@ class ModelCache:
             f"no organ found at {ref[:120]!r}: give the Hub repo id of an organ (e.g. {DEFAULT_ORGAN_REPO_ID}) or "
             "leave the field empty for this page's default organ"
         )
-        if ref != DEFAULT_ORGAN and _names_a_server_path(ref) and not _reachable(ref):
+        if ref != DEFAULT_ORGAN and not _is_hub_id(ref) and not _reachable(ref):
             raise missing
         try:
             organ = not_hub.OrganModel.from_pretrained(ref)
@@ -589,15 +590,15 @@ def public_organ_name(organ_ref: str) -> str:
     ref = (organ_ref or "").strip() or DEFAULT_ORGAN
     if ref == DEFAULT_ORGAN:
         return DEFAULT_ORGAN_REPO_ID
-    if ref.count("/") == 1 and not Path(ref).exists():
-        return ref  # a Hub repo id
+    if _is_hub_id(ref):
+        return ref
     return Path(ref).name
 
 
 def public_model_name(recipient_name: str, model) -> str:
     """A recipient's Hub id when known (e.g. the embedded SmolLM2), else its folder's name."""
     name = str(getattr(model, "name_or_path", "") or recipient_name or DEFAULT_RECIPIENT)
-    return name if name.count("/") == 1 and not Path(name).exists() else Path(name).name
+    return name if _is_hub_id(name) else Path(name).name
 
 
 # Archives a visitor builds live here, one at a time: building another removes the previous one, and building the
