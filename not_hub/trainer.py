@@ -142,8 +142,16 @@ class _Progress(TrainerCallback):
 class _BestValidation(TrainerCallback):
     """Validation every `eval_every` steps with the best weights kept; the run's own resumable state."""
 
-    def __init__(self, params: dict[str, nn.Parameter], validate, eval_every: int, clock: Clock):
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        validate,
+        eval_every: int,
+        clock: Clock,
+        marks: list[float] | None = None,
+    ):
         self.params, self.validate_fn, self.eval_every, self.clock = params, validate, eval_every, clock
+        self.marks = sorted(marks or [])  # training seconds at which to validate as well (a learning curve)
         self.best: dict[str, torch.Tensor] | None = None
         self.best_loss: float | None = None
         self.best_step: int | None = None
@@ -169,15 +177,26 @@ class _BestValidation(TrainerCallback):
         self.best_loss, self.best_step = state["best_validation_loss"], state["best_step"]
         self.train_loss, self.history = state["train_loss"], state["history"]
         self.clock.resume(state["training_s"], state["validation_s"], state.get("first_step_s"))
+        self.marks = [m for m in self.marks if m > state["training_s"]]  # those passed were validated before the kill
         if (checkpoint / BEST_FILE).is_file():
             self.best = load_file(checkpoint / BEST_FILE)
 
     # -- validation ------------------------------------------------------------------------------------------
-    def run_validation(self, step: int) -> None:
+    def run_validation(self, step: int, tokens_seen: int | None = None) -> None:
         t0 = time.perf_counter()
+        training_s = self.clock.training_s
         loss = self.validate_fn()
         self.clock.validation_s += time.perf_counter() - t0
-        self.history.append({"step": step, "validation_loss": loss, "train_loss": self.train_loss, "lr": self.lr})
+        self.history.append(
+            {
+                "step": step,
+                "validation_loss": loss,
+                "train_loss": self.train_loss,
+                "lr": self.lr,
+                "training_s": round(training_s, 2),
+                "tokens_seen": tokens_seen,
+            }
+        )
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
             self.best = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
@@ -194,10 +213,12 @@ class _BestValidation(TrainerCallback):
             self.clock.first_step_s = self.clock.training_s
         if lr_scheduler is not None:
             self.lr = float(lr_scheduler.get_last_lr()[0])
+        passed = [m for m in self.marks if m <= self.clock.training_s]
+        self.marks = self.marks[len(passed) :]
         if self.validate_fn is not None and (
-            state.global_step % self.eval_every == 0 or state.global_step == state.max_steps
+            passed or state.global_step % self.eval_every == 0 or state.global_step == state.max_steps
         ):
-            self.run_validation(state.global_step)
+            self.run_validation(state.global_step, int(state.num_input_tokens_seen or 0))
         if state.global_step == state.max_steps and args.save_strategy != "no":
             control.should_save = True  # the finished run is on disk: resuming it returns the same weights
         return control
@@ -371,7 +392,7 @@ def run_trainer(
         # accelerate keeps one process-wide state: a bf16 run followed by an fp32 one would be refused.
         AcceleratorState._reset_state(reset_partial_state=False)
     clock = Clock()
-    best = _BestValidation(trained, validate, eval_every, clock)
+    best = _BestValidation(trained, validate, eval_every, clock, args.eval_at_seconds)
     checkpoint = None
     if output_dir is not None and args.resume:
         finished = finished_checkpoints(output_dir)
@@ -417,7 +438,7 @@ def run_trainer(
     trainer.add_callback(_Progress(label, args.progress, best))
     try:
         if checkpoint is None and validate is not None:
-            best.run_validation(0)  # the starting point counts: training must beat it to be kept
+            best.run_validation(0, 0)  # the starting point counts: training must beat it to be kept
         saved = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint is not None else {}
         steps_done = int(saved.get("global_step", 0))
         over = args.max_seconds is not None and clock.training_s >= args.max_seconds
@@ -428,7 +449,9 @@ def run_trainer(
         step = trainer.state.global_step if trainer.state.global_step else steps_done
         tokens = int(trainer.state.num_input_tokens_seen or saved.get("num_input_tokens_seen", 0))
         if validate is not None and (not best.history or best.history[-1]["step"] != step):
-            best.run_validation(step)  # stopped between validations (time budget): the last weights compete too
+            best.run_validation(
+                step, tokens
+            )  # stopped between validations (time budget): the last weights compete too
         if best.best is not None:  # keep the best validation weights
             with torch.no_grad():
                 for name, p in trained.items():

@@ -88,6 +88,9 @@ class OrganTrainingArguments:
         max_seconds: stop once training (validation excluded) has run this long; the schedule follows the budget.
         eval_every: validate every N optimizer steps (default: once per epoch, or every 100 steps on a stream);
             the best weights are kept.
+        eval_at_seconds: also validate once training time (validation excluded) passes each of these marks, e.g.
+            `[60, 120, 300, 600, 1200]` for a learning curve in minutes; each history entry records the step, the
+            training seconds and the tokens seen.
         save_every: write a resumable checkpoint every N optimizer steps into `output_dir` (default: eval_every).
         output_dir: where checkpoints go; `None` trains without checkpoints.
         resume: continue from the newest complete checkpoint in `output_dir` if there is one; False starts over
@@ -112,6 +115,7 @@ class OrganTrainingArguments:
     max_tokens: int | None = None
     max_seconds: float | None = None
     eval_every: int | None = None
+    eval_at_seconds: list[float] | None = None
     save_every: int | None = None
     output_dir: str | None = None
     resume: bool = True
@@ -153,6 +157,17 @@ class OrganTrainingArguments:
         for name in ("max_steps", "max_tokens", "eval_every", "save_every"):
             value = getattr(self, name)
             check(name, value is None or number(name, value, integer=True) >= 1, f"{name} >= 1, or None")
+        marks = self.eval_at_seconds
+        check(
+            "eval_at_seconds",
+            marks is None
+            or (
+                isinstance(marks, (list, tuple))
+                and all(number("eval_at_seconds", m) > 0 for m in marks)
+                and list(marks) == sorted(marks)
+            ),
+            "an increasing list of seconds > 0, or None",
+        )
         check(
             "max_grad_norm",
             self.max_grad_norm is None or number("max_grad_norm", self.max_grad_norm) > 0,
@@ -174,7 +189,7 @@ class OrganTrainingArguments:
 
 
 # Fields that may change between a run and its resumption (they do not change what the weights become).
-_RESUMABLE_FIELDS = frozenset({"output_dir", "resume", "progress", "max_seconds", "report_to"})
+_RESUMABLE_FIELDS = frozenset({"output_dir", "resume", "progress", "max_seconds", "report_to", "eval_at_seconds"})
 
 
 def _args(args: OrganTrainingArguments | None, kwargs: dict, *, lr: float | None = None) -> OrganTrainingArguments:

@@ -1,5 +1,6 @@
 """The transplant Space: its logic module on tiny models, and the app driven over HTTP with gradio_client."""
 
+import json
 import os
 import shutil
 import socket
@@ -7,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
@@ -402,6 +405,130 @@ def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(app_url, tm
         browser.close()
 
 
+def _need_chromium() -> None:
+    if _chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def _check_fields(page, recipient: str, organ: str) -> None:
+    page.fill("#recipient-input textarea", recipient)
+    page.fill("#organ-input textarea", organ)
+    page.click("#compat-details button, #compat-details .label-wrap")
+    page.click("#check")
+    name = Path(organ).name  # the organ's table names it once the check has answered (the status line was already
+    page.wait_for_function(  # "Compatible" for the page's own organ)
+        f"document.querySelector('#organ-meta').innerText.includes({name!r})", timeout=60_000
+    )
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Compatible:')", timeout=60_000)
+
+
+def test_browser_the_transplanted_side_stops_at_its_end_of_text(app_url, assets):
+    """Item 1: a recipient whose end-of-text token is the transplanted model's first token. The transplanted side
+    shows only the end-of-text marker, and nothing is forced after it while the untouched side goes on."""
+    _need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    recipient, organ, prompt = str(assets / "recipient"), str(assets / "foreign-organ"), "int f("
+    position = engine.default_position(organ, recipient, "replace")
+    loaded = engine.CACHE.recipient(recipient)
+    ids = engine.check_prompt_fits(prompt, loaded.tokenizer, loaded.model, engine.MAX_NEW_TOKENS)
+    organ_model = engine.CACHE.organ(organ)
+    with torch.no_grad(), organ_model.transplanted(loaded.working, position=position, mode="replace"):
+        first = int(loaded.working(ids).logits[0, -1].argmax())
+    eos_recipient = assets / "eos-recipient"
+    if not eos_recipient.exists():
+        shutil.copytree(recipient, eos_recipient)
+        config = json.loads((eos_recipient / "generation_config.json").read_text())
+        (eos_recipient / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+    with sync_playwright() as p:
+        browser, page = _browser_page(p, {"width": 1280, "height": 900})
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        _check_fields(page, str(eos_recipient), organ)
+        page.wait_for_function(
+            f"document.querySelector('#position input[type=number]').value === '{position}'", timeout=30_000
+        )
+        page.fill("#prompt textarea", prompt)
+        page.click("#transplant")
+        page.wait_for_function(
+            "document.querySelector('#after textarea').value.includes('[end of text]')", timeout=60_000
+        )
+        # the untouched side keeps writing (24 tokens at 0.15 s, or until its own end of text)
+        page.wait_for_function("document.querySelector('#before textarea').value.length > 0", timeout=30_000)
+        time.sleep(4.5)
+        assert page.input_value("#after textarea") == engine.END_OF_TEXT
+        assert page.input_value("#before textarea") != engine.END_OF_TEXT
+        assert "greedy" in page.inner_text("#decoding-note")
+        browser.close()
+
+
+def test_browser_a_bad_prompt_is_refused_before_any_transplant(app_url, assets):
+    """Item 6: after a good transplant, an empty prompt gives an error at once and clears the earlier results
+    (no perplexity table from another request sits beside it)."""
+    _need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _browser_page(p, {"width": 1280, "height": 900})
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        page.click("#transplant")
+        page.wait_for_function(
+            "document.querySelector('#perplexity').innerText.includes('domain (code)')", timeout=60_000
+        )
+        page.click("#explant")
+        page.wait_for_function("document.querySelector('#run-status').innerText.includes('Explanted')", timeout=30_000)
+        page.fill("#prompt textarea", "   ")
+        page.click("#transplant")
+        page.wait_for_function("document.querySelector('#run-status').innerText.includes('Error')", timeout=30_000)
+        assert "prompt is empty" in page.inner_text("#run-status")
+        assert "domain (code)" not in page.inner_text("#perplexity")
+        assert "Transplanted" not in page.inner_text("#run-status")
+        browser.close()
+
+
+def test_browser_enter_examples_whole_positions_and_no_time_estimate(app_url, assets):
+    """Item 9: Enter in the prompt transplants; the examples name the organ; a typed position of 3.7 is not run as
+    another layer than the page shows; no estimated duration is shown for a transplant."""
+    _need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = _browser_page(p, {"width": 1280, "height": 900})
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        assert engine.DEFAULT_ORGAN_REPO_ID in page.inner_text("body")  # the examples' Organ column is filled
+        page.fill("#prompt textarea", "int f(")
+        page.press("#prompt textarea", "Enter")
+        page.wait_for_function(
+            "document.querySelector('#run-status').innerText.includes('Transplanted')", timeout=60_000
+        )
+        # No estimated duration for a transplant: Gradio's estimate is the mean of earlier requests, which last as
+        # long as their stream, so it overstated the wait for the numbers. The page asks for an elapsed-time counter.
+        config = json.loads(urllib.request.urlopen(app_url + "config", timeout=30).read())
+        ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") in ("transplant", "prompt")}
+        transplants = [d for d in config["dependencies"] if any(t[0] in ids for t in d["targets"])]
+        assert len(transplants) == 2 and all(d["show_progress"] == "minimal" for d in transplants), transplants
+        page.click("#explant")
+        page.wait_for_function("document.querySelector('#run-status').innerText.includes('Explanted')", timeout=30_000)
+        box = page.locator("#position input[type=number]")
+        box.fill("3.7")
+        box.press("Tab")
+        page.click("#transplant")
+        page.wait_for_function(
+            "['Transplanted', 'Error'].some(w => document.querySelector('#run-status').innerText.includes(w))",
+            timeout=60_000,
+        )
+        status, shown = page.inner_text("#run-status"), page.input_value("#position input[type=number]")
+        if "Error" in status:
+            assert "whole number" in status  # refused, said why
+        else:  # or run at exactly the position the page shows
+            assert shown.isdigit() and f"replace at {shown};" in status, (shown, status)
+        browser.close()
+
+
 def test_app_incompatible_organ_shows_blocking_rows_and_stays_usable(client, assets):
     recipient = str(assets / "recipient")
     meta, compat, _slider, status, _card = client.predict(
@@ -492,6 +619,52 @@ def test_inputs_are_checked_before_anything_runs(assets, monkeypatch):
             engine.check_inputs(recipient, organ, "replace", position, prompt)
     with pytest.raises(not_hub.errors.InvalidPositionError, match="expected 0 <= position <= 4"):
         engine.check_inputs(recipient, organ, "replace", 7, "int f(")
+
+
+@pytest.fixture
+def growth_on_tiny(assets, monkeypatch):
+    """The page's growth organ grown from the tiny recipient (the page grows it from its default recipient)."""
+    monkeypatch.setattr(engine, "DEFAULT_RECIPIENT", str(assets / "recipient"))
+    engine.CACHE._organs.pop(engine.GROWTH_ORGAN_ID, None)
+    yield engine.GROWTH_ORGAN_ID
+    engine.CACHE._organs.pop(engine.GROWTH_ORGAN_ID, None)
+
+
+def test_an_untrained_growth_organ_changes_nothing_on_the_page(assets, growth_on_tiny, hash_state):
+    recipient, organ = str(assets / "recipient"), growth_on_tiny
+    loaded = engine.CACHE.recipient(recipient)
+    before = hash_state(loaded.working)
+    assert engine.is_growth_organ(organ) and not engine.is_growth_organ(str(assets / "organ"))
+    assert engine.organ_card(organ) == (engine.GROWTH_CARD, None)  # built here, never said to be on the Hub
+    assert "output projections zeroed" in engine.organ_metadata(organ)["growth"]
+    position = engine.default_position(organ, recipient, "insert")
+    assert position == 6 // 3  # where it was grown for
+    report = engine.transplant_and_measure(recipient, organ, "insert", position)
+    assert report.depth_after == 6 + engine.GROWTH_LAYERS
+    assert (report.domain_after, report.general_after) == (report.domain_before, report.general_before)  # exactly
+    *_, (untouched, grown) = engine.stream_side_by_side(
+        recipient, organ, "insert", position, "int f(", max_new_tokens=6
+    )
+    assert untouched == grown
+    assert "exactly the untouched model's" in engine.growth_note(organ, "insert")
+    assert "removes those layers" in engine.growth_note(organ, "replace")
+    assert engine.growth_note(str(assets / "organ"), "insert") == ""
+    replacing = engine.transplant_and_measure(recipient, str(assets / "foreign-organ"), "replace", 1)
+    assert replacing.domain_after != replacing.domain_before  # the replacing organ, for contrast, changes them
+    assert hash_state(loaded.working) == before
+
+
+def test_app_offers_a_growth_organ_that_changes_nothing(client, assets):
+    recipient = str(assets / "recipient")
+    _meta, _compat, _slider, status, card = client.predict(
+        recipient, engine.GROWTH_ORGAN_ID, "insert", api_name="/check"
+    )
+    assert status.startswith("Compatible") and "untrained growth organ" in card
+    _stack, ppl, before, after, status = client.predict(
+        recipient, engine.GROWTH_ORGAN_ID, "insert", 2, "int f(", api_name="/transplant"
+    )
+    assert "exactly the untouched model's" in status and before == after
+    assert ppl.count("| 1.00x |") == 2  # domain and general text: the same perplexity
 
 
 def test_ten_archive_builds_leave_one_archive_with_a_card(assets, tmp_path, monkeypatch):

@@ -89,6 +89,20 @@ def test_a_time_budget_lays_the_schedule_over_the_budget(blocks):
     assert lrs[-1] < 0.2 * metrics.lr  # ... and decayed by the end of the budget, not of 1,000 epochs
 
 
+def test_validation_at_training_time_marks_records_a_learning_curve(blocks):
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    # Marks far below a step's time are all passed by the first step: one validation there, none after until the end.
+    metrics = train_organ(organ, donor, blocks, method="in_situ", max_steps=4, eval_every=1000, batch_size=8,
+                          eval_at_seconds=[1e-7, 2e-7], progress=False)  # fmt: skip
+    assert [h["step"] for h in metrics.history] == [0, 1, 4]
+    assert [h["tokens_seen"] for h in metrics.history] == [0, 8 * 32, 4 * 8 * 32]
+    times = [h["training_s"] for h in metrics.history]
+    assert times == sorted(times) and times[-1] > times[0]
+    with pytest.raises(InvalidArgumentError, match="eval_at_seconds"):
+        train_organ(organ, donor, blocks, max_steps=1, eval_at_seconds=[120, 60])
+
+
 def test_gradient_checkpointing_and_trainer_args_pass_through_and_leave_the_model_as_found(blocks, hash_state):
     results = []
     for extra in ({}, {"gradient_checkpointing": True}):

@@ -42,6 +42,8 @@ GLOSSARY = """- **Organ**: a few consecutive decoder layers cut from one model (
 - **Transplant**: put the organ's layers into the recipient. **Explant** (*Stop and clear*): take them out again;
   the recipient is then exactly what it was, bit for bit. Every request here explants when it is done.
 - **Position**: the index of the first recipient layer the organ occupies, counting from 0.
+- **Growth organ**: new layers that start as the identity (copies of the recipient's layers with their output
+  projections zeroed): inserted untrained they change nothing; trained, they add depth instead of replacing layers.
 - **In situ**: the organ was trained at its own place inside the frozen donor.
 - **BLOCKS**: a property (hidden size, heads, ...) on which organ and recipient differ, so the organ cannot fit."""
 SAMPLE_HELP = (
@@ -132,6 +134,7 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
     status = (
         f"Transplanted ({mode} at {int(position)}; recipient has {report.depth_after} layers while in use)."
         + engine.bridge_note(organ, mode)
+        + engine.growth_note(organ, mode)
     )
     yield report.figure, table, "", "", status, state
     try:
@@ -203,11 +206,14 @@ def build() -> gr.Blocks:
         state = gr.State(None)
         with gr.Row(equal_height=False):
             recipient = gr.Textbox(
-                engine.DEFAULT_RECIPIENT, label="Recipient model (Hub id; empty: this page's)", min_width=160
+                engine.DEFAULT_RECIPIENT,
+                label="Recipient model (Hub id; empty: this page's)",
+                elem_id="recipient-input",
+                min_width=160,
             )
             organ = gr.Textbox(
                 "",
-                label="Organ (Hub repo id; empty: this page's organ)",
+                label=f"Organ (Hub repo id; empty: this page's organ; {engine.GROWTH_ORGAN_ID}: an untrained growth organ)",
                 placeholder=f"{engine.DEFAULT_ORGAN_REPO_ID} (this page's organ)",
                 elem_id="organ-input",
                 min_width=160,
@@ -244,6 +250,7 @@ def build() -> gr.Blocks:
                     "insert",
                     "public static void main(String[] a) {",
                 ],
+                [engine.DEFAULT_RECIPIENT, engine.GROWTH_ORGAN_ID, "insert", engine.DEFAULT_PROMPT],
             ],
             [recipient, organ, mode, prompt],
             label="Examples (click one, then Transplant)",
@@ -269,14 +276,21 @@ def build() -> gr.Blocks:
 
         check.click(on_check, [recipient, organ, mode], [meta, compat, position, status, card], api_name="check")
         mode.change(on_mode, [recipient, organ, mode], [position], api_name=False)
+        # show_progress="minimal": an elapsed-time counter, no estimate. Gradio's estimate is the mean duration of
+        # earlier requests, and a transplant request lasts as long as its stream (seconds after the numbers are
+        # shown), so the estimate overstated the wait for the first results.
         go.click(
             on_transplant,
             [recipient, organ, mode, position, prompt],
             [stack, ppl, before, after, run_status, state],
             api_name="transplant",
+            show_progress="minimal",
         )
         prompt.submit(  # Enter in the prompt transplants, as the button does
-            on_transplant, [recipient, organ, mode, position, prompt], [stack, ppl, before, after, run_status, state]
+            on_transplant,
+            [recipient, organ, mode, position, prompt],
+            [stack, ppl, before, after, run_status, state],
+            show_progress="minimal",
         )
         run_sweep.click(on_sweep, [recipient, organ, mode], [sweep_plot, sweep_text], api_name="sweep")
         explant.click(on_explant, [state], [stack, ppl, before, after, run_status, state], api_name="explant")

@@ -43,6 +43,10 @@ DEFAULT_RECIPIENT = os.environ.get("NOT_HUB_SPACE_RECIPIENT", "smollm2")
 # The organ trained by this project's pipeline ships with the Space; on the Hub it is referred to by repo id.
 DEFAULT_ORGAN = os.environ.get("NOT_HUB_SPACE_ORGAN", str(HERE / "organ"))
 DEFAULT_ORGAN_REPO_ID = "not-hub/smollm2-135m-code-organ"
+# An untrained growth organ (LLaMA-Pro style: copies of recipient layers with their output projections zeroed),
+# built on this page from the default recipient, never published: inserted, it changes nothing until trained.
+GROWTH_ORGAN_ID = "not-hub/smollm2-135m-growth-organ"
+GROWTH_LAYERS = 3
 DEFAULT_RECIPIENT_NAME = "SmolLM2-135M-Instruct" if DEFAULT_RECIPIENT == "smollm2" else Path(DEFAULT_RECIPIENT).name
 MAX_MODELS = int(os.environ.get("NOT_HUB_SPACE_MAX_MODELS", "2"))
 MAX_NEW_TOKENS = 24
@@ -163,6 +167,10 @@ class ModelCache:
         with self._lock:
             if ref in self._organs:
                 return self._organs[ref]
+        if ref == GROWTH_ORGAN_ID:
+            organ = _growth_organ()
+            with self._lock:
+                return self._organs.setdefault(ref, organ)
         # Said to a web visitor: no shell commands, environment variables or paths of this server.
         missing = OrganNotFoundError(
             f"no organ found at {ref[:120]!r}: give the Hub repo id of an organ (e.g. {DEFAULT_ORGAN_REPO_ID}) or "
@@ -182,6 +190,38 @@ class ModelCache:
 
 
 CACHE = ModelCache()
+
+
+def _growth_organ() -> not_hub.OrganModel:
+    """GROWTH_LAYERS identity layers for the default recipient, inserted by default at a third of its depth."""
+    model = CACHE.recipient(DEFAULT_RECIPIENT).model
+    depth = model.config.num_hidden_layers
+    organ = not_hub.grow_organ(model, depth // 3, num_layers=min(GROWTH_LAYERS, depth))
+    organ.config.base_model = public_model_name(DEFAULT_RECIPIENT, model)
+    return organ
+
+
+def is_growth_organ(organ_ref: str) -> bool:
+    return bool(CACHE.organ(organ_ref).config.growth)
+
+
+def growth_note(organ_ref: str, mode: str) -> str:
+    """What a visitor must know about a growth organ: untrained and inserted, it is the identity."""
+    config = CACHE.organ(organ_ref).config
+    if not config.growth:
+        return ""
+    if config.training:
+        return " A trained growth organ: it adds depth, and replaces no layer when inserted."
+    if mode == "replace":
+        return (
+            " A growth organ is meant to be inserted: replacing layers with it removes those layers (choose insert "
+            "to see it change nothing)."
+        )
+    return (
+        " This growth organ is untrained: its layers' output projections are zero, so each adds exactly 0 to the "
+        "residual stream and the numbers and text are exactly the untouched model's. Training it in situ "
+        "(not_hub.train_organ) adds depth without replacing any layer."
+    )
 
 
 def organ_metadata(organ_ref: str) -> dict:
@@ -205,6 +245,11 @@ def organ_metadata(organ_ref: str) -> dict:
         if training
         else "no",
         "parameters": f"{sum(p.numel() for p in organ.parameters()):,}",
+        **(
+            {"growth": f"identity layers copied from layers {c.growth['source_layers']}, output projections zeroed"}
+            if c.growth
+            else {}
+        ),
         "bridges": c.bridges,
     }
     if page:
@@ -215,11 +260,22 @@ def organ_metadata(organ_ref: str) -> dict:
     return info
 
 
+GROWTH_CARD = (
+    f"**An untrained growth organ**, built on this page (not published): {GROWTH_LAYERS} copies of the recipient's "
+    "own layers just below where it goes, with the attention output and MLP down projections set to zero (as "
+    "LLaMA-Pro, arXiv 2401.02415, grows a model). Inserted, each layer adds exactly 0 to the residual stream, so the "
+    "model computes bit for bit what it did; trained in situ, the new layers learn a domain while every original "
+    "layer stays as it was. Made with `not_hub.grow_organ(model, position, num_layers=3)`."
+)
+
+
 def organ_card(organ_ref: str) -> tuple[str, str | None]:
     """The organ's card (markdown, without its YAML header) and its Hub page when it is published there."""
     from huggingface_hub import ModelCard, constants
 
     organ = CACHE.organ(organ_ref)
+    if (organ_ref or "").strip() == GROWTH_ORGAN_ID:
+        return GROWTH_CARD, None
     path = Path(str(organ.name_or_path or "")) / "README.md"
     text = ModelCard(path.read_text(errors="replace")).text.strip() if path.is_file() else ""
     name = public_organ_name(organ_ref)
@@ -253,6 +309,8 @@ def default_position(organ_ref: str, recipient_name: str, mode: str) -> int:
     default = config.default_transplant or {}
     start = config.layer_range[0]
     if mode == "replace" and default.get("remove") == config.num_layers:
+        start = default["position"]
+    elif mode == "insert" and config.growth and "position" in default:  # a growth organ: where it was grown for
         start = default["position"]
     return start if lo <= start <= hi else lo
 
