@@ -119,7 +119,7 @@ def args_for(preset: dict, seed: int, lr: float, seconds: float) -> dict:
     """A wall-clock budget: as many steps as fit, at a constant rate (the recorded runs' protocol: their schedule was
     laid out over 50 epochs, so near-constant within the budget; not_hub's default now decays over the budget)."""
     return dict(
-        epochs=50, lr=lr, warmup_ratio=0.0, batch_size=preset["batch_size"], seed=seed, progress=False,
+        epochs=preset.get("epochs", 50), lr=lr, warmup_ratio=0.0, batch_size=preset["batch_size"], seed=seed, progress=False,
         max_seconds=seconds, trainer_args={"lr_scheduler_type": "constant"},
     )  # fmt: skip
 

@@ -285,6 +285,43 @@ def gain_claims(gain: dict, speed: dict | None) -> list[str]:
     return lines
 
 
+def growth_claims(g: dict) -> list[str]:
+    """One computed sentence per claim of benchmarks/growth.py (grow, replace or LoRA; composition)."""
+    out = []
+    for domain, d in g["domains"].items():
+        f, u = d["finals"], d["untouched"]
+        if "lora_all" not in f:
+            continue
+        lora = f["lora_all"]["test_ppl"]
+        parts = [
+            f"{m} {f[m]['test_ppl']:.2f} ({f[m]['test_ppl'] / lora:.2f}x LoRA, general text "
+            f"{f[m]['general_ppl'] / u['general']:.3f}x untouched)"
+            for m in ("growth3", "growth_set", "in_situ_middle")
+            if m in f
+        ]
+        out.append(
+            f"- {domain}: untouched {u['test']:.2f}, LoRA {lora:.2f} (general text "
+            f"{f['lora_all']['general_ppl'] / u['general']:.3f}x untouched); " + "; ".join(parts) + "."
+        )
+    comp = g.get("composition")
+    if comp and all("growth3" in g["domains"][d]["finals"] for d in ("code", "legal")):
+        alone = {d: g["domains"][d]["finals"]["growth3"]["test_ppl"] for d in ("code", "legal")}
+        lora_alone = {d: g["domains"][d]["finals"]["lora_all"]["test_ppl"] for d in ("code", "legal")}
+        both = comp["organs_together"]
+        out.append(
+            "- Composition: the two growth organs together cost "
+            + ", ".join(f"{d} {both[d] / alone[d] - 1:+.1%}" for d in ("code", "legal"))
+            + " against each organ alone; peft's combinations of the two LoRAs: "
+            + "; ".join(
+                f"{c} " + ", ".join(f"{d} {comp[f'lora_{c}'][d] / lora_alone[d] - 1:+.1%}" for d in ("code", "legal"))
+                for c in ("cat", "linear", "svd")
+                if f"lora_{c}" in comp
+            )
+            + " against each LoRA alone."
+        )
+    return out
+
+
 def main() -> None:
     speed, quality = load("speed_full"), load("quality_full")
     if quality and not (RESULTS / "quality_full.md").exists():
@@ -402,6 +439,26 @@ def main() -> None:
             f"![gain by repo id](results/gain_{name}.png)",
             "",
             *gain_claims(gain, speed),
+            "",
+        ]
+    growth = load("growth_full")
+    if growth and growth.get("domains"):
+        lines += [
+            "## Grow, replace or LoRA: growth organs, forgetting and composition",
+            "",
+            (RESULTS / "growth_full.md").read_text(),
+            "",
+            *growth_claims(growth),
+            "",
+        ]
+    curves = load("curves_full")
+    if curves and curves.get("domains"):
+        lines += [
+            "## Learning curves on whole corpora, seen once",
+            "",
+            (RESULTS / "curves_full.md").read_text(),
+            "",
+            *[f"![{d}](results/curves_full_{d}.png)" for d in curves["domains"]],
             "",
         ]
     lines += [
