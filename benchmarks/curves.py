@@ -1,0 +1,573 @@
+"""When does an organ beat LoRA? Learning curves on whole corpora, seen once, with forgetting and noise.
+
+For each domain (code: CodeXGLUE Java/C#; legal: CUAD contracts) every method trains on the domain's *whole*
+training split, one pass, blocks never repeated, for up to `budget_s` of training time (validation excluded), and its
+validation perplexity is recorded along the way (at `marks`: 0.5, 1, 2, 3, 5, 7.5, 10, 15 and 20 minutes), with the
+tokens seen at each point. Every run uses a constant learning rate (no warmup, no decay; the gain benchmark's
+protocol), so each point of a curve is what stopping there would give, and a 2-minute run is the first two minutes of
+a 20-minute one.
+
+Choices on validation at the 2-minute budget (`select_s`), seed 0:
+- the organ's slot and width: in situ at layers 10-12, 27-29 (3 layers) and 10-15, 24-29 (6 layers), all at the
+  in-situ default rate 1e-3; then the learning rate of the chosen slot from its grid;
+- each method's learning rate from its grid (peft LoRA r=8 and r=64 on every linear layer, alpha = 2r; full
+  fine-tuning); a choice at the grid's edge extends the grid past it (twice at most).
+
+Then, per method at its chosen rate:
+- the 20-minute run (seed 0): the curve; its artifact pushed to a local Hub-protocol server, pulled by repo id in a
+  fresh process into a fresh SmolLM2-135M and scored on the domain's test documents and on general text (WikiText-2
+  test: forgetting), beside the untouched model;
+- the 2-minute point with seeds 1 and 2 (seed 0 is the selection run): mean and spread of validation perplexity,
+  and of general perplexity (forgetting at 2 minutes).
+
+    python benchmarks/curves.py --quick              # smoke: seconds per method, a few blocks
+    python benchmarks/curves.py --full               # code and legal, 20 min per method (hours: the machine to itself)
+    python benchmarks/curves.py --full --only code   # one domain
+    python benchmarks/curves.py --full --report      # rebuild JSON, table and plots from the cells on record
+
+Every cell (one training run and its scores) is written at once to results/curves_runs/<preset>/<domain>/<cell>.json,
+and the preset's JSON, table and plots are rebuilt from every cell on record: a killed run loses only the cell in
+progress, and a rerun carries on from there. While the file $NOT_HUB_BENCH_PAUSE (default
+/tmp/not_hub-bench.pause) exists, the run waits before its next cell: touch it to use the machine for something
+else without a second job skewing a cell's wall-clock budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "fixtures"))
+from hub_server import LocalHub  # noqa: E402
+
+os.environ.setdefault(
+    "NOT_HUB_CACHE", str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "not_hub")
+)
+HUB = None
+HUB_ENV: dict[str, str] = {}
+
+
+def start_hub() -> None:
+    """A local Hub-protocol server for the artifacts (huggingface_hub reads its endpoint at import: call first)."""
+    global HUB
+    HUB = LocalHub().start()
+    HUB_ENV.update(
+        HF_ENDPOINT=HUB.endpoint,
+        HF_HOME=tempfile.mkdtemp(prefix="not_hub-curves-"),
+        HF_TOKEN="bench",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
+    os.environ.update(HUB_ENV)
+
+
+MINUTE = 60.0
+SLOTS = {"organ_middle3": (10, 13), "organ_tail3": (27, 30), "organ_middle6": (10, 16), "organ_tail6": (24, 30)}
+LORA_RANKS = {"lora_r8": 8, "lora_r64": 64}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRIDS = {
+    "organ": [3e-4, 1e-3, 3e-3],
+    "lora_r8": [3e-3, 1e-2, 3e-2],
+    "lora_r64": [1e-3, 3e-3, 1e-2],
+    "full_ft": [1e-4, 3e-4, 1e-3],
+}
+SLOT_LR = 1e-3  # the in-situ default (not_hub.DEFAULT_LR): the rate at which the slot and width are chosen
+METHODS = ["organ", "lora_r8", "lora_r64", "full_ft"]  # "organ": the slot chosen on validation
+PRESETS = {
+    "quick": dict(
+        domains=["code"], budget_s=8, select_s=4, marks=[2, 4, 8], seeds=[0, 1], max_train_blocks=64,
+        validation_blocks=4, test_docs=6, general_docs=4, eval_chars=600, batch_size=4, block=128, grid_points=1,
+    ),
+    "full": dict(
+        domains=["code", "legal"], budget_s=1200, select_s=120, marks=[30, 60, 120, 180, 300, 450, 600, 900, 1200],
+        seeds=[0, 1, 2], max_train_blocks=None, validation_blocks=24, test_docs=120, general_docs=24,
+        eval_chars=1500, batch_size=4, block=256, grid_points=3,
+    ),
+}  # fmt: skip
+RUNS = HERE / "results" / "curves_runs"
+# While this file exists the benchmark waits before its next cell (touch it to run something else between cells).
+PAUSE = Path(os.environ.get("NOT_HUB_BENCH_PAUSE", Path(tempfile.gettempdir()) / "not_hub-bench.pause"))
+
+
+# ------------------------------------------------------------------------------------------------------ the data
+
+
+def prepare(domain: str, preset: dict, tok):
+    """The whole training split packed once (seed 0's document order; the Trainer's sampler shuffles per seed),
+    validation blocks spread evenly over the validation split, test and general documents."""
+    from domains import DOMAINS
+    from quality import held_out
+
+    from not_hub.data import BlockData, make_blocks
+
+    splits = DOMAINS[domain]()
+    blocks = make_blocks(splits, tok, preset["block"], seed=0)
+    train = blocks.train
+    if preset["max_train_blocks"] is not None:
+        train = train.select(range(min(preset["max_train_blocks"], len(train))))
+    val = blocks.validation
+    step = max(1, len(val) // preset["validation_blocks"])
+    val = val.select(range(0, step * preset["validation_blocks"], step)) if len(val) > step else val
+    data = BlockData(
+        train=train,
+        validation=val,
+        description={"domain": domain, "train_blocks": len(train), "block_size": preset["block"]},
+    )
+    general = DOMAINS["general"]().test
+    return (
+        data,
+        held_out(splits.test, preset["test_docs"], preset["eval_chars"]),
+        held_out(general, preset["general_docs"], preset["eval_chars"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------- one method, one run
+
+
+def train(method: str, lr: float, seed: int, seconds: float, recipient, data, preset: dict):
+    """Train `method` (a slot name, a LoRA name or full_ft) for `seconds`; return (artifact, record). The
+    recipient is left untouched."""
+    import torch
+
+    import not_hub
+    from not_hub.training import OrganTrainingArguments, fit_parameters, train_organ
+
+    marks = [m for m in preset["marks"] if m < seconds]
+    args = dict(
+        epochs=1, lr=lr, warmup_ratio=0.0, batch_size=preset["batch_size"], seed=seed, progress=False,
+        max_seconds=seconds, eval_every=10**9, eval_at_seconds=marks, trainer_args={"lr_scheduler_type": "constant"},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if method in SLOTS:
+        artifact = not_hub.extract_organ(recipient, layer_range=SLOTS[method])
+        metrics = train_organ(artifact, recipient, data, method="in_situ", **args)
+    else:
+        model = copy.deepcopy(recipient)
+        if method in LORA_RANKS:
+            from peft import LoraConfig, get_peft_model
+
+            r = LORA_RANKS[method]
+            model = get_peft_model(
+                model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            )
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = list(model.parameters())
+        metrics = fit_parameters(model, params, data, OrganTrainingArguments(**args), method)
+        artifact = model.eval()
+    train_tokens = len(data.train) * data.block_size
+    record = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "budget_s": seconds,
+        "train_s": round(metrics.wall_clock_s - metrics.validation_s, 1),
+        "validation_s": metrics.validation_s,
+        "steps": metrics.steps,
+        "tokens_seen": metrics.tokens_seen,
+        "passes_over_train_split": metrics.tokens_seen / train_tokens,
+        "curve": [
+            {
+                "minutes": h["training_s"] / MINUTE,
+                "tokens": h["tokens_seen"],
+                "validation_ppl": math.exp(h["validation_loss"]),
+            }
+            for h in metrics.history
+        ],
+        "best_validation_ppl": math.exp(metrics.best_validation_loss),
+        "trainable_parameters": sum(p.numel() for p in (artifact.parameters() if method in SLOTS else params)),
+    }
+    return artifact, record
+
+
+def score(artifact, recipient, docs, tok) -> float:
+    from quality import ppl
+
+    import not_hub
+
+    if isinstance(artifact, not_hub.OrganModel):
+        with artifact.transplanted(recipient):
+            return ppl(recipient, docs, tok)
+    return ppl(artifact, docs, tok)
+
+
+PULL_AND_SCORE = """
+import json, sys
+sys.path.insert(0, {here!r})
+from common import load_smollm2
+from quality import ppl
+import not_hub
+kind, repo_id, docs_path = sys.argv[1], sys.argv[2], sys.argv[3]
+docs = json.load(open(docs_path))
+model, tok = load_smollm2()  # a fresh recipient in a fresh process
+if kind == "organ":
+    not_hub.OrganModel.from_pretrained(repo_id).transplant_into(model)  # by repo id, its own default transplant
+elif kind == "lora":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, repo_id)
+else:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype="float32")
+print(json.dumps({{name: ppl(model, texts, tok) for name, texts in docs.items()}}))
+"""
+
+
+def push_pull_score(artifact, repo_id: str, docs: dict[str, list[str]]) -> dict[str, float]:
+    """Push the artifact to the local Hub, pull it by repo id in a fresh process into a fresh recipient, score it."""
+    from peft import PeftModel
+
+    import not_hub
+
+    kind = (
+        "organ" if isinstance(artifact, not_hub.OrganModel) else "lora" if isinstance(artifact, PeftModel) else "full"
+    )
+    artifact.push_to_hub(repo_id)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(docs, f)
+    out = subprocess.run(
+        [sys.executable, "-c", PULL_AND_SCORE.format(here=str(HERE)), kind, repo_id, f.name],
+        capture_output=True, text=True, env={**os.environ, **HUB_ENV},
+    )  # fmt: skip
+    os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"pulling {repo_id} in a fresh process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- the cells
+
+
+class Domain:
+    """One domain's cells: each a JSON file, run once, read back on later runs."""
+
+    def __init__(self, name: str, preset_name: str, preset: dict, recipient, tok):
+        self.name, self.preset, self.recipient, self.tok = name, preset, recipient, tok
+        self.folder = RUNS / preset_name / name
+        self._data = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = prepare(self.name, self.preset, self.tok)
+        return self._data
+
+    def cell(self, key: str, run) -> dict:
+        path = self.folder / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if PAUSE.exists():
+            print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
+            while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
+                time.sleep(5)
+        started = time.time()
+        out = run()
+        out["cell_wall_clock_s"] = round(time.time() - started, 1)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2, default=str))
+        os.replace(tmp, path)
+        print(f"[{self.name}] {key}: {summary(out)}", flush=True)
+        return out
+
+    def untouched(self) -> dict:
+        from quality import ppl
+
+        from not_hub.training import validation_loss
+
+        def run():
+            data, test, general = self.data
+            return {
+                "validation_ppl": math.exp(
+                    validation_loss(self.recipient, data.validation, self.preset["batch_size"])
+                ),
+                "test_ppl": ppl(self.recipient, test, self.tok),
+                "general_ppl": ppl(self.recipient, general, self.tok),
+                "train_blocks": len(data.train),
+                "train_tokens": len(data.train) * data.block_size,
+                "validation_blocks": len(data.validation),
+                "test_docs": len(test),
+                "general_docs": len(general),
+            }
+
+        return self.cell("untouched", run)
+
+    def short(self, method: str, lr: float, seed: int) -> dict:
+        """A run of `select_s` (the 2-minute point), scored on general text in-process (forgetting at 2 minutes)."""
+
+        def run():
+            data, _, general = self.data
+            artifact, record = train(method, lr, seed, self.preset["select_s"], self.recipient, data, self.preset)
+            record["general_ppl"] = score(artifact, self.recipient, general, self.tok)
+            return record
+
+        return self.cell(f"short-{method}-lr{lr:g}-seed{seed}", run)
+
+    def choose_lr(self, method: str, grid_name: str) -> tuple[float, dict]:
+        grid = GRIDS[grid_name]
+        if self.preset["grid_points"] == 1:
+            grid = [grid[len(grid) // 2]]
+        tried = {lr: self.short(method, lr, 0)["best_validation_ppl"] for lr in grid}
+        for _ in range(2):  # a choice at the grid's edge extends the grid one step past it, twice at most
+            best, ordered = min(tried, key=tried.get), sorted(tried)
+            if len(tried) < 2 or best not in (ordered[0], ordered[-1]):
+                break
+            lr = float(f"{best / 3 if best == ordered[0] else best * 3:.3g}")
+            tried[lr] = self.short(method, lr, 0)["best_validation_ppl"]
+        best, ordered = min(tried, key=tried.get), sorted(tried)
+        return best, {
+            "validation_ppl": {f"{k:g}": v for k, v in sorted(tried.items())},
+            "chosen_lr": best,
+            "at_grid_edge": len(tried) > 1 and best in (ordered[0], ordered[-1]),
+        }
+
+    def selection(self) -> dict:
+        slots = {s: self.short(s, SLOT_LR, 0)["best_validation_ppl"] for s in SLOTS}
+        slot = min(slots, key=slots.get)
+        chosen = {"organ": {"slot": slot, "slot_validation_ppl_at_lr_1e-3": slots}}
+        lr, info = self.choose_lr(slot, "organ")
+        chosen["organ"].update(info, method=slot)
+        for method in ["lora_r8", "lora_r64", "full_ft"]:
+            lr, info = self.choose_lr(method, method)
+            chosen[method] = {**info, "method": method}
+        return chosen
+
+    def final(self, name: str, choice: dict) -> dict:
+        def run():
+            data, test, general = self.data
+            method, lr = choice["method"], choice["chosen_lr"]
+            artifact, record = train(method, lr, 0, self.preset["budget_s"], self.recipient, data, self.preset)
+            repo_id = f"bench/curves-{self.name}-{name.replace('_', '-')}"
+            record.update(push_pull_score(artifact, repo_id, {"test_ppl": test, "general_ppl": general}))
+            record["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
+            return record
+
+        return self.cell(f"final-{name}", run)
+
+    def run_all(self) -> None:
+        self.untouched()
+        chosen = self.selection()
+        for name in METHODS:
+            self.final(name, chosen[name])
+        for name in METHODS:
+            for seed in self.preset["seeds"][1:]:
+                self.short(chosen[name]["method"], chosen[name]["chosen_lr"], seed)
+
+
+def summary(out: dict) -> str:
+    keys = ("best_validation_ppl", "validation_ppl", "test_ppl", "general_ppl", "tokens_seen", "train_s")
+    return ", ".join(f"{k} {out[k]:.4g}" for k in keys if isinstance(out.get(k), (int, float)))
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def collect(preset_name: str, preset: dict) -> dict:
+    """Everything on record for the preset, per domain, without running anything."""
+    domains = {}
+    for name in preset["domains"]:
+        folder = RUNS / preset_name / name
+        cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+        if "untouched" not in cells:
+            continue
+        shorts = {k: v for k, v in cells.items() if k.startswith("short-")}
+
+        def tried(method: str, seed: int = 0, shorts=shorts) -> dict[float, dict]:
+            return {c["lr"]: c for c in shorts.values() if c["method"] == method and c["seed"] == seed}
+
+        out = {"untouched": cells["untouched"], "methods": {}}
+        slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
+        slot = None
+        if all(slots.values()):
+            slot = min(slots, key=lambda s: slots[s]["best_validation_ppl"])
+            out["slot_selection"] = {s: c["best_validation_ppl"] for s, c in slots.items()}
+            out["slot"] = slot
+        for name_ in METHODS:
+            method = slot if name_ == "organ" else name_
+            if method is None:
+                continue
+            runs = tried(method)
+            if not runs:
+                continue
+            lr = min(runs, key=lambda k: runs[k]["best_validation_ppl"])
+            seeds = [c for c in shorts.values() if c["method"] == method and c["lr"] == lr]
+            row = {
+                "method": method,
+                "grid": {f"{k:g}": v["best_validation_ppl"] for k, v in sorted(runs.items())},
+                "lr": lr,
+                "short": seeds,
+                "final": cells.get(f"final-{name_}"),
+            }
+            out["methods"][name_] = row
+        domains[name] = out
+    return domains
+
+
+def at(curve: list[dict], minutes: float) -> float | None:
+    """Validation perplexity at the first point at or after `minutes` (a validation runs after the step that passes
+    the mark), if it is within 25% of the mark; else None."""
+    for p in curve:
+        if p["minutes"] >= minutes * 0.999:
+            return p["validation_ppl"] if p["minutes"] <= minutes * 1.25 else None
+    return None
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f} (1 seed)"
+    return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f} ({len(values)} seeds)"
+
+
+def report(payload: dict) -> str:
+    p = payload["settings"]
+    lines = [
+        f"### Learning curves on whole corpora ({payload['preset']} preset: up to {p['budget_s'] / MINUTE:g} min of "
+        f"training per method, one pass, constant learning rate chosen on validation at {p['select_s'] / MINUTE:g} "
+        "min; SmolLM2-135M, float32, 2 CPU cores)",
+        "",
+    ]
+    marks = [m / MINUTE for m in p["marks"] if m in (60, 120, 300, 600, 1200)] or [m / MINUTE for m in p["marks"]]
+    for domain, d in payload["domains"].items():
+        u = d["untouched"]
+        lines += [
+            f"#### {domain}: {u['train_tokens']:,} training tokens; untouched validation {u['validation_ppl']:.3f}, "
+            f"test {u['test_ppl']:.3f}, general (WikiText-2 test) {u['general_ppl']:.3f}",
+            "",
+        ]
+        if "slot" in d:
+            lines.append(
+                "Organ slot and width chosen on validation at lr 1e-3: "
+                + ", ".join(f"{s} {v:.3f}" for s, v in d["slot_selection"].items())
+                + f" -> **{d['slot']}**."
+            )
+            lines.append("")
+        head = " | ".join(f"val @ {m:g} min" for m in marks)
+        lines += [
+            f"| method | lr (grid: validation ppl at {p['select_s'] / MINUTE:g} min) | {head} | tokens seen | test ppl "
+            "(by repo id) | / untouched | / best LoRA | general ppl @ 2 min | general ppl @ end | "
+            f"val @ {p['select_s'] / MINUTE:g} min, seeds |",
+            "|" + "---|" * (9 + len(marks)),
+        ]
+        finals = {n: r["final"] for n, r in d["methods"].items() if r.get("final")}
+        loras = [f["test_ppl"] for n, f in finals.items() if n.startswith("lora")]
+        best_lora = min(loras) if loras else None
+        untouched_vals = " | ".join(f"{u['validation_ppl']:.3f}" for _ in marks)
+        lines.append(
+            f"| untouched | | {untouched_vals} | | {u['test_ppl']:.3f} | 1.000 | | {u['general_ppl']:.3f} | "
+            f"{u['general_ppl']:.3f} | |"
+        )
+        for name, r in d["methods"].items():
+            f = r.get("final")
+            curve = f["curve"] if f else []
+            vals = " | ".join(f"{v:.3f}" if (v := at(curve, m)) is not None else "" for m in marks)
+            grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
+            label = f"organ ({r['method']})" if name == "organ" else name
+            short0 = next((c for c in r["short"] if c["seed"] == 0), None)
+            cols = [
+                label,
+                f"{r['lr']:g} ({grid})",
+                vals,
+                f"{f['tokens_seen']:,}" if f else "",
+                f"{f['test_ppl']:.3f}" if f else "",
+                f"{f['test_ppl'] / u['test_ppl']:.3f}" if f else "",
+                f"{f['test_ppl'] / best_lora:.3f}" if f and best_lora else "",
+                f"{short0['general_ppl']:.3f}" if short0 else "",
+                f"{f['general_ppl']:.3f}" if f else "",
+                spread([c["best_validation_ppl"] for c in r["short"]]),
+            ]
+            lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
+    if payload.get("missing"):
+        lines += [f"Not run yet: {', '.join(payload['missing'])}.", ""]
+    return "\n".join(lines)
+
+
+def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for domain, d in payload["domains"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name, r in d["methods"].items():
+            f = r.get("final")
+            if not f:
+                continue
+            curve = f["curve"]
+            label = f"organ ({r['method']})" if name == "organ" else name
+            axes[0].plot([c["minutes"] for c in curve], [c["validation_ppl"] for c in curve], marker="o", label=label)
+            axes[1].plot([c["tokens"] for c in curve], [c["validation_ppl"] for c in curve], marker="o", label=label)
+        for ax, xlabel in zip(axes, ["training minutes (validation excluded)", "training tokens seen"], strict=True):
+            ax.axhline(d["untouched"]["validation_ppl"], color="grey", linestyle="--", label="untouched")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation perplexity")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{domain}: whole training split, one pass (SmolLM2-135M, 2 CPU cores)")
+        fig.tight_layout()
+        path = folder / f"curves_{preset_name}_{domain}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def expected_cells(preset: dict) -> int:
+    return 1 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1)
+
+
+def main() -> None:
+    from common import RESULTS, machine, preset_parser, write_json, write_markdown
+
+    parser = preset_parser(__doc__)
+    parser.add_argument("--only", default=None, help="comma-separated domains of the preset, e.g. code")
+    parser.add_argument("--report", action="store_true", help="run nothing: rebuild the JSON, table, plots")
+    args = parser.parse_args()
+    name = "full" if args.full else "quick"
+    preset = PRESETS[name]
+    domains = args.only.split(",") if args.only else preset["domains"]
+    for d in domains:
+        if d not in preset["domains"]:
+            raise SystemExit(f"--only {d!r}: not a domain of the {name} preset ({preset['domains']})")
+    if not args.report:
+        start_hub()
+        from common import load_smollm2
+
+        recipient, tok = load_smollm2()
+        try:
+            for d in domains:
+                Domain(d, name, preset, recipient, tok).run_all()
+        finally:
+            HUB.stop()
+    payload = {"preset": name, "settings": preset, "machine": machine(), "domains": collect(name, preset)}
+    payload["missing"] = [
+        f"{d} ({len(list((RUNS / name / d).glob('*.json'))) if (RUNS / name / d).is_dir() else 0} of at least "
+        f"{expected_cells(preset)} cells)"
+        for d in preset["domains"]
+        if d not in payload["domains"]
+        or any(not r.get("final") for r in payload["domains"][d]["methods"].values())
+        or len(payload["domains"][d]["methods"]) < len(METHODS)
+    ]
+    payload["command"] = f"benchmarks/curves.py --{name}"
+    write_json(f"curves_{name}", payload)
+    plot(payload, RESULTS, name)
+    write_markdown(f"curves_{name}", report(payload))
+    print(report(payload))
+
+
+if __name__ == "__main__":
+    main()
