@@ -469,11 +469,13 @@ def report(payload: dict) -> str:
         )
         for name, r in d["methods"].items():
             f = r.get("final")
-            curve = f["curve"] if f else []
+            short0 = next((c for c in r["short"] if c["seed"] == 0), None)
+            # Before the 20-minute run is on record, its first minutes are the seed-0 selection run's (same rate,
+            # seed and data order).
+            curve = f["curve"] if f else (short0["curve"] if short0 else [])
             vals = " | ".join(f"{v:.3f}" if (v := at(curve, m)) is not None else "" for m in marks)
             grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
             label = f"organ ({r['method']})" if name == "organ" else name
-            short0 = next((c for c in r["short"] if c["seed"] == 0), None)
             cols = [
                 label,
                 f"{r['lr']:g} ({grid})",
