@@ -122,6 +122,7 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
         yield None, "", "", "", _error(err), None
         return
     if stream.stop.is_set():  # explanted while measuring: show nothing of it
+        yield from _explanted(stream)
         return
     table = (
         "| sample | untouched | transplanted | ratio |\n|---|---|---|---|\n"
@@ -144,6 +145,15 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
             yield report.figure, table, before, after, status, state
     except NotHubError as err:
         yield report.figure, table, "", "", _error(err), state
+        return
+    yield from _explanted(stream)
+
+
+def _explanted(stream):
+    """A stream ended by Explant ends on the explanted state itself. Gradio re-sends a finished stream's last output
+    when it completes, which can reach the page after Explant's own update: it must not bring the results back."""
+    if stream.explanted:
+        yield None, "", "", "", EXPLANTED + STOPPED_NOTE, None
 
 
 def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
@@ -160,13 +170,16 @@ EXPLANTED = (
 )
 
 
+STOPPED_NOTE = " The running generation was stopped."
+
+
 def on_explant(state, request: gr.Request):
     """Stop this visitor's running generation (waiting until it has stopped, so none of its updates lands after
     this one), then clear the transplant's results: the page shows the untouched state."""
     stopped = engine.STREAMS.stop(getattr(request, "session_hash", None))
     if not state and not stopped:
         return None, "", "", "", "Nothing to explant: the recipient is untouched.", None
-    note = " The running generation was stopped." if stopped else ""
+    note = STOPPED_NOTE if stopped else ""
     return None, "", "", "", EXPLANTED + note, None
 
 

@@ -468,6 +468,7 @@ class Stream:
     session: str | None
     stop: threading.Event
     done: threading.Event
+    explanted: bool = False  # stopped by the visitor's Explant (not by a newer request of the same visitor)
 
 
 class Streams:
@@ -500,6 +501,7 @@ class Streams:
             stream = self._live.get(session)
         if stream is None:
             return False
+        stream.explanted = True
         stream.stop.set()
         stream.done.wait(timeout)
         return True
