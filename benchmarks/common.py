@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,37 @@ def write_markdown(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def run_fresh(script: str, args: list[str], payload, env: dict[str, str], what: str):
+    """Run `script` in a fresh Python process with `args`, then the path of `payload` written as JSON; return the JSON
+    its last line of output holds (the benchmarks' pull-by-repo-id-and-score step)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(payload, f)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script, *args, f.name], capture_output=True, text=True, env={**os.environ, **env}
+        )
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} in a fresh process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def recorded(path: Path, run, timing_key: str = "wall_clock_s") -> tuple[dict, bool]:
+    """What is on record at `path`, or `run()`'s result with its wall-clock written there atomically (so a killed run
+    leaves no half-written record); and whether it ran now."""
+    if path.is_file():
+        return json.loads(path.read_text()), False
+    started = time.time()
+    out = run()
+    out[timing_key] = round(time.time() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str))
+    os.replace(tmp, path)
+    return out, True
 
 
 class Timer:

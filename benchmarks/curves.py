@@ -38,7 +38,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "fixtures"))
+from common import recorded, run_fresh  # noqa: E402
 from hub_server import LocalHub  # noqa: E402
 
 os.environ.setdefault(
@@ -231,16 +231,7 @@ def push_pull_score(artifact, repo_id: str, docs: dict[str, list[str]]) -> dict[
         "organ" if isinstance(artifact, not_hub.OrganModel) else "lora" if isinstance(artifact, PeftModel) else "full"
     )
     artifact.push_to_hub(repo_id)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(docs, f)
-    out = subprocess.run(
-        [sys.executable, "-c", PULL_AND_SCORE.format(here=str(HERE)), kind, repo_id, f.name],
-        capture_output=True, text=True, env={**os.environ, **HUB_ENV},
-    )  # fmt: skip
-    os.unlink(f.name)
-    if out.returncode != 0:
-        raise RuntimeError(f"pulling {repo_id} in a fresh process failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh(PULL_AND_SCORE.format(here=str(HERE)), [kind, repo_id], docs, HUB_ENV, f"pulling {repo_id}")
 
 
 # ---------------------------------------------------------------------------------------------------- the cells
@@ -261,21 +252,16 @@ class Domain:
         return self._data
 
     def cell(self, key: str, run) -> dict:
-        path = self.folder / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        if PAUSE.exists():
-            print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
-            while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
-                time.sleep(5)
-        started = time.time()
-        out = run()
-        out["cell_wall_clock_s"] = round(time.time() - started, 1)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=2, default=str))
-        os.replace(tmp, path)
-        print(f"[{self.name}] {key}: {summary(out)}", flush=True)
+        def after_pause():
+            if PAUSE.exists():
+                print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
+                while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
+                    time.sleep(5)
+            return run()
+
+        out, fresh = recorded(self.folder / f"{key}.json", after_pause, "cell_wall_clock_s")
+        if fresh:
+            print(f"[{self.name}] {key}: {summary(out)}", flush=True)
         return out
 
     def untouched(self) -> dict:

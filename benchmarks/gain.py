@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ HUB_ENV = dict(
 os.environ.update(HUB_ENV)
 
 import torch  # noqa: E402
-from common import RESULTS, load_smollm2, machine, write_json, write_markdown  # noqa: E402
+from common import RESULTS, load_smollm2, machine, run_fresh, write_json, write_markdown  # noqa: E402
 from domains import DOMAINS  # noqa: E402
 from quality import held_out, ppl  # noqa: E402
 
@@ -216,21 +215,9 @@ print(json.dumps(perplexity(model, json.load(open(docs_path)), tokenizer=tok, ma
 
 
 def push_pull_score(artifact, repo_id: str, test: list[str]) -> float:
-    if isinstance(artifact, not_hub.OrganModel):
-        kind = "organ"
-        artifact.push_to_hub(repo_id)
-    else:
-        kind = "lora"
-        artifact.push_to_hub(repo_id)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(test, f)
-    out = subprocess.run(
-        [sys.executable, "-c", PULL_AND_SCORE.format(here=str(HERE)), kind, repo_id, f.name],
-        capture_output=True, text=True, env={**os.environ, **HUB_ENV},
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"pulling {repo_id} in a fresh process failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    kind = "organ" if isinstance(artifact, not_hub.OrganModel) else "lora"
+    artifact.push_to_hub(repo_id)
+    return run_fresh(PULL_AND_SCORE.format(here=str(HERE)), [kind, repo_id], test, HUB_ENV, f"pulling {repo_id}")
 
 
 # ------------------------------------------------------------------------------------------------ one domain-seed

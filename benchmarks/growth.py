@@ -28,15 +28,11 @@ Each finished step is written at once to results/growth_runs/<preset>/<key>.json
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import gain  # noqa: F401  (starts the local Hub and points huggingface_hub at it before anything imports it)
-from common import RESULTS, load_smollm2, machine, preset_parser, write_json, write_markdown
+from common import RESULTS, load_smollm2, machine, preset_parser, recorded, run_fresh, write_json, write_markdown
 from gain import HUB, HUB_ENV, artifact_parameters, prepare, score_in_process, train_method
 from quality import held_out, ppl
 
@@ -141,16 +137,7 @@ print(json.dumps(out))
 
 
 def pull(spec: dict, docs: dict[str, list[str]]) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(docs, f)
-    out = subprocess.run(
-        [sys.executable, "-c", PULL.format(here=str(HERE)), json.dumps(spec), f.name],
-        capture_output=True, text=True, env={**os.environ, **HUB_ENV},
-    )  # fmt: skip
-    os.unlink(f.name)
-    if out.returncode != 0:
-        raise RuntimeError(f"pulling {spec} in a fresh process failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh(PULL.format(here=str(HERE)), [json.dumps(spec)], docs, HUB_ENV, f"pulling {spec}")
 
 
 def restore(repo_id: str) -> None:
@@ -185,15 +172,9 @@ class Run:
         return self._data[domain]
 
     def step(self, key: str, run) -> dict:
-        path = self.folder / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        started = time.time()
-        out = run()
-        out["wall_clock_s"] = round(time.time() - started, 1)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2, default=str))
-        print(f"{key}: {json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)})[:300]}", flush=True)
+        out, fresh = recorded(self.folder / f"{key}.json", run)
+        if fresh:
+            print(f"{key}: {json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)})[:300]}", flush=True)
         return out
 
     def untouched(self, domain: str) -> dict:

@@ -304,12 +304,16 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
-    """Headless Chromium (Debian's, driven by Playwright) loads the page, transplants and reads the results."""
+def _need_chromium() -> None:
     if _chromium() is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path):
+    """Headless Chromium (Debian's, driven by Playwright) loads the page, transplants and reads the results."""
+    _need_chromium()
     from playwright.sync_api import sync_playwright
     from screenshot import ARGS as BROWSER_ARGS
 
@@ -363,10 +367,7 @@ def _browser_page(p, viewport):
 def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(app_url, tmp_path):
     """1280x900: the verdict and Transplant are visible without scrolling. 390x844 (a phone): no table cell is cut
     off, the compatibility verdict is on screen, and Transplant is within the first two screens."""
-    if _chromium() is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    _need_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -403,13 +404,6 @@ def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(app_url, tm
         assert words > 40
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         browser.close()
-
-
-def _need_chromium() -> None:
-    if _chromium() is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
 
 
 def _check_fields(page, recipient: str, organ: str) -> None:
@@ -634,7 +628,7 @@ def test_an_untrained_growth_organ_changes_nothing_on_the_page(assets, growth_on
     recipient, organ = str(assets / "recipient"), growth_on_tiny
     loaded = engine.CACHE.recipient(recipient)
     before = hash_state(loaded.working)
-    assert engine.is_growth_organ(organ) and not engine.is_growth_organ(str(assets / "organ"))
+    assert engine.CACHE.organ(organ).config.growth and not engine.CACHE.organ(str(assets / "organ")).config.growth
     assert engine.organ_card(organ) == (engine.GROWTH_CARD, None)  # built here, never said to be on the Hub
     assert "output projections zeroed" in engine.organ_metadata(organ)["growth"]
     position = engine.default_position(organ, recipient, "insert")

@@ -201,10 +201,6 @@ def _growth_organ() -> not_hub.OrganModel:
     return organ
 
 
-def is_growth_organ(organ_ref: str) -> bool:
-    return bool(CACHE.organ(organ_ref).config.growth)
-
-
 def growth_note(organ_ref: str, mode: str) -> str:
     """What a visitor must know about a growth organ: untrained and inserted, it is the identity."""
     config = CACHE.organ(organ_ref).config
