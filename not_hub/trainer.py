@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
+from accelerate.utils import parse_flag_from_env
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -46,6 +47,15 @@ logger = logging.getLogger(__name__)
 TRAINED_FILE = "trained_parameters.safetensors"
 BEST_FILE = "best_params.safetensors"
 STATE_FILE = "not_hub_state.json"  # written last: a checkpoint without it was cut short and is never resumed
+
+
+def process_state() -> PartialState:
+    """accelerate's view of this process, as the Trainer sets it up.
+
+    `PartialState()` alone ignores `ACCELERATE_USE_CPU`: under `accelerate launch` on CPUs it would tell every process
+    that it is the main one, of one, so each would write the run dir and lay out the steps for one process.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def finished_checkpoints(output_dir: Path) -> list[Path]:
@@ -225,7 +235,7 @@ class _BestValidation(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        PartialState().wait_for_everyone()  # every process wrote its part (its RNG state) first
+        process_state().wait_for_everyone()  # every process wrote its part (its RNG state) first
         if state.is_world_process_zero:
             if self.best is not None:
                 save_file(self.best, folder / BEST_FILE)
@@ -235,7 +245,7 @@ class _BestValidation(TrainerCallback):
             for old in Path(args.output_dir).glob("checkpoint-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
         return control
 
 

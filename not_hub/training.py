@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from torch import nn
 
 from .architectures import context_length
@@ -42,7 +41,7 @@ from .errors import (
 from .integrity import tensor_sha256
 from .prefix_cache import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
-from .trainer import finished_checkpoints, run_trainer
+from .trainer import finished_checkpoints, process_state, run_trainer
 from .transplant import Transplant, check_compatibility
 
 logger = logging.getLogger(__name__)
@@ -384,13 +383,12 @@ def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArgument
                 "Resuming it would mix two runs. Use a new run dir (--run-dir), delete this one, or pass "
                 "resume=False (--no-resume) to start over in it"
             )
-        return
-    if has_checkpoints and args.resume:
+    elif has_checkpoints and args.resume:
         raise RunDirMismatchError(
             f"run dir {output_dir} holds checkpoints but no {_IDENTITY_FILE} saying which run wrote them, so "
             "resuming could mix two runs. Use a new run dir, or pass resume=False (--no-resume) to start over in it"
         )
-    if is_main:
+    elif is_main:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             tmp = output_dir / f".{_IDENTITY_FILE}.tmp"
@@ -403,7 +401,7 @@ def _check_run_dir(output_dir: Path, identity: dict, args: OrganTrainingArgument
             ) from None
         for old in output_dir.glob("checkpoint-*"):  # ... then the old run's checkpoints go
             shutil.rmtree(old, ignore_errors=True)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()  # every process passes here exactly once
 
 
 class _ForwardRestored:
@@ -479,13 +477,13 @@ def fit_parameters(
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = args.mixed_precision
-    num_processes = PartialState().num_processes
+    num_processes = process_state().num_processes
     total_steps, steps_per_epoch = _steps(data, args, num_processes)
     eval_every = args.eval_every or steps_per_epoch or 100
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None:
         identity = run_identity(model, params, data, args, label, mixed)
-        _check_run_dir(output_dir, identity, args, PartialState().is_main_process)
+        _check_run_dir(output_dir, identity, args, process_state().is_main_process)
     validate = None
     if data.validation is not None:
         validate = lambda: validation_loss(model, data.validation, args.batch_size)  # noqa: E731

@@ -1,6 +1,7 @@
 """Training, recovery, bridges and evaluation on tiny models (offline, CPU)."""
 
 import copy
+import json
 import math
 import os
 import signal
@@ -221,7 +222,13 @@ def test_two_process_training_agrees(tmp_path):
     first_error = [line for line in out.stderr.splitlines() if "[rank0]" in line or "Error" in line][:40]
     assert out.returncode == 0, "\n".join(first_error) + "\n...\n" + out.stderr[-2000:]
     rank0, rank1 = (load_file(tmp_path / f"organ-rank{r}.safetensors") for r in (0, 1))
-    assert [(tmp_path / f"processes-rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
+    seen = [json.loads((tmp_path / f"processes-rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] and seen[0]["num_processes"] == 2
+    # the steps are laid out for two processes: three epochs of the blocks, all processes together (a process that
+    # took itself for the only one laid out twice the steps, and saw six)
+    assert seen[0]["epochs"] == 3
+    assert seen[0]["tokens_seen"] <= 3 * (seen[0]["train_tokens"] + 2 * 4 * 32)  # each epoch ends on a whole step
+    assert seen[0]["tokens_seen"] >= 3 * seen[0]["train_tokens"]
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     initial = not_hub.extract_organ(tiny_model("llama"), layer_range=(2, 4)).state_dict()
