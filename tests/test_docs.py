@@ -6,10 +6,10 @@ endpoint read at import); a failure names each failing block's file, line and tr
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import warm_python
 from hub_server import LocalHub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_every_code_block_of_the_readme_and_the_docs_runs(tmp_path):
         env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp / "hf"), HF_TOKEN="hf_docs", HF_HUB_DISABLE_TELEMETRY="1")
         env["NOT_HUB_CACHE"] = str(tmp / "not_hub_cache")
         script = Path(__file__).parent / "fixtures" / "run_docs.py"
-        out = subprocess.run(
+        out = warm_python.run(
             [sys.executable, str(script), str(tmp / "result.json"), str(tmp / "work"), *map(str, DOCS)],
             env=env,
             capture_output=True,

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import warm_python
 from hub_server import LocalHub
 from test_hub import run_scenario
 from tiny_models import tiny_input_ids, tiny_model
@@ -276,7 +277,6 @@ def test_cli_hub_commands_json_quiet_and_unreachable(local_hub, tmp_path):
     )
     assert "HUB-CLI-OK" in out
     import socket
-    import subprocess
     import sys
 
     # A port nobody listens on, held (bound, not listening) for the whole call: a port closed again could be taken
@@ -287,7 +287,7 @@ def test_cli_hub_commands_json_quiet_and_unreachable(local_hub, tmp_path):
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")}
         env.update(HF_ENDPOINT=dead, HF_HOME=str(tmp_path / "home2"), HF_TOKEN="t", HF_HUB_DISABLE_XET="1")
         not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(tmp_path / "o2")
-        result = subprocess.run(
+        result = warm_python.run(
             [sys.executable, "-m", "not_hub.cli", "push", str(tmp_path / "o2"), "user/organ"],
             capture_output=True, text=True, env=env, timeout=300,
         )  # fmt: skip

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import warm_python
 from tiny_models import tiny_input_ids, tiny_model
 from torch.testing import assert_close
 from transformers import (
@@ -333,7 +334,6 @@ def test_errors_are_also_builtins():
 
 def test_transplanted_checkpoint_loads_in_a_process_without_not_hub(llama, tmp_path):
     """The saved recipient is a plain transformers checkpoint: a fresh process that never imports not_hub loads it."""
-    import subprocess
     import sys
 
     from safetensors.torch import save_file
@@ -351,6 +351,6 @@ def test_transplanted_checkpoint_loads_in_a_process_without_not_hub(llama, tmp_p
         "torch.testing.assert_close(m.eval()(e['ids']).logits, e['logits'], rtol=0, atol=0)\n"
         "print(m.config.num_hidden_layers, m.config.transplants[0]['position'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = warm_python.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["8", "3"]

@@ -6,7 +6,6 @@ Each test is a finding of the fault probes (issue 14) turned into a check that f
 import functools
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 from tiny_models import tiny_input_ids, tiny_model
 from tiny_tokenizer import code_documents, tiny_tokenizer
 from transformers import AutoModel
@@ -213,7 +213,7 @@ def test_bf16_mixed_precision_training_leaves_the_model_as_it_found_it():
     """accelerate wraps `forward` in autocast; after training the model runs its own forward again, so evaluation
     is fp32 and a later standalone run (whose shell copies the donor's attributes) trains the organ. A fresh
     process: accelerate's state is process-wide and the rest of the suite trains in fp32."""
-    out = subprocess.run(
+    out = warm_python.run(
         [sys.executable, "-c", BF16_RUN.format(fixtures=str(FIXTURES))], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and "BF16-OK" in out.stdout, out.stderr[-3000:]
@@ -254,7 +254,7 @@ def test_a_small_checkpoint_cannot_make_loading_allocate_unbounded_memory(tmp_pa
         tmp_path / "organ" / "model.safetensors",
         metadata={"not_hub.config_sha256": config_sha256(config), "format": "pt"},
     )
-    out = subprocess.run(
+    out = warm_python.run(
         [sys.executable, "-c", HOSTILE_LOAD, str(tmp_path / "organ")], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and out.stdout.startswith("REFUSED"), (out.stdout + out.stderr)[-3000:]
@@ -353,7 +353,7 @@ def test_a_kill_during_save_leaves_the_old_organ_or_the_new_one(tmp_path, point)
     old = not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3))
     old.save_pretrained(target)
     (target / "NOTES.txt").write_text("kept")
-    out = subprocess.run(
+    out = warm_python.run(
         [sys.executable, "-c", KILLER.format(fixtures=str(FIXTURES)), point, str(target)], capture_output=True
     )
     assert out.returncode == 9, out.stderr.decode()[-2000:]
@@ -794,7 +794,7 @@ def test_cli_trains_a_streamed_corpus_under_a_token_or_time_budget(workspace, ca
 
 def test_subprocess_cli_error_has_no_traceback(workspace):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
+    out = warm_python.run(
         [sys.executable, "-m", "not_hub.cli", "inspect", str(workspace / "nowhere")],
         capture_output=True,
         text=True,

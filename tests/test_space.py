@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
@@ -162,7 +162,7 @@ def test_a_visitor_pushes_only_with_the_token_they_typed(assets, tmp_path):
         script = PUSH_AS_VISITOR.format(
             space=str(SPACE), recipient=str(assets / "recipient"), organ=str(assets / "organ")
         )
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        out = warm_python.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "REFUSED: pushing needs your own Hub token" in out.stdout
         assert "me/pushed" in hub.state.repos  # the typed token pushed
@@ -202,9 +202,7 @@ def app_url(assets):
         "HF_HUB_OFFLINE": "1",
         "NOT_HUB_SPACE_TOKEN_DELAY": "0.15",  # a stream of 24 tokens lasts ~4 s: long enough to explant during it
     }
-    proc = subprocess.Popen(
-        [sys.executable, str(SPACE / "app.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = warm_python.start([sys.executable, str(SPACE / "app.py")], env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:

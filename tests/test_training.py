@@ -5,13 +5,13 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from safetensors.torch import load_file
 from tiny_models import tiny_input_ids, tiny_model
 from tiny_tokenizer import code_documents, tiny_tokenizer
@@ -176,11 +176,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
 
     run(tmp_path / "reference", method=method)  # uninterrupted, in this process
     flags = ["--slow"] + (["--in-situ"] if method == "in_situ" else [])
-    proc = subprocess.Popen(
-        [sys.executable, str(FIXTURES / "train_run.py"), str(tmp_path / "killed"), *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = warm_python.start([sys.executable, str(FIXTURES / "train_run.py"), str(tmp_path / "killed"), *flags])
     deadline = time.time() + 240
     run_dir = tmp_path / "killed" / "run"
     while time.time() < deadline and not list(run_dir.glob("checkpoint-[5-9]")) and proc.poll() is None:
@@ -218,7 +214,7 @@ def test_two_process_training_agrees(tmp_path):
         str(tmp_path),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = warm_python.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     first_error = [line for line in out.stderr.splitlines() if "[rank0]" in line or "Error" in line][:40]
     assert out.returncode == 0, "\n".join(first_error) + "\n...\n" + out.stderr[-2000:]
     rank0, rank1 = (load_file(tmp_path / f"organ-rank{r}.safetensors") for r in (0, 1))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 from tiny_tokenizer import code_documents, tiny_tokenizer
@@ -286,11 +287,10 @@ print(len(pack_blocks([text], tokenizer, 256)), "blocks")
 
 
 def test_packing_a_multi_megabyte_line_stays_within_a_memory_bound():
-    import subprocess
     import sys
 
     script = PACK_UNDER_A_MEMORY_CAP.format(fixtures=str(Path(__file__).parent / "fixtures"))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = warm_python.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "11718 blocks" in out.stdout
 
