@@ -252,14 +252,12 @@ class Domain:
         return self._data
 
     def cell(self, key: str, run) -> dict:
-        def after_pause():
-            if PAUSE.exists():
-                print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
-                while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
-                    time.sleep(5)
-            return run()
-
-        out, fresh = recorded(self.folder / f"{key}.json", after_pause, "cell_wall_clock_s")
+        path = self.folder / f"{key}.json"
+        if not path.is_file() and PAUSE.exists():  # (before the cell's clock starts: a pause is not its time)
+            print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
+            while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
+                time.sleep(5)
+        out, fresh = recorded(path, run, "cell_wall_clock_s")
         if fresh:
             print(f"[{self.name}] {key}: {summary(out)}", flush=True)
         return out

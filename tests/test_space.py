@@ -268,6 +268,27 @@ def test_app_bad_inputs_keep_serving(client, assets):
     assert "Compatible" in status  # still serving
 
 
+def test_a_streamed_transplant_sends_the_figure_before_and_after_the_stream_not_per_token(assets):
+    """Gradio renders a figure output to a PNG on every update that carries it: the 24 per-token updates carry only
+    the two texts, and the last update carries the whole result again (figure, table, texts, status)."""
+    import app
+
+    recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+    stream = engine.STREAMS.start("figure-test")
+    try:
+        updates = list(app._transplant(recipient, organ, "insert", 3, "int f(", stream))
+    finally:
+        engine.STREAMS.finish(stream)
+    skipped = app.gr.skip()
+    with_figure = [i for i, u in enumerate(updates) if u[0] is not None and u[0] != skipped]
+    assert with_figure == [0, len(updates) - 1] and len(updates) > 3
+    for update in updates[1:-1]:
+        assert [v == skipped for v in update] == [True, True, False, False, True, True]
+    first, last = updates[0], updates[-1]
+    assert last[0] is first[0] and last[1] == first[1] and last[4] == first[4] and last[5] == first[5]
+    assert (last[2], last[3]) == updates[-2][2:4] and last[3]  # the streamed texts, whole, with the result
+
+
 def test_eight_concurrent_sessions_get_their_own_results(app_url, assets):
     from gradio_client import Client
 

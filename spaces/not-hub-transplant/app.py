@@ -138,15 +138,22 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
         + engine.growth_note(organ, mode)
     )
     yield report.figure, table, "", "", status, state
+    # Per token only the two texts change: the figure (re-rendered as a PNG on every update it is part of), the
+    # table, the status and the state are sent once before the stream and once after it.
+    before = after = ""
+    same = gr.skip()
     try:
         for before, after in engine.stream_side_by_side(
             recipient, organ, mode, int(position), prompt, stop=stream.stop
         ):
-            yield report.figure, table, before, after, status, state
+            yield same, same, before, after, same, same
     except NotHubError as err:
         yield report.figure, table, "", "", _error(err), state
         return
-    yield from _explanted(stream)
+    if stream.explanted:
+        yield from _explanted(stream)
+    else:
+        yield report.figure, table, before, after, status, state
 
 
 def _explanted(stream):
