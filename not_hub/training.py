@@ -477,13 +477,14 @@ def fit_parameters(
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mixed = args.mixed_precision
-    num_processes = process_state().num_processes
+    processes = process_state()
+    num_processes = processes.num_processes
     total_steps, steps_per_epoch = _steps(data, args, num_processes)
     eval_every = args.eval_every or steps_per_epoch or 100
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None:
         identity = run_identity(model, params, data, args, label, mixed)
-        _check_run_dir(output_dir, identity, args, process_state().is_main_process)
+        _check_run_dir(output_dir, identity, args, processes.is_main_process)
     validate = None
     if data.validation is not None:
         validate = lambda: validation_loss(model, data.validation, args.batch_size)  # noqa: E731
