@@ -189,15 +189,30 @@ def train(method: str, lr: float, seed: int, seconds: float, recipient, data, pr
     return artifact, record
 
 
-def score(artifact, recipient, docs, tok) -> float:
+def score(artifact, recipient, docs, tok, measure=None) -> float:
+    """`measure(model, docs, tok)` (per-document perplexity by default) of the artifact, in this process."""
     from quality import ppl
 
     import not_hub
 
+    measure = measure or ppl
     if isinstance(artifact, not_hub.OrganModel):
         with artifact.transplanted(recipient):
-            return ppl(recipient, docs, tok)
-    return ppl(artifact, docs, tok)
+            return measure(recipient, docs, tok)
+    return measure(artifact, docs, tok)
+
+
+def packed(preset: dict):
+    """A measure scoring documents as validation scores them: joined (EOS after each) into `block`-token blocks,
+    each token predicted mid-stream. Beside the per-document test figure it separates a change in the text from a
+    change in the protocol (every document scored from its first token, with no context)."""
+    from not_hub.data import pack_blocks
+    from not_hub.training import validation_loss
+
+    def measure(model, docs, tok) -> float:
+        return math.exp(validation_loss(model, pack_blocks(docs, tok, preset["block"]), preset["batch_size"]))
+
+    return measure
 
 
 PULL_AND_SCORE = """
@@ -284,6 +299,15 @@ class Domain:
 
         return self.cell("untouched", run)
 
+    def untouched_packed(self) -> dict:
+        """The untouched model's test documents scored packed, as validation is (see `packed`)."""
+
+        def run():
+            _, test, _ = self.data
+            return {"test_packed_ppl": score(self.recipient, self.recipient, test, self.tok, packed(self.preset))}
+
+        return self.cell("untouched-packed", run)
+
     def short(self, method: str, lr: float, seed: int) -> dict:
         """A run of `select_s` (the 2-minute point), scored on general text in-process (forgetting at 2 minutes)."""
 
@@ -329,6 +353,10 @@ class Domain:
             data, test, general = self.data
             method, lr = choice["method"], choice["chosen_lr"]
             artifact, record = train(method, lr, 0, self.preset["budget_s"], self.recipient, data, self.preset)
+            # In this process, before the round trip: the pulled figure must match the first; the packed one
+            # tells a protocol effect from a text effect (see `packed`).
+            record["test_ppl_in_process"] = score(artifact, self.recipient, test, self.tok)
+            record["test_packed_ppl"] = score(artifact, self.recipient, test, self.tok, packed(self.preset))
             repo_id = f"bench/curves-{self.name}-{name.replace('_', '-')}"
             record.update(push_pull_score(artifact, repo_id, {"test_ppl": test, "general_ppl": general}))
             record["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
@@ -338,6 +366,7 @@ class Domain:
 
     def run_all(self) -> None:
         self.untouched()
+        self.untouched_packed()
         chosen = self.selection()
         for name in METHODS:
             self.final(name, chosen[name])
