@@ -397,6 +397,8 @@ def collect(preset_name: str, preset: dict) -> dict:
             return {c["lr"]: c for c in shorts.values() if c["method"] == method and c["seed"] == seed}
 
         out = {"untouched": cells["untouched"], "methods": {}}
+        if "untouched-packed" in cells:
+            out["untouched"] = {**cells["untouched"], **cells["untouched-packed"]}
         slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
         slot = None
         if all(slots.values()):
@@ -503,9 +505,45 @@ def report(payload: dict) -> str:
             ]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
+        lines += ratio_lines(d, marks) + protocol_lines(d)
     if payload.get("missing"):
         lines += [f"Not run yet: {', '.join(payload['missing'])}.", ""]
     return "\n".join(lines)
+
+
+def ratio_lines(d: dict, marks: list[float]) -> list[str]:
+    """The organ's validation perplexity over the best LoRA's (the lower of r=8 and r=64) at each mark."""
+    curves = {n: r["final"]["curve"] for n, r in d["methods"].items() if r.get("final")}
+    if "organ" not in curves or not any(n.startswith("lora") for n in curves):
+        return []
+    cells = []
+    for m in marks:
+        organ = at(curves["organ"], m)
+        loras = [v for n, c in curves.items() if n.startswith("lora") and (v := at(c, m)) is not None]
+        cells.append(f"{m:g} min {organ / min(loras):.3f}" if organ is not None and loras else f"{m:g} min -")
+    return ["Organ / best LoRA, validation perplexity (below 1: the organ ahead): " + ", ".join(cells) + ".", ""]
+
+
+def protocol_lines(d: dict) -> list[str]:
+    """Test scored three ways: per document by repo id (the table), per document in the training process before
+    the round trip, and packed into blocks as validation is."""
+    u = d["untouched"]
+    rows = [(n, r["final"]) for n, r in d["methods"].items() if r.get("final") and "test_packed_ppl" in r["final"]]
+    if not rows or "test_packed_ppl" not in u:
+        return []
+    lines = [
+        "| test perplexity | per document, by repo id | per document, in process | packed as validation is | "
+        "validation |",
+        "|---|---|---|---|---|",
+        f"| untouched | {u['test_ppl']:.3f} | {u['test_ppl']:.3f} | {u['test_packed_ppl']:.3f} | "
+        f"{u['validation_ppl']:.3f} |",
+    ]
+    for name, f in rows:
+        lines.append(
+            f"| {name} | {f['test_ppl']:.3f} | {f['test_ppl_in_process']:.3f} | {f['test_packed_ppl']:.3f} | "
+            f"{f['best_validation_ppl']:.3f} |"
+        )
+    return lines + [""]
 
 
 def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
@@ -542,7 +580,7 @@ def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
 
 
 def expected_cells(preset: dict) -> int:
-    return 1 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1)
+    return 2 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1)
 
 
 def main() -> None:
