@@ -17,6 +17,88 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
+def curves_claims(c: dict) -> list[str]:
+    """The learning-curve benchmark's answer per domain, computed from its cells: when (if ever) the organ
+    overtakes LoRA, how the ratio moves, what the seeds allow, forgetting, and whether the default slot stands."""
+    from curves import SLOTS, at
+
+    out = []
+    marks = [m / 60 for m in c["settings"]["marks"]]
+    for domain, d in c["domains"].items():
+        u, methods = d["untouched"], d["methods"]
+        finals = {n: r["final"] for n, r in methods.items() if r.get("final")}
+        loras = [n for n in finals if n.startswith("lora")]
+        if "organ" in finals and loras:
+            ratios = {}
+            for m in marks:
+                organ, best = at(finals["organ"]["curve"], m), [at(finals[n]["curve"], m) for n in loras]
+                best = [v for v in best if v is not None]
+                if organ is not None and best:
+                    ratios[m] = organ / min(best)
+            ahead = [m for m, r in ratios.items() if r < 1]
+            first, last = next(iter(ratios)), list(ratios)[-1]
+            out.append(
+                f"- **{domain}: does the organ overtake LoRA?** "
+                + (
+                    f"Yes, from {ahead[0]:g} min."
+                    if ahead
+                    else f"No, not within {last:g} min: on validation it stays behind the better LoRA at every mark."
+                )
+                + f" Organ / best LoRA: {ratios[first]:.3f} at {first:g} min, {min(ratios.values()):.3f} at best, "
+                f"{ratios[last]:.3f} at {last:g} min ({finals['organ']['tokens_seen']:,} tokens seen by the organ, "
+                + ", ".join(f"{finals[n]['tokens_seen']:,} by {n}" for n in loras)
+                + ")."
+            )
+            test = {n: f["test_ppl"] for n, f in finals.items()}
+            best_lora = min(loras, key=test.get)
+            out.append(
+                f"- {domain}, test by repo id after {last:g} min: organ {test['organ']:.3f}, best LoRA ({best_lora}) "
+                f"{test[best_lora]:.3f} (organ / LoRA {test['organ'] / test[best_lora]:.3f}), untouched "
+                f"{u['test_ppl']:.3f}."
+            )
+        seeds = {n: [x["best_validation_ppl"] for x in r["short"]] for n, r in methods.items()}
+        seeds = {n: v for n, v in seeds.items() if len(v) >= 3}
+        if len(seeds) >= 2:
+            stats = {n: (statistics.mean(v), (max(v) - min(v)) / 2) for n, v in seeds.items()}
+            order = sorted(stats, key=lambda n: stats[n][0])
+            gaps = []
+            for a, b in zip(order, order[1:], strict=False):
+                gap = stats[b][0] - stats[a][0]
+                sure = gap > stats[a][1] + stats[b][1]
+                gaps.append(f"{a} < {b} by {gap:.3f} ({'beyond' if sure else 'within'} the two spreads)")
+            out.append(
+                f"- {domain}, noise at {c['settings']['select_s'] / 60:g} min ({len(next(iter(seeds.values())))} "
+                "seeds, mean ± half-range): "
+                + ", ".join(f"{n} {m:.3f} ± {h:.3f}" for n, (m, h) in stats.items())
+                + ". Ranking: "
+                + "; ".join(gaps)
+                + "."
+            )
+        keep = []
+        for n, r in methods.items():
+            short0 = next((x for x in r["short"] if x["seed"] == 0), None)
+            early = f"{short0['general_ppl'] / u['general_ppl']:.2f}x" if short0 else "-"
+            late = f"{r['final']['general_ppl'] / u['general_ppl']:.2f}x" if r.get("final") else "-"
+            keep.append(f"{n} {early} -> {late}")
+        out.append(
+            f"- {domain}, forgetting (general perplexity / untouched {u['general_ppl']:.2f}, at "
+            f"{c['settings']['select_s'] / 60:g} min -> at the end): " + ", ".join(keep) + "."
+        )
+        if "slot_selection" in d:
+            sel = d["slot_selection"]
+            default = next(s for s, r in SLOTS.items() if r == (10, 13))  # k=3 at floor(L/3) on 30 layers
+            out.append(
+                f"- {domain}, slot: validation chose {d['slot']} ({sel[d['slot']]:.3f}); the default slot "
+                f"({default}, layers 10-12) scored {sel[default]:.3f}, "
+                + (
+                    "so the default stands."
+                    if d["slot"] == default
+                    else f"{sel[default] / sel[d['slot']] - 1:.1%} behind it."
+                )
+            )
+    return out
+
+
 def load(name: str) -> dict | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -459,6 +541,8 @@ def main() -> None:
             (RESULTS / "curves_full.md").read_text(),
             "",
             *[f"![{d}](results/curves_full_{d}.png)" for d in curves["domains"]],
+            "",
+            *curves_claims(curves),
             "",
         ]
     lines += [
