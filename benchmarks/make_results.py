@@ -44,7 +44,8 @@ def curves_claims(c: dict) -> list[str]:
                     if ahead
                     else f"No, not within {last:g} min: on validation it stays behind the better LoRA at every mark."
                 )
-                + f" Organ / best LoRA: {ratios[first]:.3f} at {first:g} min, {min(ratios.values()):.3f} at best, "
+                + f" Organ / best LoRA: {ratios[first]:.3f} at {first:g} min, closest "
+                f"{min(ratios.values()):.3f} at {min(ratios, key=ratios.get):g} min, "
                 f"{ratios[last]:.3f} at {last:g} min ({finals['organ']['tokens_seen']:,} tokens seen by the organ, "
                 + ", ".join(f"{finals[n]['tokens_seen']:,} by {n}" for n in loras)
                 + ")."
@@ -60,18 +61,39 @@ def curves_claims(c: dict) -> list[str]:
         seeds = {n: v for n, v in seeds.items() if len(v) >= 3}
         if len(seeds) >= 2:
             stats = {n: (statistics.mean(v), (max(v) - min(v)) / 2) for n, v in seeds.items()}
-            order = sorted(stats, key=lambda n: stats[n][0])
             gaps = []
-            for a, b in zip(order, order[1:], strict=False):
-                gap = stats[b][0] - stats[a][0]
-                sure = gap > stats[a][1] + stats[b][1]
-                gaps.append(f"{a} < {b} by {gap:.3f} ({'beyond' if sure else 'within'} the two spreads)")
+            for other in (n for n in stats if n != "organ" and "organ" in stats):
+                gap = stats["organ"][0] - stats[other][0]
+                # a ranking only where the seeds' ranges do not overlap
+                sure = max(seeds["organ"]) < min(seeds[other]) or min(seeds["organ"]) > max(seeds[other])
+                verdict = ("ahead of" if gap < 0 else "behind") + f" {other} by {abs(gap):.3f}"
+                gaps.append(f"{verdict} ({'a ranking' if sure else 'no ranking: the seed ranges overlap'})")
             out.append(
                 f"- {domain}, noise at {c['settings']['select_s'] / 60:g} min ({len(next(iter(seeds.values())))} "
                 "seeds, mean ± half-range): "
                 + ", ".join(f"{n} {m:.3f} ± {h:.3f}" for n, (m, h) in stats.items())
-                + ". Ranking: "
-                + "; ".join(gaps)
+                + (". The organ is " + "; ".join(gaps) if gaps else "")
+                + "."
+            )
+        checks = d.get("checks", {})
+        for n, chk in checks.items():
+            f = methods.get(n, {}).get("final")
+            late = (
+                f", after {f['budget_s'] / 60:g} min {f['test_ppl'] / f['best_validation_ppl']:.2f}"
+                + (
+                    f" (in process {f['test_ppl_in_process'] / f['best_validation_ppl']:.2f})"
+                    if "test_ppl_in_process" in f
+                    else " (scored only after the round trip)"
+                )
+                if f
+                else ""
+            )
+            out.append(
+                f"- {domain}, {n}'s test / validation perplexity: after {chk['budget_s'] / 60:g} min "
+                f"{chk['test_ppl_in_process'] / chk['best_validation_ppl']:.2f} per document and "
+                f"{chk['test_packed_ppl'] / chk['best_validation_ppl']:.2f} packed{late}; untouched "
+                f"{u['test_ppl'] / u['validation_ppl']:.2f} per document"
+                + (f" and {u['test_packed_ppl'] / u['validation_ppl']:.2f} packed" if "test_packed_ppl" in u else "")
                 + "."
             )
         keep = []
