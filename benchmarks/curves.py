@@ -134,6 +134,18 @@ def prepare(domain: str, preset: dict, tok):
 # ------------------------------------------------------------------------------------------- one method, one run
 
 
+def windowed(preset: dict):
+    """A measure scoring each document on its own, in windows no longer than the training blocks (stride half a
+    block): every token predicted at a position the training saw. Beside the per-document figure (windows of 512)
+    it tells an effect of positions past the block length from an effect of the text."""
+    from not_hub import perplexity
+
+    def measure(model, docs, tok) -> float:
+        return perplexity(model, docs, tokenizer=tok, max_length=preset["block"]).perplexity
+
+    return measure
+
+
 def train(method: str, lr: float, seed: int, seconds: float, recipient, data, preset: dict):
     """Train `method` (a slot name, a LoRA name or full_ft) for `seconds`; return (artifact, record). The
     recipient is left untouched."""
@@ -309,6 +321,15 @@ class Domain:
 
         return self.cell("untouched-packed", run)
 
+    def untouched_window(self) -> dict:
+        """The untouched model's test documents scored in windows of one block (see `windowed`)."""
+
+        def run():
+            _, test, _ = self.data
+            return {"test_window_ppl": score(self.recipient, self.recipient, test, self.tok, windowed(self.preset))}
+
+        return self.cell("untouched-window", run)
+
     def short(self, method: str, lr: float, seed: int) -> dict:
         """A run of `select_s` (the 2-minute point), scored on general text in-process (forgetting at 2 minutes)."""
 
@@ -358,6 +379,7 @@ class Domain:
             # tells a protocol effect from a text effect (see `packed`).
             record["test_ppl_in_process"] = score(artifact, self.recipient, test, self.tok)
             record["test_packed_ppl"] = score(artifact, self.recipient, test, self.tok, packed(self.preset))
+            record["test_window_ppl"] = score(artifact, self.recipient, test, self.tok, windowed(self.preset))
             repo_id = f"bench/curves-{self.name}-{name.replace('_', '-')}"
             record.update(push_pull_score(artifact, repo_id, {"test_ppl": test, "general_ppl": general}))
             record["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
@@ -368,6 +390,7 @@ class Domain:
     def run_all(self) -> None:
         self.untouched()
         self.untouched_packed()
+        self.untouched_window()
         chosen = self.selection()
         for name in METHODS:
             self.final(name, chosen[name])
@@ -387,6 +410,7 @@ class Domain:
             artifact, record = train(method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset)
             record["test_ppl_in_process"] = score(artifact, self.recipient, test, self.tok)
             record["test_packed_ppl"] = score(artifact, self.recipient, test, self.tok, packed(self.preset))
+            record["test_window_ppl"] = score(artifact, self.recipient, test, self.tok, windowed(self.preset))
             return record
 
         return self.cell(f"check-{name}", run)
@@ -415,7 +439,7 @@ def collect(preset_name: str, preset: dict) -> dict:
 
         out = {"untouched": cells["untouched"], "methods": {}}
         if "untouched-packed" in cells:
-            out["untouched"] = {**cells["untouched"], **cells["untouched-packed"]}
+            out["untouched"] = {**cells["untouched"], **cells["untouched-packed"], **cells.get("untouched-window", {})}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
         slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
         slot = None
@@ -542,6 +566,10 @@ def ratio_lines(d: dict, marks: list[float]) -> list[str]:
     return ["Organ / best LoRA, validation perplexity (below 1: the organ ahead): " + ", ".join(cells) + ".", ""]
 
 
+def num(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
+
+
 def protocol_lines(d: dict) -> list[str]:
     """Test scored three ways: per document by repo id (the table), per document in the training process before
     the round trip, and packed into blocks as validation is."""
@@ -551,17 +579,17 @@ def protocol_lines(d: dict) -> list[str]:
     if not rows or "test_packed_ppl" not in u:
         return []
     lines = [
-        "| test perplexity | per document, by repo id | per document, in process | packed as validation is | "
-        "validation |",
-        "|---|---|---|---|---|",
-        f"| untouched | {u['test_ppl']:.3f} | {u['test_ppl']:.3f} | {u['test_packed_ppl']:.3f} | "
-        f"{u['validation_ppl']:.3f} |",
+        "| test perplexity | per document, by repo id | per document, in process | per document, windows of one "
+        "block | packed as validation is | validation |",
+        "|---|---|---|---|---|---|",
+        f"| untouched | {u['test_ppl']:.3f} | {u['test_ppl']:.3f} | {num(u.get('test_window_ppl'))} | "
+        f"{u['test_packed_ppl']:.3f} | {u['validation_ppl']:.3f} |",
     ]
     for name, f in rows:
         pulled = f"{f['test_ppl']:.3f}" if "test_ppl" in f else "- (not pushed)"
         lines.append(
-            f"| {name} | {pulled} | {f['test_ppl_in_process']:.3f} | {f['test_packed_ppl']:.3f} | "
-            f"{f['best_validation_ppl']:.3f} |"
+            f"| {name} | {pulled} | {f['test_ppl_in_process']:.3f} | {num(f.get('test_window_ppl'))} | "
+            f"{f['test_packed_ppl']:.3f} | {f['best_validation_ppl']:.3f} |"
         )
     return lines + [""]
 
@@ -600,7 +628,7 @@ def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
 
 
 def expected_cells(preset: dict) -> int:
-    return 2 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1) + len(PROTOCOL_CHECKS)
+    return 3 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1) + len(PROTOCOL_CHECKS)
 
 
 def main() -> None:
