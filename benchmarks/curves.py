@@ -392,13 +392,15 @@ class Domain:
         self.untouched_packed()
         self.untouched_window()
         chosen = self.selection()
-        for name in METHODS:
-            self.final(name, chosen[name])
+        # The short cells first (the seeds, then the checks), the 20-minute runs last: a domain stopped part-way
+        # has its whole 2-minute picture.
         for name in METHODS:
             for seed in self.preset["seeds"][1:]:
                 self.short(chosen[name]["method"], chosen[name]["chosen_lr"], seed)
         for name in PROTOCOL_CHECKS:
             self.protocol_check(name, chosen[name])
+        for name in METHODS:
+            self.final(name, chosen[name])
 
     def protocol_check(self, name: str, choice: dict) -> dict:
         """The seed-0 `select_s` run again, scored on test per document and packed (see `packed`) beside validation:
