@@ -403,8 +403,9 @@ class Domain:
             self.final(name, chosen[name])
 
     def protocol_check(self, name: str, choice: dict) -> dict:
-        """The seed-0 `select_s` run again, scored on test per document and packed (see `packed`) beside validation:
-        whether a method's test/validation gap comes from scoring each document from its first token."""
+        """The seed-0 `select_s` run again, scored on test per document, in windows of one block (`windowed`) and
+        packed (`packed`) beside validation: whether a method's test/validation gap comes from the text, from scoring
+        each document from its first token, or from positions past the training blocks."""
 
         def run():
             data, test, _ = self.data
@@ -439,9 +440,8 @@ def collect(preset_name: str, preset: dict) -> dict:
         def tried(method: str, seed: int = 0, shorts=shorts) -> dict[float, dict]:
             return {c["lr"]: c for c in shorts.values() if c["method"] == method and c["seed"] == seed}
 
-        out = {"untouched": cells["untouched"], "methods": {}}
-        if "untouched-packed" in cells:
-            out["untouched"] = {**cells["untouched"], **cells["untouched-packed"], **cells.get("untouched-window", {})}
+        untouched = {**cells["untouched"], **cells.get("untouched-packed", {}), **cells.get("untouched-window", {})}
+        out = {"untouched": untouched, "methods": {}}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
         slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
         slot = None
@@ -573,8 +573,8 @@ def num(value: float | None) -> str:
 
 
 def protocol_lines(d: dict) -> list[str]:
-    """Test scored three ways: per document by repo id (the table), per document in the training process before
-    the round trip, and packed into blocks as validation is."""
+    """Test scored four ways: per document by repo id (the table), per document in the training process before
+    the round trip, per document in windows of one block (see `windowed`) and packed as validation is (`packed`)."""
     u = d["untouched"]
     rows = [(n, r["final"]) for n, r in d["methods"].items() if r.get("final") and "test_packed_ppl" in r["final"]]
     rows += [(f"{n}, {c['budget_s'] / MINUTE:g} min", c) for n, c in d.get("checks", {}).items()]
