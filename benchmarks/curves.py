@@ -440,7 +440,9 @@ def collect(preset_name: str, preset: dict) -> dict:
         def tried(method: str, seed: int = 0, shorts=shorts) -> dict[float, dict]:
             return {c["lr"]: c for c in shorts.values() if c["method"] == method and c["seed"] == seed}
 
-        untouched = {**cells["untouched"], **cells.get("untouched-packed", {}), **cells.get("untouched-window", {})}
+        untouched = dict(cells["untouched"])
+        for extra in ("untouched-packed", "untouched-window"):  # their measures, not their wall clocks
+            untouched.update({k: v for k, v in cells.get(extra, {}).items() if k != "cell_wall_clock_s"})
         out = {"untouched": untouched, "methods": {}}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
         slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
