@@ -659,14 +659,15 @@ def main() -> None:
         finally:
             HUB.stop()
     payload = {"preset": name, "settings": preset, "machine": machine(), "domains": collect(name, preset)}
-    payload["missing"] = [
-        f"{d} ({len(list((RUNS / name / d).glob('*.json'))) if (RUNS / name / d).is_dir() else 0} of at least "
-        f"{expected_cells(preset)} cells)"
-        for d in preset["domains"]
-        if d not in payload["domains"]
-        or any(not r.get("final") for r in payload["domains"][d]["methods"].values())
-        or len(payload["domains"][d]["methods"]) < len(METHODS)
-    ]
+    payload["missing"] = []
+    for d in preset["domains"]:
+        on_record = len(list((RUNS / name / d).glob("*.json"))) if (RUNS / name / d).is_dir() else 0
+        methods = payload["domains"].get(d, {}).get("methods", {})
+        finals = [n for n in METHODS if not methods.get(n, {}).get("final")]
+        if d not in payload["domains"] or len(methods) < len(METHODS):
+            payload["missing"].append(f"{d} ({on_record} of at least {expected_cells(preset)} cells on record)")
+        elif finals:
+            payload["missing"].append(f"{d}: the 20-minute runs of {', '.join(finals)} ({on_record} cells on record)")
     payload["command"] = f"benchmarks/curves.py --{name}"
     write_json(f"curves_{name}", payload)
     plot(payload, RESULTS, name)
