@@ -377,9 +377,7 @@ class Domain:
             artifact, record = train(method, lr, 0, self.preset["budget_s"], self.recipient, data, self.preset)
             # In this process, before the round trip: the pulled figure must match the first; the packed one
             # tells a protocol effect from a text effect (see `packed`).
-            record["test_ppl_in_process"] = score(artifact, self.recipient, test, self.tok)
-            record["test_packed_ppl"] = score(artifact, self.recipient, test, self.tok, packed(self.preset))
-            record["test_window_ppl"] = score(artifact, self.recipient, test, self.tok, windowed(self.preset))
+            record.update(self.test_scores(artifact, test))
             repo_id = f"bench/curves-{self.name}-{name.replace('_', '-')}"
             record.update(push_pull_score(artifact, repo_id, {"test_ppl": test, "general_ppl": general}))
             record["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
@@ -402,6 +400,15 @@ class Domain:
         for name in METHODS:
             self.final(name, chosen[name])
 
+    def test_scores(self, artifact, test: list[str]) -> dict[str, float]:
+        """Test in this process: per document, packed as validation is (`packed`), in windows of one block
+        (`windowed`)."""
+        return {
+            "test_ppl_in_process": score(artifact, self.recipient, test, self.tok),
+            "test_packed_ppl": score(artifact, self.recipient, test, self.tok, packed(self.preset)),
+            "test_window_ppl": score(artifact, self.recipient, test, self.tok, windowed(self.preset)),
+        }
+
     def protocol_check(self, name: str, choice: dict) -> dict:
         """The seed-0 `select_s` run again, scored on test per document, in windows of one block (`windowed`) and
         packed (`packed`) beside validation: whether a method's test/validation gap comes from the text, from scoring
@@ -411,9 +418,7 @@ class Domain:
             data, test, _ = self.data
             method, lr = choice["method"], choice["chosen_lr"]
             artifact, record = train(method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset)
-            record["test_ppl_in_process"] = score(artifact, self.recipient, test, self.tok)
-            record["test_packed_ppl"] = score(artifact, self.recipient, test, self.tok, packed(self.preset))
-            record["test_window_ppl"] = score(artifact, self.recipient, test, self.tok, windowed(self.preset))
+            record.update(self.test_scores(artifact, test))
             return record
 
         return self.cell(f"check-{name}", run)
