@@ -15,6 +15,10 @@ Example:
     ```
 """
 
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
 from transformers import AutoConfig, AutoModel
 
 from . import errors
@@ -22,8 +26,6 @@ from .adapters import check_adapter, load_adapter, push_adapter, save_adapter
 from .architectures import SUPPORTED_MODEL_TYPES, resolve_architecture
 from .compatibility import CompatibilityReport, CompatibilityRow
 from .configuration_organ import OrganConfig
-from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks
-from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
 from .extraction import default_layer_range, excise, extract_organ
 from .grafted import load_grafted
 from .grafting import get_organ_model, trainable_parameters, unload_organ
@@ -32,10 +34,41 @@ from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .organ_set import OrganSet
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
-from .trainer import OrganTrainer, WallClockBudget, collate_blocks
-from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
 from .transplant import Transplant, transplants_of
 from .version import __version__
+
+# Training, evaluation and data load on first use: they import datasets, accelerate and peft (through transformers'
+# Trainer), which loading, grafting and publishing an organ never need (about 1 s of every `import not_hub`).
+_LAZY = {
+    "data": ("BlockData", "DocumentSplits", "load_documents", "make_blocks", "split_documents", "stream_blocks"),
+    "evaluation": ("PerplexityResult", "SweepResult", "perplexity", "position_sweep"),
+    "trainer": ("OrganTrainer", "WallClockBudget", "collate_blocks"),
+    "training": ("DEFAULT_LR", "OrganTrainingArguments", "TrainingMetrics", "recover", "train_bridges", "train_organ"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+if TYPE_CHECKING:
+    from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks
+    from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
+    from .trainer import OrganTrainer, WallClockBudget, collate_blocks
+    from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
+
+
+def __getattr__(name: str):
+    """The lazy names above, and any submodule (`not_hub.evaluation.add_evaluation_result`), on first use."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})
+
 
 AutoConfig.register(OrganConfig.model_type, OrganConfig, exist_ok=True)
 AutoModel.register(OrganConfig, OrganModel, exist_ok=True)
