@@ -37,8 +37,8 @@ from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
-# Training, evaluation and data load on first use: they import datasets, accelerate and peft (through transformers'
-# Trainer), which loading, grafting and publishing an organ never need (about 1 s of every `import not_hub`).
+# Training, evaluation and data load on first use: they import datasets, transformers' Trainer and peft (through the
+# Trainer), which loading, grafting and publishing an organ never need (about 0.6 s of every `import not_hub`).
 _LAZY = {
     "data": ("BlockData", "DocumentSplits", "load_documents", "make_blocks", "split_documents", "stream_blocks"),
     "evaluation": ("PerplexityResult", "SweepResult", "perplexity", "position_sweep"),

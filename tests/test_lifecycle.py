@@ -305,6 +305,37 @@ def test_public_api_is_curated():
         assert hasattr(not_hub, name), name
 
 
+LAZY_IMPORT = """
+import sys
+import not_hub
+heavy = [m for m in ("datasets", "peft", "transformers.trainer", "not_hub.training") if m in sys.modules]
+assert not heavy, heavy  # loading and grafting an organ pays for none of them
+assert set(not_hub.__all__) <= set(dir(not_hub))
+assert not_hub.evaluation.add_evaluation_result  # a submodule is an attribute, as when the package imported it
+from not_hub import train_organ, perplexity
+assert train_organ is sys.modules["not_hub.training"].train_organ
+assert perplexity is sys.modules["not_hub.evaluation"].perplexity
+try:
+    not_hub.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("no AttributeError")
+print("LAZY-OK")
+"""
+
+
+def test_import_not_hub_leaves_training_to_first_use():
+    """Fresh process: `import not_hub` does not import datasets, peft or transformers' Trainer; every
+    public name and submodule still resolves, to the same object as its module's."""
+    import sys
+
+    import warm_python
+
+    out = warm_python.run([sys.executable, "-c", LAZY_IMPORT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "LAZY-OK" in out.stdout, out.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------- organs that carry their recovery
 
 
