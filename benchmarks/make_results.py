@@ -472,6 +472,16 @@ def main() -> None:
             "and cost about that.",
             "",
         ]
+    if (RESULTS / "speed_load.md").exists():  # `speed.py --load`, a later run than the latency table above
+        lines += [
+            "A later run (`speed.py --load`), after the organ load was rebuilt (built on `meta`, every tensor hashed "
+            "while the next is read): where it and the latency table above disagree, it is current.",
+            "",
+            (RESULTS / "speed_load.md").read_text().strip(),
+            "",
+        ]
+    if (RESULTS / "speed_loop.md").exists():  # `speed.py --loop`
+        lines += [(RESULTS / "speed_loop.md").read_text().strip(), ""]
     lines += ["## Quality", ""]
     if quality:
         lines += [(RESULTS / "quality_full.md").read_text(), "", *quality_claims(quality), ""]
