@@ -81,8 +81,10 @@ def curves_claims(c: dict) -> list[str]:
             late = (
                 f", after {f['budget_s'] / 60:g} min {f['test_ppl'] / f['best_validation_ppl']:.2f}"
                 + (
-                    f" (in process {f['test_ppl_in_process'] / f['best_validation_ppl']:.2f})"
-                    if "test_ppl_in_process" in f
+                    f" per document (in process {f['test_ppl_in_process'] / f['best_validation_ppl']:.2f}, in windows "
+                    f"of one block {f['test_window_ppl'] / f['best_validation_ppl']:.2f}, packed "
+                    f"{f['test_packed_ppl'] / f['best_validation_ppl']:.2f})"
+                    if "test_window_ppl" in f
                     else " (scored only after the round trip)"
                 )
                 if f
