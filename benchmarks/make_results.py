@@ -76,24 +76,25 @@ def curves_claims(c: dict) -> list[str]:
                 + "."
             )
         checks = d.get("checks", {})
+
+        def per_val(cell: dict, key: str) -> str:  # a test figure over the same run's best validation figure
+            return f"{cell[key] / cell['best_validation_ppl']:.2f}"
+
         for n, chk in checks.items():
             f = methods.get(n, {}).get("final")
-            late = (
-                f", after {f['budget_s'] / 60:g} min {f['test_ppl'] / f['best_validation_ppl']:.2f}"
-                + (
-                    f" per document (in process {f['test_ppl_in_process'] / f['best_validation_ppl']:.2f}, in windows "
-                    f"of one block {f['test_window_ppl'] / f['best_validation_ppl']:.2f}, packed "
-                    f"{f['test_packed_ppl'] / f['best_validation_ppl']:.2f})"
+
+            late = ""
+            if f:
+                late = f", after {f['budget_s'] / 60:g} min {per_val(f, 'test_ppl')}" + (
+                    f" per document (in process {per_val(f, 'test_ppl_in_process')}, in windows of one block "
+                    f"{per_val(f, 'test_window_ppl')}, packed {per_val(f, 'test_packed_ppl')})"
                     if "test_window_ppl" in f
                     else " (scored only after the round trip)"
                 )
-                if f
-                else ""
-            )
             out.append(
                 f"- {domain}, {n}'s test / validation perplexity: after {chk['budget_s'] / 60:g} min "
-                f"{chk['test_ppl_in_process'] / chk['best_validation_ppl']:.2f} per document and "
-                f"{chk['test_packed_ppl'] / chk['best_validation_ppl']:.2f} packed{late}; untouched "
+                f"{per_val(chk, 'test_ppl_in_process')} per document and {per_val(chk, 'test_packed_ppl')} "
+                f"packed{late}; untouched "
                 f"{u['test_ppl'] / u['validation_ppl']:.2f} per document"
                 + (f" and {u['test_packed_ppl'] / u['validation_ppl']:.2f} packed" if "test_packed_ppl" in u else "")
                 + "."
