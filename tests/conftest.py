@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Parallel workers (pytest -n): one thread each, subprocesses included. Two workers with two OpenMP threads each
-    # on two cores spin against each other and run some tests 10x slower.
+    # Parallel workers (pytest -n): one thread each, subprocesses included. Workers with two OpenMP threads each on
+    # two cores spin against each other and run some tests 10x slower.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 else:
