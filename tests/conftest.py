@@ -40,8 +40,9 @@ def pytest_collection_finish(session):
 
     accelerate's `free_memory()`, called by every `transformers.Trainer` run and by not_hub's, runs a full
     `gc.collect()`, which walks every tracked object: with the whole stack imported, about 0.25 s each time, and the
-    suite trains more than a hundred times. Objects that exist at the end of collection live as long as the worker,
-    so freezing them (`gc.freeze()`) changes what a collection has to walk, not what it frees.
+    suite trains more than a hundred times. A collection first frees what is garbage already; what is left (modules,
+    classes, the collected test items) lives as long as the worker, so freezing it (`gc.freeze()`) changes what
+    later collections walk, not what they free.
     """
     import gc
 
