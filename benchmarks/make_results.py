@@ -17,6 +17,11 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
+def per_val(cell: dict, key: str, over: str = "best_validation_ppl") -> str:
+    """A test figure of one run over the same run's validation figure, as printed."""
+    return f"{cell[key] / cell[over]:.2f}"
+
+
 def curves_claims(c: dict) -> list[str]:
     """The learning-curve benchmark's answer per domain, computed from its cells: when (if ever) the organ
     overtakes LoRA, how the ratio moves, what the seeds allow, forgetting, and whether the default slot stands."""
@@ -76,13 +81,8 @@ def curves_claims(c: dict) -> list[str]:
                 + "."
             )
         checks = d.get("checks", {})
-
-        def per_val(cell: dict, key: str) -> str:  # a test figure over the same run's best validation figure
-            return f"{cell[key] / cell['best_validation_ppl']:.2f}"
-
         for n, chk in checks.items():
             f = methods.get(n, {}).get("final")
-
             late = ""
             if f:
                 late = f", after {f['budget_s'] / 60:g} min {per_val(f, 'test_ppl')}" + (
@@ -94,9 +94,8 @@ def curves_claims(c: dict) -> list[str]:
             out.append(
                 f"- {domain}, {n}'s test / validation perplexity: after {chk['budget_s'] / 60:g} min "
                 f"{per_val(chk, 'test_ppl_in_process')} per document and {per_val(chk, 'test_packed_ppl')} "
-                f"packed{late}; untouched "
-                f"{u['test_ppl'] / u['validation_ppl']:.2f} per document"
-                + (f" and {u['test_packed_ppl'] / u['validation_ppl']:.2f} packed" if "test_packed_ppl" in u else "")
+                f"packed{late}; untouched {per_val(u, 'test_ppl', 'validation_ppl')} per document"
+                + (f" and {per_val(u, 'test_packed_ppl', 'validation_ppl')} packed" if "test_packed_ppl" in u else "")
                 + "."
             )
         keep = []

@@ -345,24 +345,26 @@ def browser():
 
 
 @pytest.fixture
-def new_page(browser):
-    """`new_page(viewport)`: a page in a fresh browser context, closed after the test."""
+def new_page(browser, app_url):
+    """`new_page(viewport)`: the app in a fresh browser context, once its first compatibility check is shown; the
+    context is closed after the test."""
     contexts = []
 
     def open_page(viewport: dict):
         contexts.append(browser.new_context(viewport=viewport))
-        return contexts[-1].new_page()
+        page = contexts[-1].new_page()
+        page.goto(app_url)
+        page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
+        return page
 
     yield open_page
     for context in contexts:
         context.close()
 
 
-def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path, new_page):
+def test_browser_clicks_through_a_transplant(assets, tmp_path, new_page):
     """Headless Chromium (Debian's, driven by Playwright) loads the page, transplants and reads the results."""
     page = new_page({"width": 1400, "height": 1500})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     page.click("#compat-details button, #compat-details .label-wrap")  # the details are folded away
     page.wait_for_selector("#compat-table table", timeout=60_000)
     assert "decoder_layer_class" in page.inner_text("#compat-table")
@@ -395,20 +397,16 @@ def test_browser_clicks_through_a_transplant(app_url, assets, tmp_path, new_page
     assert (tmp_path / "space.png").stat().st_size > 10_000
 
 
-def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(app_url, tmp_path, new_page):
+def test_the_action_is_on_the_first_screen_and_a_phone_clips_nothing(tmp_path, new_page):
     """1280x900: the verdict and Transplant are visible without scrolling. 390x844 (a phone): no table cell is cut
     off, the compatibility verdict is on screen, and Transplant is within the first two screens."""
     page = new_page({"width": 1280, "height": 900})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     box = page.locator("#transplant").bounding_box()
     assert box["y"] + box["height"] <= 900, box  # no scrolling to reach the action
     assert page.locator("#status").bounding_box()["y"] < 900
     page.screenshot(path=str(tmp_path / "desktop.png"))
 
     page = new_page({"width": 390, "height": 844})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     status = page.locator("#status").bounding_box()
     assert status["x"] >= 0 and status["x"] + status["width"] <= 390
     assert page.locator("#transplant").bounding_box()["y"] < 2 * 844
@@ -443,7 +441,7 @@ def _check_fields(page, recipient: str, organ: str) -> None:
     page.wait_for_function("document.querySelector('#status').innerText.includes('Compatible:')", timeout=60_000)
 
 
-def test_browser_the_transplanted_side_stops_at_its_end_of_text(app_url, assets, new_page):
+def test_browser_the_transplanted_side_stops_at_its_end_of_text(assets, new_page):
     """Item 1: a recipient whose end-of-text token is the transplanted model's first token. The transplanted side
     shows only the end-of-text marker, and nothing is forced after it while the untouched side goes on."""
     recipient, organ, prompt = str(assets / "recipient"), str(assets / "foreign-organ"), "int f("
@@ -459,8 +457,6 @@ def test_browser_the_transplanted_side_stops_at_its_end_of_text(app_url, assets,
         config = json.loads((eos_recipient / "generation_config.json").read_text())
         (eos_recipient / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": first}))
     page = new_page({"width": 1280, "height": 900})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     _check_fields(page, str(eos_recipient), organ)
     page.wait_for_function(
         f"document.querySelector('#position input[type=number]').value === '{position}'", timeout=30_000
@@ -476,12 +472,10 @@ def test_browser_the_transplanted_side_stops_at_its_end_of_text(app_url, assets,
     assert "greedy" in page.inner_text("#decoding-note")
 
 
-def test_browser_a_bad_prompt_is_refused_before_any_transplant(app_url, assets, new_page):
+def test_browser_a_bad_prompt_is_refused_before_any_transplant(assets, new_page):
     """Item 6: after a good transplant, an empty prompt gives an error at once and clears the earlier results
     (no perplexity table from another request sits beside it)."""
     page = new_page({"width": 1280, "height": 900})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     page.click("#transplant")
     page.wait_for_function("document.querySelector('#perplexity').innerText.includes('domain (code)')", timeout=60_000)
     page.click("#explant")
@@ -498,8 +492,6 @@ def test_browser_enter_examples_whole_positions_and_no_time_estimate(app_url, as
     """Item 9: Enter in the prompt transplants; the examples name the organ; a typed position of 3.7 is refused with
     the reason, not run as another layer than the page shows; no estimated duration is shown for a transplant."""
     page = new_page({"width": 1280, "height": 900})
-    page.goto(app_url)
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Compatible')", timeout=60_000)
     assert engine.DEFAULT_ORGAN_REPO_ID in page.inner_text("body")  # the examples' Organ column is filled
     page.fill("#prompt textarea", "int f(")
     page.press("#prompt textarea", "Enter")
