@@ -16,7 +16,9 @@ recipient's layers as they were at that moment, with the earlier organs of the s
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,22 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from .atomic import replace_folder
-from .errors import CheckpointFormatError, InvalidArgumentError, OrganNotFoundError
+from .errors import CheckpointFormatError, InvalidArgumentError, OrganNotFoundError, TransplantStateError
 from .hub import check_revision, hub_errors, prepare_repo, repo_file
 from .modeling_organ import OrganModel
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
+logger = logging.getLogger(__name__)
+
 SET_FILE = "organ_set.json"
 SET_FORMAT = "1.0"
+# A manifest is checked whole before any organ is built: a hostile one listing a subfolder thousands of times must
+# cost nothing. No decoder has this many layers to graft organs between (the deepest on the Hub have ~200).
+MAX_SET_ORGANS = 256
+_ENTRY_KEYS = {"subfolder", "mode", "position", "remove"}
+_MANIFEST_KEYS = {"format_version", "not_hub_version", "base_model", "organs"}
+_SUBFOLDER = re.compile(r"organ-[0-9]{1,4}")
 
 
 class OrganSet:
@@ -46,12 +56,25 @@ class OrganSet:
     @classmethod
     def from_transplants(cls, transplants: list[Transplant] | nn.Module) -> OrganSet:
         """The live transplants of a model (or a list of them, in the order they were grafted), with their current
-        weights (what training and recovery made of them; recovered neighbours are not part of a set)."""
+        weights (what training made of them).
+
+        Raises:
+            InvalidArgumentError: no transplants.
+            TransplantStateError: recovery trained neighbouring layers of a transplant (`radius > 0`): a set carries
+                organs only, so it would silently lose them.
+        """
         if isinstance(transplants, nn.Module):
             transplants = transplants_of(transplants)
         transplants = list(transplants)
         if not transplants:
             raise InvalidArgumentError("no transplants given: graft the organs first, then build the set from them")
+        recovered = [i for i, t in enumerate(transplants) if t._neighbour_backup]
+        if recovered:  # a set carries organs only: dropping trained neighbours would change the model's output
+            raise TransplantStateError(
+                f"transplant(s) {recovered} had neighbouring recipient layers trained by recovery (radius > 0); a set "
+                "carries only the organs, so it would not reproduce this model. Recover with radius=0 to build a set, "
+                "or save each organ with its neighbours: transplant.to_organ().save_pretrained(...)"
+            )
         organs = [t.to_organ(neighbours=False) for t in transplants]
         placements = [
             {"mode": t.entry["mode"], "position": t.entry["position"]}
@@ -144,20 +167,64 @@ def _read_manifest(name_or_path, revision, token, kwargs) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointFormatError(f"{manifest_path} is not valid JSON ({err})") from None
-    entries = manifest.get("organs") if isinstance(manifest, dict) else None
-    valid = isinstance(entries, list) and entries and all(
-        isinstance(e, dict)
-        and isinstance(e.get("subfolder"), str)
-        and e["subfolder"].startswith("organ-")
-        and "/" not in e["subfolder"]
-        and e.get("mode") in ("replace", "insert", "bridge", "splice")
-        and isinstance(e.get("position"), int)
-        and not isinstance(e.get("position"), bool)
-        for e in entries
-    )  # fmt: skip
-    if not valid:
-        raise CheckpointFormatError(
-            f"{manifest_path} is not an organ-set manifest (a list of organs, each with subfolder organ-N, mode and "
-            "position), as OrganSet.save_pretrained writes it"
-        )
+    _check_manifest(manifest, manifest_path)
     return manifest
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """Refuse a manifest that `save_pretrained` would not write, before anything is loaded: a format this version
+    cannot read, too many organs, a subfolder listed twice, unknown keys, malformed entries."""
+    shape = (
+        "an organ-set manifest is a JSON object whose 'organs' is a list of entries {subfolder: organ-N, mode, "
+        "position[, remove]}, as OrganSet.save_pretrained writes it"
+    )
+    if not isinstance(manifest, dict):
+        raise CheckpointFormatError(f"{path} is not an organ-set manifest: {shape}")
+    version = manifest.get("format_version", SET_FORMAT)
+    major = version.split(".")[0] if isinstance(version, str) else None
+    if major != SET_FORMAT.split(".")[0]:
+        raise CheckpointFormatError(
+            f"{path} has format_version={version!r}; this not_hub ({__version__}) reads organ sets of format "
+            f"{SET_FORMAT.split('.')[0]}.x: upgrade not_hub (pip install -U not_hub) to load it"
+        )
+    entries = manifest.get("organs")
+    if not isinstance(entries, list) or not entries:
+        raise CheckpointFormatError(f"{path} lists no organs: {shape}")
+    if len(entries) > MAX_SET_ORGANS:
+        raise CheckpointFormatError(
+            f"{path} lists {len(entries)} organs; an organ set holds at most {MAX_SET_ORGANS} (it was not written by "
+            "OrganSet.save_pretrained, or not for a model anyone can run)"
+        )
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        valid = (
+            isinstance(e, dict)
+            and isinstance(e.get("subfolder"), str)
+            and _SUBFOLDER.fullmatch(e["subfolder"]) is not None
+            and e.get("mode") in ("replace", "insert", "bridge", "splice")
+            and isinstance(e.get("position"), int)
+            and not isinstance(e.get("position"), bool)
+            and 0 <= e["position"] < 100_000
+            and (
+                "remove" not in e
+                or (isinstance(e["remove"], int) and not isinstance(e["remove"], bool) and 0 <= e["remove"] < 100_000)
+            )
+        )
+        if not valid:
+            raise CheckpointFormatError(
+                f"{path} is not an organ-set manifest: organs[{i}] = {str(e)[:200]} is malformed; {shape}"
+            )
+        extra = set(e) - _ENTRY_KEYS
+        if extra:
+            raise CheckpointFormatError(
+                f"{path}: organs[{i}] has unknown key(s) {sorted(extra)}; an entry holds only {sorted(_ENTRY_KEYS)}"
+            )
+        if e["subfolder"] in seen:
+            raise CheckpointFormatError(
+                f"{path}: subfolder {e['subfolder']!r} is listed twice (organs[{i}]); each organ of a set is grafted "
+                "once, from its own subfolder"
+            )
+        seen.add(e["subfolder"])
+    unknown = set(manifest) - _MANIFEST_KEYS
+    if unknown:  # forward-compatible at the top level, as configs are: a newer writer may add metadata
+        logger.warning("%s: ignoring unknown manifest key(s) %s", path, sorted(unknown))

@@ -189,9 +189,10 @@ def test_a_cache_that_does_not_fit_is_refused_and_nothing_trains(blocks):
     ]:
         if cache is stale:
             with torch.no_grad():
-                donor.model.layers[0].mlp.up_proj.weight.mul_(1.0)  # same values, a new in-place version
+                donor.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # new values (the content hash sees it)
         with pytest.raises(InvalidArgumentError, match=words):
             train_organ(organ, donor, blocks, prefix_cache=cache, **kwargs)
         assert all(torch.equal(v, initial[k]) for k, v in organ.state_dict().items())
-        assert all(torch.equal(v, before[k]) for k, v in donor.state_dict().items())
+        if cache is not stale:
+            assert all(torch.equal(v, before[k]) for k, v in donor.state_dict().items())
         assert len(donor.model.layers) == 6 and not getattr(donor.config, "transplants", None)

@@ -1,0 +1,185 @@
+"""Reliability of the surfaces added in round three (issue 39's probes): several organs grafted for a Trainer and
+unloaded in any order, a prefix cache shared between runs, an organ set's manifest. Each test failed before its fix."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_input_ids, tiny_model
+from tiny_tokenizer import code_documents, tiny_tokenizer
+
+import not_hub
+from not_hub.data import make_blocks, split_documents
+from not_hub.errors import CheckpointFormatError, InvalidArgumentError, TransplantStateError
+from not_hub.prefix_cache import PrefixCache
+from not_hub.training import train_organ
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return make_blocks(split_documents(code_documents(), seed=0), tiny_tokenizer(), 32)
+
+
+# ---------------------------------------------------------------------- get_organ_model / unload_organ, any order
+
+
+def _two_grafts(model):
+    first = not_hub.extract_organ(tiny_model("llama", seed=1), layer_range=(1, 2))
+    second = not_hub.extract_organ(tiny_model("llama", seed=2), layer_range=(4, 5))
+    not_hub.get_organ_model(first, model)
+    t_first = not_hub.transplants_of(model)[-1]
+    not_hub.get_organ_model(second, model)
+    t_second = not_hub.transplants_of(model)[-1]
+    return t_first, t_second
+
+
+@pytest.mark.parametrize("order", ["oldest_first", "newest_first"])
+def test_organs_unloaded_in_any_order_give_back_every_flag_and_weight(order, hash_state):
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)  # a flag of the user's own, kept through it all
+    before = hash_state(model)
+    flags = [(name, p.requires_grad) for name, p in model.named_parameters()]
+    use_cache = model.config.use_cache
+    t_first, t_second = _two_grafts(model)
+    # The second graft keeps the first organ trainable (it silently froze it before): both organs train, nothing else.
+    trainable = {id(p) for t in (t_first, t_second) for layer in t.layers for p in layer.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
+    model.config.use_cache = False  # as Trainer leaves it
+    if order == "oldest_first":
+        not_hub.unload_organ(model, transplant=t_first)
+        # The layers that came back are frozen while the other organ still trains.
+        live = {id(p) for layer in t_second.layers for p in layer.parameters()}
+        assert {id(p) for p in model.parameters() if p.requires_grad} == live
+        not_hub.unload_organ(model)
+    else:
+        not_hub.unload_organ(model)
+        not_hub.unload_organ(model)
+    assert hash_state(model) == before
+    assert [(name, p.requires_grad) for name, p in model.named_parameters()] == flags
+    assert model.config.use_cache == use_cache
+    with pytest.raises(TransplantStateError, match="get_organ_model"):
+        not_hub.unload_organ(model)
+
+
+def test_a_deepcopy_of_a_grafted_model_unloads_as_the_original(hash_state):
+    model = tiny_model("llama")
+    before = hash_state(model)
+    not_hub.get_organ_model(not_hub.extract_organ(tiny_model("llama", seed=1), layer_range=(2, 4)), model)
+    copied = copy.deepcopy(model)
+    organ = not_hub.unload_organ(copied)  # (it said "holds no organ" before)
+    assert organ.config.num_layers == 2
+    assert hash_state(copied) == before and all(p.requires_grad for p in copied.parameters())
+    not_hub.unload_organ(model)  # the original is independent of the copy
+    assert hash_state(model) == before and all(p.requires_grad for p in model.parameters())
+
+
+def test_unloading_after_bf16_prepare_removes_accelerates_autocast_wrapper():
+    from accelerate import Accelerator
+
+    model = tiny_model("llama")
+    ids = tiny_input_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    not_hub.get_organ_model(not_hub.extract_organ(tiny_model("llama"), layer_range=(2, 4)), model)
+    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)  # what Trainer does with bf16=True
+    assert "forward" in model.__dict__  # the autocast wrapper
+    not_hub.unload_organ(model)
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # float32 again, bit for bit
+
+
+# ------------------------------------------------------------------------------------------- a shared prefix cache
+
+
+def test_a_shared_cache_is_refused_after_a_weight_below_the_organ_changed_through_data(blocks):
+    donor = tiny_model("llama")
+    cache = PrefixCache.build(donor, 2, [blocks.train[:]["input_ids"], blocks.validation[:]["input_ids"]])
+    kwargs = dict(method="in_situ", max_steps=2, lr=3e-3, batch_size=8, progress=False, prefix_cache=cache)
+    # Same values written in place (a new version counter, same content): the cache is still right and is reused.
+    with torch.no_grad():
+        donor.model.layers[0].mlp.up_proj.weight.mul_(1.0)
+    train_organ(not_hub.extract_organ(donor, layer_range=(2, 4)), donor, blocks, **kwargs)
+    # A change through .data is invisible to version counters and storage pointers; the content hash sees it.
+    donor.model.layers[0].mlp.up_proj.weight.data[0, 0] += 0.5
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    initial = {k: v.clone() for k, v in organ.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match="frozen weights below the organ changed"):
+        train_organ(organ, donor, blocks, **kwargs)
+    assert all(torch.equal(v, initial[k]) for k, v in organ.state_dict().items())
+
+
+def test_a_cache_shared_across_block_sizes_reads_each_block_at_its_own_shape():
+    donor = tiny_model("llama")
+    docs = split_documents(code_documents(), seed=0)
+    cache = PrefixCache(donor, 2, memory_limit=0)  # everything on disk, where shapes used to be assumed
+    for size in (32, 16):
+        ids = make_blocks(docs, tiny_tokenizer(), size).train[:8]["input_ids"]
+        first = cache.lookup(ids)
+        again = cache.lookup(ids)
+        assert first.shape[1] == size and torch.equal(first, again)
+
+
+# --------------------------------------------------------------------------------------------- an organ set's manifest
+
+
+def _saved_set(tmp_path):
+    model = tiny_model("llama")
+    grown = [not_hub.grow_organ(model, position=p) for p in (2, 4)]
+    first = grown[0].transplant_into(model, position=2)
+    second = grown[1].transplant_into(model, position=5)
+    not_hub.OrganSet.from_transplants([first, second]).save_pretrained(tmp_path / "set")
+    return tmp_path / "set"
+
+
+def _rewrite(folder, change):
+    path = folder / "organ_set.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda m: m["organs"].extend([dict(m["organs"][0])] * 10_000), "at most 256"),
+        (lambda m: m["organs"].append(dict(m["organs"][0])), "listed twice"),
+        (lambda m: m["organs"][0].update(subfolder="organ-" + "9" * 300), "malformed"),
+        (lambda m: m["organs"][0].update(extra=1), "unknown key"),
+        (lambda m: m.update(format_version="99.0"), "upgrade not_hub"),
+        (lambda m: m.update(format_version=2), "format_version=2"),
+        (lambda m: m["organs"][0].update(position=-1), "malformed"),
+    ],
+    ids=[
+        "ten-thousand-entries",
+        "duplicate",
+        "long-subfolder",
+        "extra-key",
+        "future-format",
+        "odd-format",
+        "negative",
+    ],
+)
+def test_a_manifest_is_checked_whole_before_any_organ_is_built(tmp_path, monkeypatch, change, words):
+    folder = _saved_set(tmp_path)
+    _rewrite(folder, change)
+    built = []
+    monkeypatch.setattr(not_hub.OrganModel, "from_pretrained", classmethod(lambda cls, *a, **k: built.append(a)))
+    with pytest.raises(CheckpointFormatError, match=words):
+        not_hub.OrganSet.from_pretrained(folder)
+    assert built == []
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    with pytest.raises(CheckpointFormatError, match=words):
+        not_hub.load_grafted(folder, recipient=base)
+
+
+def test_a_set_is_not_built_from_transplants_whose_neighbours_recovery_trained(blocks, hash_state):
+    model = tiny_model("llama")
+    grown = not_hub.grow_organ(model, position=2)
+    transplant = grown.transplant_into(model, position=2)
+    not_hub.recover(model, [transplant], blocks, radius=1, max_steps=1, lr=1e-2, progress=False)
+    with pytest.raises(TransplantStateError, match="radius=0"):
+        not_hub.OrganSet.from_transplants(model)
