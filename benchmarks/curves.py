@@ -1,17 +1,22 @@
-"""When does an organ beat LoRA? Learning curves on whole corpora, seen once, with forgetting and noise.
+"""One protocol for every number the README and docs quote: learning curves on whole corpora seen once, with
+forgetting and noise. Every method is an entry of one registry (`REGISTRY`), run by one harness.
 
-For each domain (code: CodeXGLUE Java/C#; legal: CUAD contracts) every method trains on the domain's *whole*
-training split, one pass, blocks never repeated, for up to `budget_s` of training time (validation excluded), and its
-validation perplexity is recorded along the way (at `marks`: 0.5, 1, 2, 3, 5, 7.5, 10, 15 and 20 minutes), with the
-tokens seen at each point. Every run uses a constant learning rate (no warmup, no decay; the gain benchmark's
-protocol), so each point of a curve is what stopping there would give, and a 2-minute run is the first two minutes of
-a 20-minute one.
+For each domain (code: CodeXGLUE Java/C#; legal: CUAD contracts; biomedical: PubMedQA abstracts) every method trains
+on the domain's *whole* training split, one pass, blocks never repeated, for up to `budget_s` of training time
+(validation excluded), and its validation perplexity is recorded along the way (at `marks`: 0.5, 1, 2, 3, 5, 7.5, 10,
+15 and 20 minutes), with the tokens seen at each point. Every run uses a constant learning rate (no warmup, no decay),
+so each point of a curve is what stopping there would give, and a 2-minute run is the first two minutes of a
+20-minute one.
 
-Choices on validation at the 2-minute budget (`select_s`), seed 0:
-- the organ's slot and width: in situ at layers 10-12, 27-29 (3 layers) and 10-15, 24-29 (6 layers), all at the
-  in-situ default rate 1e-3; then the learning rate of the chosen slot from its grid;
-- each method's learning rate from its grid (peft LoRA r=8 and r=64 on every linear layer, alpha = 2r; full
-  fine-tuning); a choice at the grid's edge extends the grid past it (twice at most).
+The registry (choices on validation at the 2-minute budget `select_s`, seed 0):
+- `organ`, the replacing organ: its slot and width among layers 10-12, 27-29 (3 layers) and 10-15, 24-29 (6 layers),
+  trained in situ at the default rate 1e-3;
+- `growth_set`: new identity layers (`not_hub.grow_organ`), one after every 10th, 6th or 3rd layer (3, 5 or 10
+  layers), chosen at 1e-3, trained jointly (`recover(radius=0)`), published as one `OrganSet`;
+- `growth_block`: one block of 3 identity layers grown before layer 10, trained in situ;
+- `lora_r8`, `lora_r64`: peft LoRA on every linear layer, alpha = 2r; `full_ft`: full fine-tuning.
+Then the chosen variant's learning rate from its grid (a choice at the grid's edge extends the grid past it, twice at
+most), then the batch size: 8 at the chosen rate against the 4 the rate was chosen at.
 
 Then, per method at its chosen rate:
 - the 20-minute run (seed 0): the curve; its artifact pushed to a local Hub-protocol server, pulled by repo id in a
@@ -21,8 +26,9 @@ Then, per method at its chosen rate:
   and of general perplexity (forgetting at 2 minutes).
 
     python benchmarks/curves.py --quick              # smoke: seconds per method, a few blocks
-    python benchmarks/curves.py --full               # code and legal, 20 min per method (hours: the machine to itself)
+    python benchmarks/curves.py --full               # the whole thing (many hours: the machine to itself)
     python benchmarks/curves.py --full --only code   # one domain
+    python benchmarks/curves.py --full --methods growth_set,growth_block --stage short  # entries, 2-min cells only
     python benchmarks/curves.py --full --report      # rebuild JSON, table and plots from the cells on record
 
 Every cell (one training run and its scores) is written at once to results/curves_runs/<preset>/<domain>/<cell>.json,
@@ -41,6 +47,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,15 +88,46 @@ GRIDS = {
     "full_ft": [1e-4, 3e-4, 1e-3],
 }
 SLOT_LR = 1e-3  # the in-situ default (not_hub.DEFAULT_LR): the rate at which the slot and width are chosen
-METHODS = ["organ", "lora_r8", "lora_r64", "full_ft"]  # "organ": the slot chosen on validation
+# Growth sets: one identity layer after every `n`-th layer of the 30 (LLaMA-Pro's interleaving), trained jointly.
+GROWTH_SETS = {"growth_set_every10": 10, "growth_set_every6": 6, "growth_set_every3": 3}
+GROWTH_BLOCKS = {"growth_block3": (10, 3)}  # one block of 3 identity layers grown before layer 10
+GRIDS.update(growth_set=[3e-4, 1e-3, 3e-3], growth_block=[3e-4, 1e-3, 3e-3])
+BATCHES = (4, 8)  # the batch size is part of each method's 2-minute selection (8: tried at the chosen rate)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry: its variants (structures chosen among on validation at `structure_lr`, seed 0,
+    batch 4), then the chosen variant's learning rate from `grid`, then the batch size."""
+
+    variants: tuple[str, ...]
+    grid: str
+    structure_lr: float = SLOT_LR
+
+
+REGISTRY = {
+    "organ": Method(tuple(SLOTS), "organ"),
+    "growth_set": Method(tuple(GROWTH_SETS), "growth_set"),
+    "growth_block": Method(tuple(GROWTH_BLOCKS), "growth_block"),
+    "lora_r8": Method(("lora_r8",), "lora_r8"),
+    "lora_r64": Method(("lora_r64",), "lora_r64"),
+    "full_ft": Method(("full_ft",), "full_ft"),
+}
+METHODS = list(REGISTRY)
 PROTOCOL_CHECKS = ["full_ft", "lora_r64"]  # full fine-tuning's code test figure (6.70 against 3.44 on validation)
+
+
+class Missing(Exception):
+    """A cell the report needs is not on record (the report never runs one)."""
+
+
 PRESETS = {
     "quick": dict(
         domains=["code"], budget_s=8, select_s=4, marks=[2, 4, 8], seeds=[0, 1], max_train_blocks=64,
         validation_blocks=4, test_docs=6, general_docs=4, eval_chars=600, batch_size=4, block=128, grid_points=1,
     ),
     "full": dict(
-        domains=["code", "legal"], budget_s=1200, select_s=120, marks=[30, 60, 120, 180, 300, 450, 600, 900, 1200],
+        domains=["code", "legal", "biomedical"], budget_s=1200, select_s=120, marks=[30, 60, 120, 180, 300, 450, 600, 900, 1200],
         seeds=[0, 1, 2], max_train_blocks=None, validation_blocks=24, test_docs=120, general_docs=24,
         eval_chars=1500, batch_size=4, block=256, grid_points=3,
     ),
@@ -146,9 +184,9 @@ def windowed(preset: dict):
     return measure
 
 
-def train(method: str, lr: float, seed: int, seconds: float, recipient, data, preset: dict):
-    """Train `method` (a slot name, a LoRA name or full_ft) for `seconds`; return (artifact, record). The
-    recipient is left untouched."""
+def train(method: str, lr: float, seed: int, seconds: float, recipient, data, preset: dict, batch: int | None = None):
+    """Train `method` (a variant: a slot, a growth set or block, a LoRA, full_ft) for `seconds` at batch size
+    `batch` (default the preset's); return (artifact, record). The recipient is left untouched."""
     import torch
 
     import not_hub
@@ -156,13 +194,36 @@ def train(method: str, lr: float, seed: int, seconds: float, recipient, data, pr
 
     marks = [m for m in preset["marks"] if m < seconds]
     args = dict(
-        epochs=1, lr=lr, warmup_ratio=0.0, batch_size=preset["batch_size"], seed=seed, progress=False,
+        epochs=1, lr=lr, warmup_ratio=0.0, batch_size=batch or preset["batch_size"], seed=seed, progress=False,
         max_seconds=seconds, eval_every=10**9, eval_at_seconds=marks, trainer_args={"lr_scheduler_type": "constant"},
     )  # fmt: skip
     torch.manual_seed(seed)
+    params = None
     if method in SLOTS:
         artifact = not_hub.extract_organ(recipient, layer_range=SLOTS[method])
         metrics = train_organ(artifact, recipient, data, method="in_situ", **args)
+    elif method in GROWTH_BLOCKS:
+        position, layers = GROWTH_BLOCKS[method]
+        artifact = not_hub.grow_organ(recipient, position, num_layers=layers)
+        metrics = train_organ(artifact, recipient, data, method="in_situ", **args)
+    elif method in GROWTH_SETS:
+        from not_hub.training import recover
+
+        every = GROWTH_SETS[method]
+        depth = recipient.config.num_hidden_layers
+        grown = [not_hub.grow_organ(recipient, p) for p in range(every, depth + 1, every)]
+        transplants = []
+        try:
+            for i, organ in enumerate(grown):  # each position counts the layers grafted before it
+                transplants.append(
+                    organ.transplant_into(recipient, position=organ.config.default_transplant["position"] + i)
+                )
+            metrics = recover(recipient, transplants, data, radius=0, **args)
+            artifact = not_hub.OrganSet.from_transplants(transplants)
+        finally:
+            for t in reversed(transplants):
+                t.explant()
+        params = [p for organ in artifact.organs for p in organ.parameters()]
     else:
         model = copy.deepcopy(recipient)
         if method in LORA_RANKS:
@@ -197,7 +258,8 @@ def train(method: str, lr: float, seed: int, seconds: float, recipient, data, pr
             for h in metrics.history
         ],
         "best_validation_ppl": math.exp(metrics.best_validation_loss),
-        "trainable_parameters": sum(p.numel() for p in (artifact.parameters() if method in SLOTS else params)),
+        "batch_size": args["batch_size"],
+        "trainable_parameters": sum(p.numel() for p in (artifact.parameters() if params is None else params)),
     }
     return artifact, record
 
@@ -209,6 +271,13 @@ def score(artifact, recipient, docs, tok, measure=None) -> float:
     import not_hub
 
     measure = measure or ppl
+    if isinstance(artifact, not_hub.OrganSet):
+        transplants = artifact.transplant_into(recipient)
+        try:
+            return measure(recipient, docs, tok)
+        finally:
+            for t in reversed(transplants):
+                t.explant()
     if isinstance(artifact, not_hub.OrganModel):
         with artifact.transplanted(recipient):
             return measure(recipient, docs, tok)
@@ -239,6 +308,8 @@ docs = json.load(open(docs_path))
 model, tok = load_smollm2()  # a fresh recipient in a fresh process
 if kind == "organ":
     not_hub.OrganModel.from_pretrained(repo_id).transplant_into(model)  # by repo id, its own default transplant
+elif kind == "set":
+    not_hub.OrganSet.from_pretrained(repo_id).transplant_into(model)  # every organ at its recorded place
 elif kind == "lora":
     from peft import PeftModel
     model = PeftModel.from_pretrained(model, repo_id)
@@ -255,9 +326,8 @@ def push_pull_score(artifact, repo_id: str, docs: dict[str, list[str]]) -> dict[
 
     import not_hub
 
-    kind = (
-        "organ" if isinstance(artifact, not_hub.OrganModel) else "lora" if isinstance(artifact, PeftModel) else "full"
-    )
+    kinds = ((not_hub.OrganModel, "organ"), (not_hub.OrganSet, "set"), (PeftModel, "lora"))
+    kind = next((k for cls, k in kinds if isinstance(artifact, cls)), "full")
     artifact.push_to_hub(repo_id)
     return run_fresh(PULL_AND_SCORE.format(here=str(HERE)), [kind, repo_id], docs, HUB_ENV, f"pulling {repo_id}")
 
@@ -268,10 +338,11 @@ def push_pull_score(artifact, repo_id: str, docs: dict[str, list[str]]) -> dict[
 class Domain:
     """One domain's cells: each a JSON file, run once, read back on later runs."""
 
-    def __init__(self, name: str, preset_name: str, preset: dict, recipient, tok):
+    def __init__(self, name: str, preset_name: str, preset: dict, recipient=None, tok=None, *, dry: bool = False):
         self.name, self.preset, self.recipient, self.tok = name, preset, recipient, tok
         self.folder = RUNS / preset_name / name
         self._data = None
+        self.dry = dry  # read cells on record only (the report): a missing one raises `Missing`
 
     @property
     def data(self):
@@ -281,6 +352,10 @@ class Domain:
 
     def cell(self, key: str, run) -> dict:
         path = self.folder / f"{key}.json"
+        if self.dry:
+            if not path.is_file():
+                raise Missing(key)
+            return json.loads(path.read_text())
         if not path.is_file() and PAUSE.exists():  # (before the cell's clock starts: a pause is not its time)
             print(f"[{self.name}] paused before {key} until {PAUSE} is removed", flush=True)
             while PAUSE.exists():  # the machine is lent to something else between cells (the next cell waits)
@@ -330,16 +405,47 @@ class Domain:
 
         return self.cell("untouched-window", run)
 
-    def short(self, method: str, lr: float, seed: int) -> dict:
+    def short(self, method: str, lr: float, seed: int, batch: int | None = None) -> dict:
         """A run of `select_s` (the 2-minute point), scored on general text in-process (forgetting at 2 minutes)."""
+        batch = batch or self.preset["batch_size"]
 
         def run():
             data, _, general = self.data
-            artifact, record = train(method, lr, seed, self.preset["select_s"], self.recipient, data, self.preset)
+            artifact, record = train(
+                method, lr, seed, self.preset["select_s"], self.recipient, data, self.preset, batch
+            )
             record["general_ppl"] = score(artifact, self.recipient, general, self.tok)
             return record
 
-        return self.cell(f"short-{method}-lr{lr:g}-seed{seed}", run)
+        # (cells of the preset's batch size keep the keys they were first recorded under)
+        suffix = "" if batch == self.preset["batch_size"] else f"-b{batch}"
+        return self.cell(f"short-{method}-lr{lr:g}{suffix}-seed{seed}", run)
+
+    def choose(self, name: str) -> dict:
+        """The registry entry's choices on validation at `select_s`, seed 0: variant, learning rate, batch size."""
+        entry = REGISTRY[name]
+        base = self.preset["batch_size"]
+        out: dict = {"name": name}
+        if len(entry.variants) > 1:
+            tried = {v: self.short(v, entry.structure_lr, 0)["best_validation_ppl"] for v in entry.variants}
+            out["variant_validation_ppl"] = tried
+            out["structure_lr"] = entry.structure_lr
+        variant = (
+            min(out["variant_validation_ppl"], key=out["variant_validation_ppl"].get)
+            if len(entry.variants) > 1
+            else entry.variants[0]
+        )
+        lr, info = self.choose_lr(variant, entry.grid)
+        out.update(info, method=variant)
+        batches = {base: info["validation_ppl"][f"{lr:g}"]}
+        others = [b for b in BATCHES if b != base]
+        try:
+            batches.update({b: self.short(variant, lr, 0, b)["best_validation_ppl"] for b in others})
+        except Missing:  # the report: a selection recorded before batch sizes were part of it
+            out["batch_selection"] = f"batch {', '.join(map(str, others))} not run yet"
+        out["batch_validation_ppl"] = {str(b): v for b, v in batches.items()}
+        out["batch_size"] = min(batches, key=batches.get)
+        return out
 
     def choose_lr(self, method: str, grid_name: str) -> tuple[float, dict]:
         grid = GRIDS[grid_name]
@@ -359,22 +465,13 @@ class Domain:
             "at_grid_edge": len(tried) > 1 and best in (ordered[0], ordered[-1]),
         }
 
-    def selection(self) -> dict:
-        slots = {s: self.short(s, SLOT_LR, 0)["best_validation_ppl"] for s in SLOTS}
-        slot = min(slots, key=slots.get)
-        chosen = {"organ": {"slot": slot, "slot_validation_ppl_at_lr_1e-3": slots}}
-        lr, info = self.choose_lr(slot, "organ")
-        chosen["organ"].update(info, method=slot)
-        for method in ["lora_r8", "lora_r64", "full_ft"]:
-            lr, info = self.choose_lr(method, method)
-            chosen[method] = {**info, "method": method}
-        return chosen
-
     def final(self, name: str, choice: dict) -> dict:
+        batch = choice["batch_size"]
+
         def run():
             data, test, general = self.data
             method, lr = choice["method"], choice["chosen_lr"]
-            artifact, record = train(method, lr, 0, self.preset["budget_s"], self.recipient, data, self.preset)
+            artifact, record = train(method, lr, 0, self.preset["budget_s"], self.recipient, data, self.preset, batch)
             # In this process, before the round trip: the pulled figure must match the first; the packed one
             # tells a protocol effect from a text effect (see `packed`).
             record.update(self.test_scores(artifact, test))
@@ -383,21 +480,28 @@ class Domain:
             record["scored"] = f"pulled by repo id {repo_id} in a fresh process into a fresh recipient"
             return record
 
-        return self.cell(f"final-{name}", run)
+        suffix = "" if batch == self.preset["batch_size"] else f"-b{batch}"
+        return self.cell(f"final-{name}{suffix}", run)
 
-    def run_all(self) -> None:
+    def run_all(self, methods: list[str] | None = None, stage: str = "all") -> None:
+        """Every cell of `methods` (default: the whole registry): selection, then the seeds and protocol checks
+        (stage "short" stops there), then the 20-minute runs."""
+        methods = methods or METHODS
         self.untouched()
         self.untouched_packed()
         self.untouched_window()
-        chosen = self.selection()
+        chosen = {name: self.choose(name) for name in methods}
         # The short cells first (the seeds, then the checks), the 20-minute runs last: a domain stopped part-way
         # has its whole 2-minute picture.
-        for name in METHODS:
+        for name in methods:
             for seed in self.preset["seeds"][1:]:
-                self.short(chosen[name]["method"], chosen[name]["chosen_lr"], seed)
+                self.short(chosen[name]["method"], chosen[name]["chosen_lr"], seed, chosen[name]["batch_size"])
         for name in PROTOCOL_CHECKS:
-            self.protocol_check(name, chosen[name])
-        for name in METHODS:
+            if name in chosen:
+                self.protocol_check(name, chosen[name])
+        if stage == "short":
+            return
+        for name in methods:
             self.final(name, chosen[name])
 
     def test_scores(self, artifact, test: list[str]) -> dict[str, float]:
@@ -417,11 +521,14 @@ class Domain:
         def run():
             data, test, _ = self.data
             method, lr = choice["method"], choice["chosen_lr"]
-            artifact, record = train(method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset)
+            artifact, record = train(
+                method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset, choice["batch_size"]
+            )
             record.update(self.test_scores(artifact, test))
             return record
 
-        return self.cell(f"check-{name}", run)
+        suffix = "" if choice["batch_size"] == self.preset["batch_size"] else f"-b{choice['batch_size']}"
+        return self.cell(f"check-{name}{suffix}", run)
 
 
 def summary(out: dict) -> str:
@@ -433,46 +540,45 @@ def summary(out: dict) -> str:
 
 
 def collect(preset_name: str, preset: dict) -> dict:
-    """Everything on record for the preset, per domain, without running anything."""
+    """Everything on record for the preset, per domain, without running anything: each registry entry's choices
+    made by the same `Domain.choose` the runs use, reading cells only."""
     domains = {}
     for name in preset["domains"]:
         folder = RUNS / preset_name / name
         cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
         if "untouched" not in cells:
             continue
-        shorts = {k: v for k, v in cells.items() if k.startswith("short-")}
-
-        def tried(method: str, seed: int = 0, shorts=shorts) -> dict[float, dict]:
-            return {c["lr"]: c for c in shorts.values() if c["method"] == method and c["seed"] == seed}
-
+        dry = Domain(name, preset_name, preset, dry=True)
         untouched = dict(cells["untouched"])
         for extra in ("untouched-packed", "untouched-window"):  # their measures, not their wall clocks
             untouched.update({k: v for k, v in cells.get(extra, {}).items() if k != "cell_wall_clock_s"})
-        out = {"untouched": untouched, "methods": {}}
+        out = {"untouched": untouched, "methods": {}, "incomplete": {}}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
-        slots = {s: tried(s).get(SLOT_LR) for s in SLOTS}
-        slot = None
-        if all(slots.values()):
-            slot = min(slots, key=lambda s: slots[s]["best_validation_ppl"])
-            out["slot_selection"] = {s: c["best_validation_ppl"] for s, c in slots.items()}
-            out["slot"] = slot
         for name_ in METHODS:
-            method = slot if name_ == "organ" else name_
-            if method is None:
+            try:
+                choice = dry.choose(name_)
+            except Missing as missing:
+                out["incomplete"][name_] = f"selection: cell {missing} not on record"
                 continue
-            runs = tried(method)
-            if not runs:
-                continue
-            lr = min(runs, key=lambda k: runs[k]["best_validation_ppl"])
-            seeds = [c for c in shorts.values() if c["method"] == method and c["lr"] == lr]
-            row = {
+            method, lr, batch = choice["method"], choice["chosen_lr"], choice["batch_size"]
+            if name_ == "organ":  # (the report's earlier keys, kept for make_results)
+                out["slot_selection"], out["slot"] = choice["variant_validation_ppl"], method
+            seeds = [
+                c
+                for c in cells.values()
+                if c.get("method") == method and c.get("lr") == lr and c.get("budget_s") == preset["select_s"]
+                and c.get("batch_size", preset["batch_size"]) == batch and "general_ppl" in c
+            ]  # fmt: skip
+            suffix = "" if batch == preset["batch_size"] else f"-b{batch}"
+            out["methods"][name_] = {
                 "method": method,
-                "grid": {f"{k:g}": v["best_validation_ppl"] for k, v in sorted(runs.items())},
+                "grid": choice["validation_ppl"],
                 "lr": lr,
-                "short": seeds,
-                "final": cells.get(f"final-{name_}"),
+                "batch_size": batch,
+                "choice": choice,
+                "short": sorted(seeds, key=lambda c: c["seed"]),
+                "final": cells.get(f"final-{name_}{suffix}"),
             }
-            out["methods"][name_] = row
         domains[name] = out
     return domains
 
@@ -541,10 +647,10 @@ def report(payload: dict) -> str:
             curve = f["curve"] if f else (short0["curve"] if short0 else [])
             vals = " | ".join(f"{v:.3f}" if (v := at(curve, m)) is not None else "" for m in marks)
             grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["grid"].items())
-            label = f"organ ({r['method']})" if name == "organ" else name
+            label = f"{name} ({r['method']})" if r["method"] != name else name
             cols = [
                 label,
-                f"{r['lr']:g} ({grid})",
+                f"{r['lr']:g}, batch {r['batch_size']} ({grid})",
                 vals,
                 f"{f['tokens_seen']:,}" if f else "",
                 f"{f['test_ppl']:.3f}" if f else "",
@@ -558,7 +664,8 @@ def report(payload: dict) -> str:
         lines.append("")
         lines += ratio_lines(d, marks) + protocol_lines(d)
     if payload.get("missing"):
-        lines += [f"Not run yet: {', '.join(payload['missing'])}.", ""]
+        lines += ["Not on record yet (rerun the command to add them; nothing on record is rerun):", ""]
+        lines += [f"- {m}" for m in payload["missing"]] + [""]
     return "\n".join(lines)
 
 
@@ -617,7 +724,7 @@ def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
             if not f:
                 continue
             curve = f["curve"]
-            label = f"organ ({r['method']})" if name == "organ" else name
+            label = f"{name} ({r['method']})" if r["method"] != name else name
             axes[0].plot([c["minutes"] for c in curve], [c["validation_ppl"] for c in curve], marker="o", label=label)
             axes[1].plot([c["tokens"] for c in curve], [c["validation_ppl"] for c in curve], marker="o", label=label)
         for ax, xlabel in zip(axes, ["training minutes (validation excluded)", "training tokens seen"], strict=True):
@@ -636,16 +743,16 @@ def plot(payload: dict, folder: Path, preset_name: str) -> list[Path]:
     return paths
 
 
-def expected_cells(preset: dict) -> int:
-    return 3 + len(SLOTS) + 2 * len(METHODS) + len(METHODS) * (len(preset["seeds"]) - 1) + len(PROTOCOL_CHECKS)
-
-
 def main() -> None:
     from common import RESULTS, machine, preset_parser, write_json, write_markdown
 
     parser = preset_parser(__doc__)
     parser.add_argument("--only", default=None, help="comma-separated domains of the preset, e.g. code")
     parser.add_argument("--report", action="store_true", help="run nothing: rebuild the JSON, table, plots")
+    parser.add_argument("--methods", default=None, help=f"comma-separated registry entries (default all: {METHODS})")
+    parser.add_argument(
+        "--stage", choices=["short", "all"], default="all", help="short: selection, seeds and checks, no 20-min runs"
+    )
     args = parser.parse_args()
     name = "full" if args.full else "quick"
     preset = PRESETS[name]
@@ -653,6 +760,10 @@ def main() -> None:
     for d in domains:
         if d not in preset["domains"]:
             raise SystemExit(f"--only {d!r}: not a domain of the {name} preset ({preset['domains']})")
+    methods = args.methods.split(",") if args.methods else None
+    for m in methods or []:
+        if m not in REGISTRY:
+            raise SystemExit(f"--methods {m!r}: not a registry entry ({METHODS})")
     if not args.report:
         start_hub()
         from common import load_smollm2
@@ -660,19 +771,27 @@ def main() -> None:
         recipient, tok = load_smollm2()
         try:
             for d in domains:
-                Domain(d, name, preset, recipient, tok).run_all()
+                Domain(d, name, preset, recipient, tok).run_all(methods, args.stage)
         finally:
             HUB.stop()
     payload = {"preset": name, "settings": preset, "machine": machine(), "domains": collect(name, preset)}
     payload["missing"] = []
     for d in preset["domains"]:
         on_record = len(list((RUNS / name / d).glob("*.json"))) if (RUNS / name / d).is_dir() else 0
-        methods = payload["domains"].get(d, {}).get("methods", {})
-        finals = [n for n in METHODS if not methods.get(n, {}).get("final")]
-        if d not in payload["domains"] or len(methods) < len(METHODS):
-            payload["missing"].append(f"{d} ({on_record} of at least {expected_cells(preset)} cells on record)")
-        elif finals:
-            payload["missing"].append(f"{d}: the 20-minute runs of {', '.join(finals)} ({on_record} cells on record)")
+        if d not in payload["domains"]:
+            payload["missing"].append(f"{d} (nothing on record)")
+            continue
+        done = payload["domains"][d]
+        for n, why in done["incomplete"].items():
+            payload["missing"].append(f"{d}, {n}: {why}")
+        for n, r in done["methods"].items():
+            if "batch_selection" in r["choice"]:
+                payload["missing"].append(f"{d}, {n}: {r['choice']['batch_selection']}")
+            if len(r["short"]) < len(preset["seeds"]):
+                payload["missing"].append(f"{d}, {n}: {len(preset['seeds']) - len(r['short'])} seed(s) at 2 min")
+            if not r.get("final"):
+                payload["missing"].append(f"{d}, {n}: the 20-minute run")
+        payload["missing"].append(f"({d}: {on_record} cells on record)")
     payload["command"] = f"benchmarks/curves.py --{name}"
     write_json(f"curves_{name}", payload)
     plot(payload, RESULTS, name)
