@@ -196,6 +196,7 @@ def train(method: str, lr: float, seed: int, seconds: float, recipient, data, pr
     args = dict(
         epochs=1, lr=lr, warmup_ratio=0.0, batch_size=batch or preset["batch_size"], seed=seed, progress=False,
         max_seconds=seconds, eval_every=10**9, eval_at_seconds=marks, trainer_args={"lr_scheduler_type": "constant"},
+        mixed_precision="no",  # float32, as every cell on record: the figures stay comparable
     )  # fmt: skip
     torch.manual_seed(seed)
     params = None

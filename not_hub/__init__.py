@@ -34,6 +34,7 @@ from .hub import OrganInfo, list_organs, push_recipient
 from .modeling_organ import OrganModel
 from .organ_set import OrganSet
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
+from .precision import resolve_mixed_precision
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
@@ -114,6 +115,7 @@ __all__ = [
     "push_recipient",
     "recover",
     "resolve_architecture",
+    "resolve_mixed_precision",
     "save_adapter",
     "split_documents",
     "stream_blocks",

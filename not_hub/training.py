@@ -39,6 +39,8 @@ from .errors import (
     UnexpectedArgumentError,
 )
 from .integrity import tensor_sha256
+from .precision import CHOICES as PRECISIONS
+from .precision import resolve_mixed_precision
 from .prefix_cache import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
 from .trainer import finished_checkpoints, process_state, run_trainer
@@ -95,7 +97,9 @@ class OrganTrainingArguments:
         resume: continue from the newest complete checkpoint in `output_dir` if there is one; False starts over
             (the old run's identity and checkpoints are replaced before anything else).
         seed: seeds the data order and initialisation-free randomness.
-        mixed_precision: "no", "bf16" or "fp16" (default: bf16 on a CUDA GPU, otherwise no).
+        mixed_precision: "auto" (the default: bf16 autocast where the GPU or CPU does bf16 natively, float32
+            elsewhere; `ACCELERATE_MIXED_PRECISION`, set by `accelerate launch`, first: see `not_hub.precision`),
+            or "no", "bf16", "fp16" to force it. The run's choice is recorded in the organ's training metadata.
         progress: show a progress bar (main process only).
         report_to: trackers, as in `transformers.TrainingArguments` ("none", "tensorboard", "wandb", ...).
         gradient_checkpointing: recompute activations in the backward pass (less memory, more compute).
@@ -119,7 +123,7 @@ class OrganTrainingArguments:
     output_dir: str | None = None
     resume: bool = True
     seed: int = 0
-    mixed_precision: str | None = None
+    mixed_precision: str | None = "auto"
     progress: bool = True
     report_to: str | list[str] = "none"
     gradient_checkpointing: bool = False
@@ -180,8 +184,8 @@ class OrganTrainingArguments:
         check("seed", 0 <= number("seed", self.seed, integer=True) < 2**32, "an integer in [0, 2**32)")
         check(
             "mixed_precision",
-            self.mixed_precision in (None, "no", "bf16", "fp16"),
-            "None (bf16 on a CUDA GPU, else no), 'no', 'bf16' or 'fp16'",
+            self.mixed_precision in (None, *PRECISIONS),
+            "'auto' (bf16 where the GPU or CPU does it natively, else no), 'no', 'bf16' or 'fp16'",
         )
         check("trainer_args", self.trainer_args is None or isinstance(self.trainer_args, dict), "a dict, or None")
         return self
@@ -473,10 +477,7 @@ def fit_parameters(
             f"block_size={data.block_size} is longer than the model's context of {limit} tokens; pack the data with "
             f"block_size <= {limit}"
         )
-    if args.mixed_precision is None:
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    else:
-        mixed = args.mixed_precision
+    mixed = resolve_mixed_precision(args.mixed_precision)
     processes = process_state()
     num_processes = processes.num_processes
     total_steps, steps_per_epoch = _steps(data, args, num_processes)

@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Training's default precision is "auto" (bf16 autocast where the processor does bf16 natively: see
+# not_hub.precision); the suite's parity tests compare float32 runs bit for bit, so it trains in float32 unless a test
+# says otherwise. This is the variable `accelerate launch --mixed_precision` sets, which "auto" honours.
+os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
 # Tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -2,6 +2,7 @@
 
     not-hub transplant                      # the embedded demo: SmolLM2-135M, organ [10, 13), graft, check, explant
     not-hub extract MODEL --layer-range 10 13 --out DIR
+    not-hub grow MODEL --position 10 --num-layers 3 --out DIR   # or --every 6: a growth set (identity layers)
     not-hub inspect ORGAN [--recipient MODEL]
     not-hub transplant --organ ORGAN --recipient MODEL --position 4 --mode insert --save-to DIR
     not-hub push ORGAN_DIR user/my-organ | not-hub pull user/my-organ | not-hub search --base-model MODEL_ID
@@ -29,6 +30,7 @@ from . import hub, organ, train
 # The commands: name -> (adds the command's arguments, runs it). The handler's docstring is the command's help.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "extract": (organ.extract_arguments, organ.cmd_extract),
+    "grow": (organ.grow_arguments, organ.cmd_grow),
     "excise": (organ.excise_arguments, organ.cmd_excise),
     "inspect": (organ.inspect_arguments, organ.cmd_inspect),
     "transplant": (organ.transplant_arguments, organ.cmd_transplant),

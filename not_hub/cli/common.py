@@ -98,6 +98,13 @@ def organ_from(args, ref: str, revision: str | None = None):
     return OrganModel.from_pretrained(ref, revision=revision, token=getattr(args, "token", None))
 
 
+def organ_or_set_from(args, ref: str, revision: str | None = None):
+    """An organ, or an organ set (`organ_set.json` and one organ per subfolder), by folder or repo id."""
+    from ..grafted import _load_organ_or_set
+
+    return _load_organ_or_set(ref, revision, {"token": getattr(args, "token", None)})
+
+
 def output_folder(path: str | None, what: str = "--out") -> None:
     """Refuse, before any work, an output path that is an existing file (checkpoints are folders)."""
     if path and Path(path).exists() and not Path(path).is_dir():

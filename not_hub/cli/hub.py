@@ -6,14 +6,30 @@ import argparse
 import dataclasses
 import sys
 
+from ..errors import InvalidArgumentError
 from ..hub import list_organs, resolve_checkpoint
 from ..modeling_organ import OrganModel
+from ..organ_set import OrganSet, is_organ_set
 from .common import emit, format_options, positive_int, token_option
 
 
 def cmd_push(args) -> int:
-    """Upload a saved organ folder to a Hub repo (one commit: config.json, model.safetensors, README.md)."""
+    """Upload a saved organ (or organ set) folder to a Hub repo in one commit (config.json, model.safetensors,
+    README.md; a set: organ_set.json and one organ per subfolder)."""
 
+    if is_organ_set(args.organ):  # a set (e.g. a trained growth set): one commit, organ_set.json and its organs
+        unsupported = [f for f in ("commit_description", "tags", "create_pr") if getattr(args, f)]
+        if unsupported:
+            raise InvalidArgumentError(
+                f"{', '.join('--' + f.replace('_', '-') for f in unsupported)} not supported when pushing an organ set "
+                f"({args.organ}); push without them"
+            )
+        url = OrganSet.from_pretrained(args.organ).push_to_hub(
+            args.repo_id, revision=args.revision, private=args.private or None, token=args.token,
+            commit_message=args.commit_message or "Upload organ set (not_hub)",
+        )  # fmt: skip
+        print(url)
+        return 0
     organ = OrganModel.from_pretrained(args.organ)
     url = organ.push_to_hub(
         args.repo_id,
@@ -74,7 +90,7 @@ def cmd_search(args) -> int:
 
 
 def push_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("organ", help="folder of a saved organ")
+    p.add_argument("organ", help="folder of a saved organ or organ set")
     p.add_argument("repo_id", help="target Hub repo, 'namespace/name' (created if needed)")
     p.add_argument("--revision", default=None, help="branch to commit to (created from main if needed)")
     p.add_argument("--private", action="store_true", help="create the repo as private")

@@ -1,4 +1,4 @@
-"""`not-hub extract | inspect | transplant`: cutting organs, looking at them, grafting them."""
+"""`not-hub extract | grow | inspect | transplant`: cutting or growing organs, looking at them, grafting them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import torch
 from ..errors import InvalidArgumentError
 from ..evaluation import perplexity
 from ..extraction import excise, extract_organ
-from .common import format_options, load_model, model_options, non_negative_int, organ_from, output_folder
+from .common import (
+    format_options,
+    load_model,
+    model_options,
+    non_negative_int,
+    organ_from,
+    output_folder,
+    positive_int,
+)
 
 # A short general-English sample (written for this project) for before/after perplexity in the demo.
 SAMPLE_TEXT = (
@@ -34,6 +42,44 @@ def cmd_extract(args) -> int:
     )
     organ.save_pretrained(args.out)
     print(f"saved organ layers {organ.config.layer_range} of {organ.config.base_model} to {args.out}")
+    return 0
+
+
+def cmd_grow(args) -> int:
+    """Make a growth organ (new identity layers: the model's output is unchanged until they are trained), or a growth
+    set (one new layer after every N-th layer), and save it; then `not-hub train` it and `not-hub push` it."""
+    from ..growth import grow_organ
+    from ..organ_set import OrganSet
+
+    output_folder(args.out)
+    if (args.position is None) == (args.every is None):
+        raise InvalidArgumentError(
+            "pass --position P (one growth organ of --num-layers layers inserted before layer P) or --every N (a "
+            "growth set: one new layer after every N-th layer), not both or neither"
+        )
+    model, _ = load_model(args, args.model, args.revision, with_tokenizer=False)
+    depth = model.config.num_hidden_layers
+    if args.position is not None:
+        organ = grow_organ(model, args.position, num_layers=args.num_layers, revision=args.revision)
+        organ.save_pretrained(args.out)
+        print(
+            f"saved a growth organ of {args.num_layers} identity layer(s), to insert before layer {args.position} of "
+            f"{organ.config.base_model}, to {args.out}; train it with: not-hub train {args.out} --data ..."
+        )
+        return 0
+    if not 1 <= args.every <= depth:
+        raise InvalidArgumentError(
+            f"--every {args.every} is not allowed for a {depth}-layer model; expected 1..{depth}"
+        )
+    positions = list(range(args.every, depth + 1, args.every))
+    organs = [grow_organ(model, p, revision=args.revision) for p in positions]
+    # Each placement counts the layers the set's earlier organs added (as OrganSet.from_transplants records them).
+    placements = [{"mode": "insert", "position": p + i} for i, p in enumerate(positions)]
+    OrganSet(organs, placements).save_pretrained(args.out)
+    print(
+        f"saved a growth set of {len(organs)} identity layers (after layers {', '.join(map(str, positions))}) of "
+        f"{organs[0].config.base_model} to {args.out}; train it with: not-hub train {args.out} --data ..."
+    )
     return 0
 
 
@@ -189,6 +235,21 @@ def extract_arguments(p: argparse.ArgumentParser) -> None:
     layer_range_argument(p, "half-open range of donor layers (default: 3 layers from floor(L/3))")
     p.add_argument("--out", required=True, help="folder to save the organ into")
     model_options(p, "branch, tag or commit sha of the donor model repo (recorded in the organ)")
+
+
+def grow_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the model to grow: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
+    p.add_argument(
+        "--position", type=non_negative_int, default=None, help="one growth organ, inserted before this layer"
+    )
+    p.add_argument(
+        "--num-layers", type=positive_int, default=3, help="layers of the growth organ (with --position; default 3)"
+    )
+    p.add_argument(
+        "--every", type=positive_int, default=None, help="a growth set instead: one new layer after every N-th layer"
+    )
+    p.add_argument("--out", required=True, help="folder to save the growth organ or set into")
+    model_options(p, "branch, tag or commit sha of the model repo (recorded in the organ)")
 
 
 def inspect_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,7 @@
 """`not-hub train | recover | evaluate | sweep`: the NOT pipeline on real text, one plain function per command.
 
+`train` takes an organ or an organ set (a growth set from `not-hub grow --every N`: trained jointly in place).
+
 Data options are shared: `--data` gives the documents (files, folders, jsonl, Hub dataset ids); held-out documents
 come from `--validation-data` / `--test-data` when given, otherwise from a seeded split of `--data` by document.
 """
@@ -15,8 +17,10 @@ from pathlib import Path
 from ..data import DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks, stream_documents
 from ..errors import InvalidArgumentError
 from ..evaluation import add_evaluation_result, perplexity, position_sweep
+from ..organ_set import OrganSet
 from ..plan import MODES, get_mode
 from ..plots import sweep_figure, sweep_result_curves
+from ..precision import CHOICES as PRECISIONS
 from ..training import DEFAULT_LR, DEFAULT_METHOD, recover, train_organ
 from ..training import METHODS as TRAINING_METHODS
 from .common import (
@@ -27,6 +31,7 @@ from .common import (
     model_options,
     non_negative_int,
     organ_from,
+    organ_or_set_from,
     output_folder,
     positive_float,
     positive_int,
@@ -122,6 +127,13 @@ def add_training_options(p: argparse.ArgumentParser, *, lr_help: str) -> None:
     )
     g.add_argument("--report-to", default="none", help="trackers, as transformers' report_to (default none)")
     g.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default): bf16 autocast where the GPU or CPU does bf16 natively, else float32; or force no, bf16, "
+        "fp16. The choice is printed and recorded in the organ's card",
+    )
+    g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
     g.add_argument("--batch-size", type=positive_int, default=8, help="blocks per process per micro-batch (default 8)")
@@ -190,6 +202,7 @@ def _training_kwargs(args) -> dict:
         max_tokens=args.max_tokens,
         max_seconds=args.max_seconds,
         report_to=args.report_to,
+        mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         eval_every=args.eval_every,
         save_every=args.save_every,
@@ -248,14 +261,17 @@ def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
 
     output_folder(args.out)
-    organ = organ_from(args, args.organ, args.revision)
+    organ = organ_or_set_from(args, args.organ, args.revision)
+    if isinstance(organ, OrganSet):
+        return _train_set(args, organ)
     donor, tokenizer = load_model(args, args.donor or organ.config.base_model, args.donor_revision)
     blocks, docs = _training_data(args, tokenizer)
     metrics = train_organ(organ, donor, blocks, method=args.method, **_training_kwargs(args))
     organ.save_pretrained(args.out)
     loss = f"{metrics.final_train_loss:.4f}" if metrics.final_train_loss is not None else "-"
     print(
-        f"trained {metrics.steps} steps, {metrics.tokens_seen:,} tokens in {metrics.wall_clock_s:.0f}s (first step "
+        f"trained {metrics.steps} steps ({_precision(metrics.mixed_precision)}), {metrics.tokens_seen:,} tokens in "
+        f"{metrics.wall_clock_s:.0f}s (first step "
         f"after {metrics.first_step_s}s): final train loss {loss}, best validation loss "
         f"{metrics.best_validation_loss} at step {metrics.best_step}; saved to {args.out}"
     )
@@ -266,6 +282,44 @@ def cmd_train(args) -> int:
             grafted = perplexity(donor, docs, tokenizer=tokenizer)
         print(
             f"validation perplexity ({len(docs)} documents): donor {base.perplexity:.3f}, donor with the organ "
+            f"{grafted.perplexity:.3f} ({grafted.perplexity / base.perplexity:.3f}x)"
+        )
+    return 0
+
+
+def _precision(mixed: str) -> str:
+    return {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(mixed, mixed)
+
+
+def _train_set(args, organ_set: OrganSet) -> int:
+    """An organ set (e.g. a growth set from `not-hub grow --every N`) trains jointly at its recorded places in the
+    frozen donor (`recover(radius=0)`), then is saved as a set; the donor is left as it was."""
+    if args.method != "in_situ":
+        raise InvalidArgumentError(
+            f"--method {args.method} cannot train an organ set ({args.organ}): its organs train jointly at their "
+            "places in the donor; drop --method (in_situ)"
+        )
+    donor, tokenizer = load_model(args, args.donor or organ_set.organs[0].config.base_model, args.donor_revision)
+    blocks, docs = _training_data(args, tokenizer)
+    base = perplexity(donor, docs, tokenizer=tokenizer) if docs else None
+    kwargs = _training_kwargs(args)
+    kwargs["lr"] = kwargs["lr"] or DEFAULT_LR["in_situ"]
+    transplants = organ_set.transplant_into(donor)
+    try:
+        metrics = recover(donor, transplants, blocks, radius=0, **kwargs)
+        grafted = perplexity(donor, docs, tokenizer=tokenizer) if docs else None
+        OrganSet.from_transplants(transplants).save_pretrained(args.out)
+    finally:
+        for t in reversed(transplants):
+            t.explant()
+    print(
+        f"trained a set of {len(organ_set)} organs jointly: {metrics.steps} steps ({_precision(metrics.mixed_precision)}), "
+        f"{metrics.tokens_seen:,} tokens in "
+        f"{metrics.wall_clock_s:.0f}s, best validation loss {metrics.best_validation_loss}; saved to {args.out}"
+    )
+    if base is not None:
+        print(
+            f"validation perplexity ({len(docs)} documents): donor {base.perplexity:.3f}, donor with the set "
             f"{grafted.perplexity:.3f} ({grafted.perplexity / base.perplexity:.3f}x)"
         )
     return 0
