@@ -602,6 +602,58 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f} ({len(values)} seeds)"
 
 
+def results_table(payload: dict) -> list[str]:
+    """The one results table: per domain, each registry entry's validation perplexity at `select_s` (mean ±
+    half-range over the seeds), its test perplexity after `budget_s` pulled by repo id (one run, seed 0), and general
+    text after it (forgetting), beside the untouched model. What is not on record yet is a dash."""
+    p = payload["settings"]
+    short, long = f"{p['select_s'] / MINUTE:g} min", f"{p['budget_s'] / MINUTE:g} min"
+    names = [n for n in METHODS if any(n in d["methods"] for d in payload["domains"].values())]
+    head = [
+        "untouched",
+        *[
+            f"{n} ({', '.join(sorted({d['methods'][n]['method'] for d in payload['domains'].values() if n in d['methods']}))})"
+            if n in ("organ", "growth_set")
+            else n
+            for n in names
+        ],
+    ]
+    lines = [
+        "| domain, measure | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    for domain, d in payload["domains"].items():
+        u, methods = d["untouched"], d["methods"]
+
+        def cells(fn, methods=methods):
+            return [fn(methods[n]) if n in methods else "-" for n in names]
+
+        def seeds(r):
+            vals = [c["best_validation_ppl"] for c in r["short"]]
+            if not vals:
+                return "-"
+            mean = sum(vals) / len(vals)
+            return (
+                f"{mean:.2f} ± {(max(vals) - min(vals)) / 2:.2f} ({len(vals)})" if len(vals) > 1 else f"{mean:.2f} (1)"
+            )
+
+        def final(key):
+            return lambda r: f"{r['final'][key]:.2f}" if r.get("final") else "-"
+
+        lines += [
+            f"| {domain}: validation @ {short}, mean ± half-range (seeds) | {u['validation_ppl']:.2f} | "
+            + " | ".join(cells(seeds))
+            + " |",
+            f"| {domain}: test @ {long}, by repo id (seed 0) | {u['test_ppl']:.2f} | "
+            + " | ".join(cells(final("test_ppl")))
+            + " |",
+            f"| {domain}: WikiText-2 test @ {long} (forgetting) | {u['general_ppl']:.2f} | "
+            + " | ".join(cells(final("general_ppl")))
+            + " |",
+        ]
+    return lines + [""]
+
+
 def report(payload: dict) -> str:
     p = payload["settings"]
     lines = [
@@ -609,6 +661,9 @@ def report(payload: dict) -> str:
         f"training per method, one pass, constant learning rate chosen on validation at {p['select_s'] / MINUTE:g} "
         "min; SmolLM2-135M, float32, 2 CPU cores)",
         "",
+        "#### The results table",
+        "",
+        *results_table(payload),
     ]
     marks = [m / MINUTE for m in p["marks"] if m in (60, 120, 300, 600, 1200)] or [m / MINUTE for m in p["marks"]]
     for domain, d in payload["domains"].items():

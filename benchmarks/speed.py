@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py --quick    # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --full     # ~15 min
-    .venv/bin/python benchmarks/speed.py --loop     # ~6 min: the Trainer-based loop vs the hand-written one it replaced
+    .venv/bin/python benchmarks/speed.py --loop     # ~6 min: not_hub's training loop vs a plain transformers.Trainer
     .venv/bin/python benchmarks/speed.py --load     # ~2 min: organ load + graft vs reading its bytes + their sha256
 
 Training methods run the same plain loop (forward, backward, AdamW step) at the same batch size and sequence length,
@@ -119,15 +119,18 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
     }
 
 
-# ------------------------------------------------------------------------- --loop: Trainer vs the replaced loop
+# ---------------------------------------------------------------- --loop: not_hub's loop vs a plain transformers.Trainer
 
 LOOP = dict(batch=4, seq=256, warmup=3, steps=12, corpus_tokens=1_000_000)
+LOOP_RUNS = [(kind, what) for what in ("organ", "lora") for kind in ("plain", "not_hub")]
 
 
-def loop_worker(kind: str, batch: int, seq: int, warmup: int, steps: int, corpus_tokens: int) -> dict:
-    """One training run of the in-situ organ [10, 13) on SmolLM2 through a loop: `legacy` (the hand-written loop,
-    `legacy_loop.py`), `trainer` (today's `fit_parameters` on transformers.Trainer), or `first_step` (today's
-    `train_organ` with the lazily filled prefix cache, on a corpus of `corpus_tokens` tokens)."""
+def loop_worker(kind: str, what: str, batch: int, seq: int, warmup: int, steps: int, corpus_tokens: int) -> dict:
+    """One training run on SmolLM2, float32, constant rate, of `what` (the in-situ organ [10, 13) uncached, or peft
+    LoRA r=8 on every linear layer) through `kind`: `not_hub` (`fit_parameters`, the loop every not_hub training
+    function uses) or `plain` (a `transformers.Trainer` with the same model, data, batch size and precision, as a user
+    would write it: `get_organ_model` / `get_peft_model`, then `Trainer(...).train()`). `first_step`: `train_organ`
+    with its defaults on a corpus of `corpus_tokens` tokens, timed to its first optimizer step."""
     import datasets
     import torch
     from common import load_smollm2
@@ -147,16 +150,10 @@ def loop_worker(kind: str, batch: int, seq: int, warmup: int, steps: int, corpus
     model.get_input_embeddings().register_forward_pre_hook(lambda m, a: stamps.append(time.perf_counter()))
     t0 = time.perf_counter()
     if kind == "first_step":
-        metrics = not_hub.train_organ(organ, model, data, max_steps=2, batch_size=batch, progress=False)
+        metrics = not_hub.train_organ(
+            organ, model, data, max_steps=2, batch_size=batch, progress=False, mixed_precision="no"
+        )
         cache = organ.config.training["prefix_cache"]
-        # What the replaced eager cache did before its first step: run layers [0, 10) over every block. Its
-        # throughput, measured here on 16 blocks, times the corpus.
-        from not_hub.prefix_cache import PrefixCache
-
-        sample = PrefixCache(model, ORGAN[0])
-        t_prefix = time.perf_counter()
-        sample.fill([ids[:16]], batch_size=batch)
-        prefix_tokens_per_s = 16 * seq / (time.perf_counter() - t_prefix)
         return {
             "kind": kind,
             "corpus_tokens": n_blocks * seq,
@@ -166,28 +163,38 @@ def loop_worker(kind: str, batch: int, seq: int, warmup: int, steps: int, corpus
             "cache_bytes_for_corpus": cache["bytes_per_token"] * n_blocks * seq,
             "cache_memory_limit": cache["memory_limit"],
             "cache_disk_limit": cache["disk_limit"],
-            "prefix_tokens_per_s": prefix_tokens_per_s,
-            "eager_build_s_estimate": n_blocks * seq / prefix_tokens_per_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-    with organ.transplanted(model) as transplant:
-        params = [p for layer in transplant.layers for p in layer.parameters()]
-        if kind == "legacy":
-            from legacy_loop import TrainingArguments as LegacyArguments
-            from legacy_loop import fit_parameters as legacy_fit
+    if what == "organ":
+        model = not_hub.get_organ_model(organ, model)  # the organ grafted, everything else frozen
+    else:
+        from peft import LoraConfig, get_peft_model
 
-            args = LegacyArguments(
-                max_steps=warmup + steps, lr=1e-3, batch_size=batch, progress=False, warmup_ratio=0.0
-            )
-            legacy_fit(model, params, data, args, "legacy")
-        else:
-            from not_hub.training import OrganTrainingArguments, fit_parameters
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "not_hub":
+        from not_hub.training import OrganTrainingArguments, fit_parameters
 
-            args = OrganTrainingArguments(max_steps=warmup + steps, lr=1e-3, batch_size=batch, progress=False)
-            fit_parameters(model, params, data, args, "trainer")
+        args = OrganTrainingArguments(
+            max_steps=warmup + steps, lr=1e-3, batch_size=batch, progress=False, warmup_ratio=0.0,
+            mixed_precision="no", trainer_args={"lr_scheduler_type": "constant"},
+        )  # fmt: skip
+        fit_parameters(model, params, data, args, kind)
+    else:
+        from transformers import Trainer, TrainingArguments
+
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(
+                out, max_steps=warmup + steps, learning_rate=1e-3, per_device_train_batch_size=batch,
+                lr_scheduler_type="constant", report_to="none", save_strategy="no", disable_tqdm=True,
+                dataloader_pin_memory=False, logging_steps=1,
+            )  # fmt: skip
+            Trainer(model=model, args=args, train_dataset=train, data_collator=not_hub.collate_blocks).train()
     durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
     return {
         "kind": kind,
+        "what": what,
         "steps_timed": len(durations),
         "seconds_per_step": sum(durations) / len(durations),
         "tokens_per_second": batch * seq * len(durations) / sum(durations),
@@ -198,20 +205,23 @@ def loop_worker(kind: str, batch: int, seq: int, warmup: int, steps: int, corpus
 
 def loop_main() -> None:
     t_start = time.time()
-    rows = {}
-    for kind in ("legacy", "trainer", "legacy", "trainer", "first_step"):  # interleaved twice: drift shows up
-        print(f"loop: {kind} ...", flush=True)
-        r = run_worker("loop", f"--kind={kind}", *(f"--{k.replace('_', '-')}={v}" for k, v in LOOP.items()))
-        rows.setdefault(kind, []).append(r)
-    rate = {k: sum(r["tokens_per_second"] for r in rows[k]) / len(rows[k]) for k in ("legacy", "trainer")}
-    first = rows["first_step"][0]
+    rows: dict[str, list[dict]] = {}
+    order = LOOP_RUNS + LOOP_RUNS[::-1] + [("first_step", "organ")]  # each pair twice, in mirrored order: drift shows
+    for kind, what in order:
+        print(f"loop: {kind} {what} ...", flush=True)
+        opts = (f"--{k.replace('_', '-')}={v}" for k, v in LOOP.items())
+        r = run_worker("loop", f"--kind={kind}", f"--what={what}", *opts)
+        rows.setdefault(f"{kind}/{what}", []).append(r)
+    rate = {k: sum(r["tokens_per_second"] for r in v) / len(v) for k, v in rows.items() if k != "first_step/organ"}
+    first = rows["first_step/organ"][0]
+    ratios = {what: rate[f"not_hub/{what}"] / rate[f"plain/{what}"] for what in ("organ", "lora")}
     result = {
         "settings": LOOP,
         "machine": machine(),
         "organ": list(ORGAN),
         "runs": rows,
         "tokens_per_second": rate,
-        "trainer_over_legacy": rate["trainer"] / rate["legacy"],
+        "not_hub_over_plain_trainer": ratios,
         "first_step": first,
         "command": "benchmarks/speed.py --loop",
         "wall_clock_s": round(time.time() - t_start, 1),
@@ -219,31 +229,31 @@ def loop_main() -> None:
     write_json("speed_loop", result)
     gib = 2**30
     md = [
-        "### The Trainer-based loop against the hand-written loop it replaced",
+        "### not_hub's training loop against a plain transformers.Trainer",
         "",
-        f"In-situ organ {list(ORGAN)} of SmolLM2-135M, uncached (the loop is what differs), batch {LOOP['batch']} x "
-        f"{LOOP['seq']} tokens, fp32, {LOOP['steps']} timed steps after {LOOP['warmup']} warm-up steps, two runs "
-        "each, interleaved, each in its own process.",
+        f"SmolLM2-135M, float32, batch {LOOP['batch']} x {LOOP['seq']} tokens, constant rate, {LOOP['steps']} timed "
+        f"steps after {LOOP['warmup']} warm-up steps, two runs each in mirrored order, each in its own process. The "
+        f"in-situ organ {list(ORGAN)} runs uncached in both (the loop is what differs); LoRA r=8 on every linear layer.",
         "",
-        "| loop | tokens/s (runs) | mean | peak RSS (MB) |",
-        "|---|---|---|---|",
+        "| what | loop | tokens/s (runs) | mean | peak RSS (MB) |",
+        "|---|---|---|---|---|",
         *[
-            f"| {k} | {', '.join(format(r['tokens_per_second'], '.0f') for r in rows[k])} | {rate[k]:.0f} | "
-            f"{max(r['peak_rss_mb'] for r in rows[k]):.0f} |"
-            for k in ("legacy", "trainer")
+            f"| {key.split('/')[1]} | {key.split('/')[0]} | "
+            f"{', '.join(format(r['tokens_per_second'], '.0f') for r in rows[key])} | {rate[key]:.0f} | "
+            f"{max(r['peak_rss_mb'] for r in rows[key]):.0f} |"
+            for key in rate
         ],
         "",
-        f"Trainer / hand-written: **{result['trainer_over_legacy']:.3f}x** tokens/s.",
+        "not_hub / plain Trainer, tokens/s: "
+        + ", ".join(f"{what} **{ratio:.3f}x**" for what, ratio in ratios.items())
+        + ".",
         "",
-        f"Time to the first step on a {first['corpus_tokens'] / 1e6:.2f}M-token corpus (in situ, cached prefix, "
-        f"the defaults): **{first['first_step_s']:.2f} s** of the budget. The replaced cache ran the 10 layers below "
-        f"the organ over every block first: at the {first['prefix_tokens_per_s']:.0f} tokens/s measured here that is "
-        f"~{first['eager_build_s_estimate']:.0f} s before the first step (an estimate from 16 blocks). Cache for the "
-        f"whole corpus: {first['cache_bytes_per_token']:,} bytes/token x {first['corpus_tokens']:,} tokens = "
-        f"{first['cache_bytes_for_corpus'] / gib:.2f} GiB, of which at most "
-        f"{first['cache_memory_limit'] / gib:.0f} GiB in memory and at most {first['cache_disk_limit'] / gib:.0f} GiB "
-        f"in an unnamed temporary file (beyond both, recomputed). Peak RSS of that run: "
-        f"{first['peak_rss_mb']:.0f} MB.",
+        f"Time to the first step on a {first['corpus_tokens'] / 1e6:.2f}M-token corpus (`train_organ`, in situ, cached "
+        f"prefix, the defaults): **{first['first_step_s']:.2f} s** of the budget. Cache for the whole corpus: "
+        f"{first['cache_bytes_per_token']:,} bytes/token x {first['corpus_tokens']:,} tokens = "
+        f"{first['cache_bytes_for_corpus'] / gib:.2f} GiB, of which at most {first['cache_memory_limit'] / gib:.0f} GiB "
+        f"in memory and at most {first['cache_disk_limit'] / gib:.0f} GiB in an unnamed temporary file (beyond both, "
+        f"recomputed). Peak RSS of that run: {first['peak_rss_mb']:.0f} MB.",
         "",
     ]
     write_markdown("speed_loop", "\n".join(md))
@@ -454,14 +464,19 @@ def plot(training: list[dict], path: Path) -> None:
 def main() -> None:
     parser = preset_parser(__doc__)
     parser.add_argument("--worker", choices=[*METHODS, "latency", "inference", "loop"], help=argparse.SUPPRESS)
-    parser.add_argument("--loop", action="store_true", help="the Trainer-based loop vs the replaced hand-written one")
+    parser.add_argument("--loop", action="store_true", help="not_hub's training loop vs a plain transformers.Trainer")
     parser.add_argument("--load", action="store_true", help="organ load + graft vs reading its bytes + their sha256")
-    parser.add_argument("--kind", choices=["legacy", "trainer", "first_step"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["plain", "not_hub", "first_step"], help=argparse.SUPPRESS)
+    parser.add_argument("--what", choices=["organ", "lora"], help=argparse.SUPPRESS)
     for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens", "corpus_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "loop":
-        print(json.dumps(loop_worker(args.kind, args.batch, args.seq, args.warmup, args.steps, args.corpus_tokens)))
+        print(
+            json.dumps(
+                loop_worker(args.kind, args.what, args.batch, args.seq, args.warmup, args.steps, args.corpus_tokens)
+            )
+        )
         return
     if args.loop:
         loop_main()

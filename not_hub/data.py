@@ -374,9 +374,16 @@ def _stream_source(source, *, text_field, unit, split, revision, suffixes) -> da
         raise
     except Exception as err:  # datasets wraps decoding/parsing/network failures in many types
         raise DataError(f"could not stream documents from {source!s} ({type(err).__name__}: {err})") from None
-    if text_field != "text":
-        ds = ds.rename_column(text_field, "text")
-    return ds.select_columns(["text"])
+    try:
+        if text_field != "text":
+            ds = ds.rename_column(text_field, "text")
+        return ds.select_columns(["text"])
+    except (ValueError, KeyError) as err:
+        columns = list(ds.column_names or []) if ds.column_names else "unknown until read"
+        raise DataError(
+            f"{source!s} has no field {text_field!r} (columns: {columns}); pass --text-field / text_field= the column "
+            f"that holds the text ({err})"
+        ) from None
 
 
 def stream_documents(
@@ -409,12 +416,49 @@ def stream_documents(
     opts = dict(text_field=text_field, unit=unit, split=split, revision=revision, suffixes=suffixes)
     streams = [_stream_source(s, **opts) for s in items]
     ds = streams[0] if len(streams) == 1 else datasets.concatenate_datasets(streams)
+    where = ", ".join(str(s) for s in items)
 
     def keep(example) -> bool:
-        text = (example["text"] or "").strip()
+        text = example.get("text")
+        if text is not None and not isinstance(text, str):
+            raise DataError(
+                f"a document of {where} has a {type(text).__name__} in its text field {text_field!r}, not text; "
+                "pass --text-field / text_field= the column that holds the text"
+            )
+        text = (text or "").strip()
         return bool(text) and _bucket(text, seed, validation, test) == bucket
 
-    return ds.filter(keep).map(lambda ex: {"text": ex["text"].strip()})
+    return _guarded(ds.filter(keep).map(lambda ex: {"text": ex["text"].strip()}), where, text_field)
+
+
+def _guarded(ds: datasets.IterableDataset, where: str, text_field: str) -> datasets.IterableDataset:
+    """`ds`, whose failures while it is read (lazily, inside training) become one named `DataError`: bytes that are
+    not UTF-8, a missing text field, a file deleted or changed between passes."""
+
+    def documents():
+        try:
+            yield from ds
+        except DataError:
+            raise
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{where} is not UTF-8 text ({err.reason} at byte {err.start}: binary, or another encoding such as "
+                "latin-1); convert it (e.g. iconv -f latin1 -t utf-8) or leave that file out"
+            ) from None
+        except (FileNotFoundError, PermissionError) as err:
+            raise DataError(
+                f"could not read {where} while streaming it ({type(err).__name__}: {err}); a streamed corpus is read "
+                "again on every pass and must stay in place until training ends"
+            ) from None
+        except KeyError as err:
+            raise DataError(
+                f"the documents of {where} have no field {err}; pass --text-field / text_field= the column that holds "
+                "the text"
+            ) from None
+        except Exception as err:  # datasets wraps parse and read failures in many types
+            raise DataError(f"could not stream documents from {where} ({type(err).__name__}: {err})") from None
+
+    return datasets.IterableDataset.from_generator(documents)
 
 
 def stream_blocks(
@@ -450,7 +494,16 @@ def stream_blocks(
     def pack(batch):
         return {"input_ids": _pack(_with_eos(tokenizer, batch["text"]), block_size)}
 
-    train = stream_documents(sources, bucket="train", **opts).shuffle(seed=seed, buffer_size=shuffle_buffer)
+    documents = stream_documents(sources, bucket="train", **opts)
+    # Read the first training document now, not inside training: an empty or blank corpus, bytes that are not text
+    # or a missing field are refused before anything is built.
+    if next(iter(documents), None) is None:
+        where = ", ".join(str(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources]))
+        raise DataError(
+            f"{where} holds no training documents: it is empty or blank, or every document fell in the validation "
+            f"and test shares ({validation} + {test})"
+        )
+    train = documents.shuffle(seed=seed, buffer_size=shuffle_buffer)
     train = train.map(pack, batched=True, batch_size=256, remove_columns=["text"]).with_format("torch")
     held: list[np.ndarray] = []  # validation documents' token ids, read until they fill the blocks wanted
     tokens = 0

@@ -8,7 +8,9 @@ result is an ordinary transformers model: `generate()` and `transformers.pipelin
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError, ModelLoadError, OrganNotFoundError
@@ -69,17 +71,36 @@ def load_grafted(
         raise InvalidArgumentError(
             f"organ {refs[0]!s} records no base_model, so the model to graft it into is unknown; pass recipient="
         )
+    if recipient is None and not Path(str(refs[0])).is_dir() and _looks_local(base):
+        # An organ pulled from the Hub names where its recipient lives; a local path there would make loading read
+        # whatever this machine has at that path. Only the user names local folders.
+        raise InvalidArgumentError(
+            f"organ {refs[0]!s} comes from the Hub but its base_model is a local path ({base!r}), which is not loaded "
+            "without asking; pass recipient= the model to graft it into (a Hub id or a folder of yours)"
+        )
     if recipient_revision is None and name == base:
         recipient_revision = first.config.base_model_revision
+    if (Path(name) / "config.json").is_file() and _is_organ_folder(Path(name)):
+        raise InvalidArgumentError(
+            f"recipient {name!r} is an organ folder, not a model; pass recipient= the base model to graft into "
+            f"(this organ's base_model: {base or 'not recorded'})"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=recipient_revision, dtype=dtype, device_map=device_map, **hub
         )
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=recipient_revision, **hub)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load {name!r}, the model organ {refs[0]!s} belongs to ({str(err).splitlines()[0][:200]}); "
             "pass recipient= a local folder or a reachable Hub id of the same architecture"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=recipient_revision, **hub)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(
+            f"{name!r} has no usable tokenizer ({str(err).splitlines()[0][:200]}); load_grafted returns the model "
+            "with its tokenizer: save the tokenizer beside the model (tokenizer.save_pretrained(folder)), or graft "
+            "with OrganModel.from_pretrained(...).transplant_into(model)"
         ) from None
     for organ in loaded:
         organ.transplant_into(model)  # an organ at its default transplant, a set at its recorded places
@@ -97,3 +118,21 @@ def _load_organ_or_set(ref, revision, hub) -> OrganModel | OrganSet:
             return OrganSet.from_pretrained(ref, revision=revision, **hub)
         except OrganNotFoundError:
             raise err from None
+
+
+def _looks_local(base: str | None) -> bool:
+    """Whether a recorded base_model is a filesystem path rather than a Hub repo id ("namespace/name" or "name")."""
+    if not base:
+        return False
+    return base.startswith(("/", ".", "~")) or "\\" in base or ":" in base or base.count("/") > 1
+
+
+def _is_organ_folder(folder: Path) -> bool:
+    """Whether a folder holds an organ (its config.json is an OrganConfig) or an organ set."""
+    if (folder / "organ_set.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("layer_range" in config and "donor_model_type" in config)

@@ -6,12 +6,20 @@ import json
 
 import pytest
 import torch
+from test_hub import local_hub, run_scenario  # noqa: F401  (the local Hub server fixture)
 from tiny_models import tiny_input_ids, tiny_model
 from tiny_tokenizer import code_documents, tiny_tokenizer
 
 import not_hub
+from not_hub.cli import main
 from not_hub.data import make_blocks, split_documents
-from not_hub.errors import CheckpointFormatError, InvalidArgumentError, TransplantStateError
+from not_hub.errors import (
+    CheckpointFormatError,
+    DataError,
+    InvalidArgumentError,
+    ModelLoadError,
+    TransplantStateError,
+)
 from not_hub.prefix_cache import PrefixCache
 from not_hub.training import train_organ
 
@@ -183,3 +191,149 @@ def test_a_set_is_not_built_from_transplants_whose_neighbours_recovery_trained(b
     not_hub.recover(model, [transplant], blocks, radius=1, max_steps=1, lr=1e-2, progress=False)
     with pytest.raises(TransplantStateError, match="radius=0"):
         not_hub.OrganSet.from_transplants(model)
+
+
+# ------------------------------------------------------------------------------------------------ streamed corpora
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("empty.txt", b"", "no training documents"),
+        ("blank.txt", b"\n\n   \n\t\n", "no training documents"),
+        ("latin1.txt", "caf\u00e9 cr\u00e8me ".encode("latin-1") * 200, "not UTF-8"),
+        ("binary.txt", bytes(range(128, 256)) * 50, "not UTF-8"),
+        ("fields.jsonl", b'{"body": "int f() { return 1; }"}\n' * 50, "no field"),
+        ("numbers.jsonl", b'{"text": 12345}\n' * 50, "not text"),
+    ],
+    ids=["empty", "blank", "latin-1", "binary", "missing-field", "number-field"],
+)
+def test_a_stream_that_is_not_text_is_refused_before_training(tmp_path, name, content, words):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=words):
+        not_hub.stream_blocks(tmp_path / name, tiny_tokenizer(), 32, unit="line")
+
+
+def test_a_streamed_file_deleted_before_training_reads_it_is_a_data_error_and_the_organ_is_untouched(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(code_documents(200)))
+    data = not_hub.stream_blocks(corpus, tiny_tokenizer(), 32, unit="line")
+    corpus.unlink()  # gone between the first look and training's pass
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    before = {k: v.clone() for k, v in organ.state_dict().items()}
+    with pytest.raises(DataError, match="must stay in place"):
+        train_organ(organ, donor, data, max_steps=2, batch_size=4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in organ.state_dict().items()) and not organ.config.training
+
+
+def test_a_token_budget_far_above_the_stream_is_said(tmp_path, caplog):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(code_documents(60)))
+    data = not_hub.stream_blocks(corpus, tiny_tokenizer(), 32, unit="line")
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    with caplog.at_level("WARNING", logger="not_hub.training"):
+        metrics = train_organ(organ, donor, data, max_tokens=10**7, batch_size=4, progress=False)
+    assert metrics.tokens_seen < 10**6
+    assert any("the stream ended after" in r.message for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def cli_workspace(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    not_hub.extract_organ(tiny_model("llama"), layer_range=(2, 4)).save_pretrained(tmp_path / "organ")
+    (tmp_path / "train.txt").write_text("\n".join(code_documents(120)))
+    return tmp_path
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--stream", "--max-steps", "2", "--validation-data", "{w}/train.txt"], "--validation-data cannot be used"),
+        (["--stream", "--max-steps", "2", "--limit-docs", "5"], "--limit-docs cannot be used"),
+        (["--max-steps", "1", "--report-to", "bogus"], "report_to="),
+    ],
+    ids=["stream-validation-data", "stream-limit-docs", "report-to-bogus"],
+)
+def test_cli_training_options_that_would_be_ignored_or_crash_are_one_line(cli_workspace, capsys, extra, words):
+    w = cli_workspace
+    argv = ["train", str(w / "organ"), "--donor", str(w / "model"), "--data", str(w / "train.txt"), "--unit", "line"]
+    argv += ["--block-size", "32", "--out", str(w / "out"), *[e.format(w=w) for e in extra]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert _last_line(err).startswith("error: ") and words in err and "Traceback" not in err
+    assert not (w / "out").exists()
+
+
+def test_cli_json_output_stays_json_on_an_error(cli_workspace, capsys):
+    w = cli_workspace
+    assert main(["inspect", str(w / "nowhere"), "--format", "json"]) == 1
+    out = capsys.readouterr().out
+    payload = json.loads(out)
+    assert payload["type"] == "OrganNotFoundError" and "nowhere" in payload["error"]
+
+
+# -------------------------------------------------------------------------------- interrupted standalone training
+
+
+@pytest.mark.parametrize("method", ["standalone", "recovered"])
+def test_ctrl_c_in_standalone_training_leaves_the_organ_as_it_was(method, blocks, monkeypatch):
+    from not_hub.trainer import OrganTrainer
+
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    before = {k: v.clone() for k, v in organ.state_dict().items()}
+    step = OrganTrainer.training_step
+    calls = []
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C after the first optimizer step changed the weights
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(OrganTrainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_organ(organ, donor, blocks, method=method, max_steps=6, batch_size=8, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in organ.state_dict().items())
+    assert not organ.config.training
+
+
+# ---------------------------------------------------------------------------------------------------- load_grafted
+
+
+def test_load_grafted_names_an_organ_folder_or_a_missing_tokenizer_as_the_recipient(cli_workspace):
+    w = cli_workspace
+    with pytest.raises(InvalidArgumentError, match="is an organ folder, not a model"):
+        not_hub.load_grafted(w / "organ", recipient=w / "organ")
+    tiny_model("llama").save_pretrained(w / "no-tokenizer")
+    with pytest.raises(ModelLoadError, match="no usable tokenizer"):
+        not_hub.load_grafted(w / "organ", recipient=w / "no-tokenizer")
+
+
+def test_a_hub_organ_naming_a_local_path_as_base_model_is_not_loaded_from_it(local_hub, tmp_path):  # noqa: F811
+    run_scenario(
+        local_hub,
+        tmp_path,
+        f"""
+        from not_hub.errors import InvalidArgumentError
+        donor = tiny_model("llama")
+        organ = not_hub.extract_organ(donor, layer_range=(1, 3), base_model={str(tmp_path / "private-model")!r})
+        organ.push_to_hub("user/sneaky-organ")
+        try:
+            not_hub.load_grafted("user/sneaky-organ")
+        except InvalidArgumentError as err:
+            assert "local path" in str(err), err
+        else:
+            raise AssertionError("loaded a local path named by a Hub organ")
+        """,
+    )

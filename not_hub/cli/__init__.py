@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         # A user error (bad input, missing file, unreachable Hub): one line. Anything else is a bug and keeps its
         # traceback.
         print(f"error: {str(err).strip()}", file=sys.stderr)
+        if getattr(args, "format", "text") == "json":  # stdout stays one JSON document, on failure too
+            print(json.dumps({"error": str(err).strip(), "type": type(err).__name__}))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -243,6 +243,21 @@ def _training_data(args, tokenizer):
         raise InvalidArgumentError(
             "--stream reads a corpus of unknown length; pass --max-tokens, --max-seconds or --max-steps"
         )
+    ignored = [
+        flag
+        for flag, value in (
+            ("--validation-data", getattr(args, "validation_data", None)),
+            ("--test-data", getattr(args, "test_data", None)),
+            ("--limit-docs", getattr(args, "limit_docs", None)),
+        )
+        if value
+    ]
+    if ignored:  # (they would be silently ignored: a stream is split by a hash of each document, and not counted)
+        raise InvalidArgumentError(
+            f"{', '.join(ignored)} cannot be used with --stream: a streamed corpus is split by a seeded hash of each "
+            "document (--validation-fraction, --test-fraction) and bounded by --max-tokens/--max-seconds/--max-steps; "
+            "drop them, or drop --stream to load the corpus"
+        )
     opts = dict(
         validation=args.validation_fraction, test=args.test_fraction, seed=args.split_seed, text_field=args.text_field
     )
