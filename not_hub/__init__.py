@@ -35,6 +35,7 @@ from .modeling_organ import OrganModel
 from .organ_set import OrganSet
 from .plan import MODES, TransplantPlan, plan_transplant, valid_positions
 from .precision import resolve_mixed_precision
+from .routing import Router, route, router_of
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
@@ -89,6 +90,7 @@ __all__ = [
     "OrganTrainer",
     "OrganTrainingArguments",
     "PerplexityResult",
+    "Router",
     "SweepResult",
     "TrainingMetrics",
     "Transplant",
@@ -116,6 +118,8 @@ __all__ = [
     "recover",
     "resolve_architecture",
     "resolve_mixed_precision",
+    "route",
+    "router_of",
     "save_adapter",
     "split_documents",
     "stream_blocks",

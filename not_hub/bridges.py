@@ -32,6 +32,8 @@ class BridgedLayer(nn.Module):
     passed to the wrapped layer, so the model treats it as the layer itself.
     """
 
+    wraps_layer = True  # `unwrap` looks through it
+
     def __init__(self, layer: nn.Module, bridge_in: nn.Linear | None = None, bridge_out: nn.Linear | None = None):
         super().__init__()
         self.layer = layer
@@ -56,5 +58,7 @@ class BridgedLayer(nn.Module):
 
 
 def unwrap(layer: nn.Module) -> nn.Module:
-    """The decoder layer inside a `BridgedLayer` (or the layer itself)."""
-    return layer.layer if isinstance(layer, BridgedLayer) else layer
+    """The decoder layer inside a `BridgedLayer` or a routing gate (`not_hub.routing.GatedLayer`), or the layer."""
+    while getattr(type(layer), "wraps_layer", False):
+        layer = layer.layer
+    return layer

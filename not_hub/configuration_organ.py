@@ -59,6 +59,8 @@ class OrganConfig(PreTrainedConfig):
         neighbours_from (`str`, *optional*): the recipient the recovered neighbours were trained in.
         growth (`dict`, *optional*): for a growth organ (`not_hub.grow_organ`): the layers it was copied from and the
             output projections zeroed to make it start as the identity.
+        routing_signature (`dict`, *optional*): what the organ was trained on (`not_hub.signature`): the scalars of
+            its signature (directions, threshold, tokens); its tensors are `routing.*` in `model.safetensors`.
 
     Example:
         ```python
@@ -95,6 +97,7 @@ class OrganConfig(PreTrainedConfig):
         default_transplant: dict | None = None,
         neighbours_from: str | None = None,
         growth: dict | None = None,
+        routing_signature: dict | None = None,
         **kwargs: Any,
     ):
         _check_format_version(format_version)
@@ -128,6 +131,7 @@ class OrganConfig(PreTrainedConfig):
         self.default_transplant = dict(default_transplant) if default_transplant else None
         self.neighbours_from = neighbours_from
         self.growth = dict(growth) if growth else None
+        self.routing_signature = dict(routing_signature) if routing_signature else None
         super().__init__(**kwargs)
 
     @property

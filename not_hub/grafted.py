@@ -29,18 +29,22 @@ def load_grafted(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    routing: str | None = None,
 ):
     """Load the model an organ belongs to, with the organ grafted in, and its tokenizer.
 
     Args:
-        organs: an organ repo id or folder, or a list of them (grafted in order, each at its default transplant); an
-            organ set (`not_hub.OrganSet`: several organs in one repo) is grafted whole, at its recorded places.
+        organs: an organ repo id or folder, or a list of them (each at its default transplant, the deepest first, so
+            that every position counts the base model's layers); an organ set (`not_hub.OrganSet`: several organs in one repo) is grafted whole, at its recorded places.
         recipient: the model to graft into (Hub id or folder); default: the first organ's `base_model`.
         revision: the organ repo's revision (branch, tag or commit sha), for every organ given.
         recipient_revision: the recipient's revision; default: the organ's `base_model_revision` when the
             recipient is its `base_model`.
         dtype, device_map: as `AutoModelForCausalLM.from_pretrained` (the organ follows the layers it joins).
         token, cache_dir, local_files_only: passed to both downloads, organ and recipient.
+        routing: "token" or "sequence" to gate every grafted organ by its routing signature (`not_hub.routing`:
+            inserted organs with signatures, e.g. growth organs from several teams); a routed set is routed as it
+            was saved without it. `not_hub.router_of(model)` has the gates.
 
     Returns:
         `(model, tokenizer)`: a transformers causal LM with the organ(s) grafted (`model.config.transplants` says
@@ -102,8 +106,33 @@ def load_grafted(
             "with its tokenizer: save the tokenizer beside the model (tokenizer.save_pretrained(folder)), or graft "
             "with OrganModel.from_pretrained(...).transplant_into(model)"
         ) from None
-    for organ in loaded:
-        organ.transplant_into(model)  # an organ at its default transplant, a set at its recorded places
+    if routing is not None:
+        from .routing import MODES
+
+        if routing not in MODES:
+            raise InvalidArgumentError(f"routing={routing!r} is not a routing mode; expected one of {MODES} or None")
+    grafted = []
+    if len(loaded) > 1 and all(isinstance(o, OrganModel) for o in loaded):
+        # Each organ's default position counts the base model's layers: graft the deepest first, so an inserted
+        # organ never shifts the slot of one still to come.
+        loaded = sorted(loaded, key=lambda o: -(o.config.default_transplant or {}).get("position", o.layer_range[0]))
+    try:
+        for organ in loaded:
+            if isinstance(organ, OrganSet) and routing is not None:
+                organ.routing = None  # routed below, together with the other organs
+            # an organ at its default transplant, a set at its recorded places
+            done = organ.transplant_into(model)
+            grafted += done if isinstance(done, list) else [done]
+        if routing is not None:
+            from .routing import route
+
+            names = [t.entry.get("organ") or f"organ-{i}" for i, t in enumerate(grafted)]
+            route(model, grafted, mode=routing, names=names)
+    except BaseException:
+        for t in reversed(grafted):
+            if t.active:
+                t.explant()
+        raise
     return model.eval(), tokenizer
 
 

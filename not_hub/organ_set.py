@@ -41,17 +41,47 @@ SET_FORMAT = "1.0"
 # cost nothing. No decoder has this many layers to graft organs between (the deepest on the Hub have ~200).
 MAX_SET_ORGANS = 256
 _ENTRY_KEYS = {"subfolder", "mode", "position", "remove"}
-_MANIFEST_KEYS = {"format_version", "not_hub_version", "base_model", "organs"}
+_MANIFEST_KEYS = {"format_version", "not_hub_version", "base_model", "organs", "routing"}
 _SUBFOLDER = re.compile(r"organ-[0-9]{1,4}")
 
 
 class OrganSet:
     """Organs grafted in a fixed order at recorded places: saved, pushed and grafted back as one."""
 
-    def __init__(self, organs: list[OrganModel], placements: list[dict[str, Any]]):
+    def __init__(
+        self, organs: list[OrganModel], placements: list[dict[str, Any]], *, routing: dict[str, Any] | None = None
+    ):
         if not organs or len(organs) != len(placements):
             raise InvalidArgumentError("an OrganSet needs one placement (mode, position) per organ, and an organ")
         self.organs, self.placements = list(organs), [dict(p) for p in placements]
+        self.routing = _check_routing(routing)
+
+    @classmethod
+    def routed(cls, organs: list[OrganModel], *, mode: str = "token") -> OrganSet:
+        """Organs trained apart (e.g. by several teams), grafted together at their default transplants and routed
+        (`not_hub.routing`): each gated by its signature. Every organ must be an insert (a growth organ) with a
+        routing signature. Positions are adjusted for the organs grafted before each (deepest-first order is not
+        needed: an organ's recorded position counts the base model's layers)."""
+        placements, shift = [], 0
+        order = sorted(
+            range(len(organs)), key=lambda i: (organs[i].config.default_transplant or {}).get("position", 0)
+        )
+        for i in order:
+            place = dict(organs[i].config.default_transplant or {})
+            if place.get("mode") != "insert":
+                raise InvalidArgumentError(
+                    f"organ {i} ({organs[i].name_or_path or 'unsaved'}) is not an inserted organ (its default "
+                    f"transplant is {place or 'a replace'}); a routed set holds growth organs, which are the identity "
+                    "when skipped"
+                )
+            if organs[i].routing_signature is None:
+                raise InvalidArgumentError(
+                    f"organ {i} ({organs[i].name_or_path or 'unsaved'}) has no routing signature; compute one with "
+                    "organ.compute_routing_signature(model, docs, tokenizer=tok)"
+                )
+            placements.append({"mode": "insert", "position": place["position"] + shift})
+            shift += organs[i].config.num_layers
+        return cls([organs[i] for i in order], placements, routing={"mode": mode})
 
     @classmethod
     def from_transplants(cls, transplants: list[Transplant] | nn.Module) -> OrganSet:
@@ -84,12 +114,18 @@ class OrganSet:
         return cls(organs, placements)
 
     def transplant_into(self, recipient: nn.Module) -> list[Transplant]:
-        """Graft every organ, in order, at its recorded place. All or nothing: on an error the organs already
-        grafted are explanted again (newest first) and the error is raised."""
+        """Graft every organ, in order, at its recorded place, and route them if the set is routed
+        (`not_hub.router_of(recipient)` then has the gates). All or nothing: on an error the organs already grafted
+        are explanted again (newest first) and the error is raised."""
+        from .routing import route
+
         done: list[Transplant] = []
         try:
             for organ, place in zip(self.organs, self.placements, strict=True):
                 done.append(organ.transplant_into(recipient, **place))
+            if self.routing:
+                names = [o.name_or_path or f"organ-{i}" for i, o in enumerate(self.organs)]
+                route(recipient, done, mode=self.routing["mode"], names=names)
         except BaseException:
             for transplant in reversed(done):
                 transplant.explant()
@@ -103,12 +139,13 @@ class OrganSet:
             "not_hub_version": __version__,
             "base_model": self.organs[0].config.base_model,
             "organs": [{"subfolder": f"organ-{i}", **p} for i, p in enumerate(self.placements)],
-        }
+        } | ({"routing": self.routing} if self.routing else {})
 
         def write(folder: Path) -> None:
             for i, organ in enumerate(self.organs):
                 organ.save_pretrained(folder / f"organ-{i}")
             (folder / SET_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            (folder / "README.md").write_text(render_set_card(self))
 
         replace_folder(save_directory, write)
         return Path(save_directory)
@@ -140,7 +177,7 @@ class OrganSet:
             for entry in manifest["organs"]
         ]  # fmt: skip
         placements = [{k: v for k, v in entry.items() if k != "subfolder"} for entry in manifest["organs"]]
-        return cls(organs, placements)
+        return cls(organs, placements, routing=manifest.get("routing"))
 
     def __len__(self) -> int:
         return len(self.organs)
@@ -225,6 +262,65 @@ def _check_manifest(manifest: Any, path: Path) -> None:
                 "once, from its own subfolder"
             )
         seen.add(e["subfolder"])
+    try:
+        _check_routing(manifest.get("routing"))
+    except InvalidArgumentError as err:
+        raise CheckpointFormatError(f"{path}: {err}") from None
     unknown = set(manifest) - _MANIFEST_KEYS
     if unknown:  # forward-compatible at the top level, as configs are: a newer writer may add metadata
         logger.warning("%s: ignoring unknown manifest key(s) %s", path, sorted(unknown))
+
+
+def _check_routing(routing: Any) -> dict[str, Any] | None:
+    if routing is None:
+        return None
+    from .routing import MODES
+
+    if not isinstance(routing, dict) or routing.get("mode") not in MODES or set(routing) - {"mode"}:
+        raise InvalidArgumentError(f"routing={routing!r} is not allowed; expected {{'mode': one of {MODES}}} or None")
+    return dict(routing)
+
+
+def render_set_card(organ_set: OrganSet) -> str:
+    """The set's README.md: what it holds, where each organ goes, what each was trained on, how it is routed."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    first = organ_set.organs[0].config
+    data = ModelCardData(
+        base_model=first.base_model or None, library_name="not_hub", tags=["not_hub", "organ-set", "organ"]
+    )
+    routing = organ_set.routing
+    lines = [
+        f"# Organ set: {len(organ_set)} organs for {first.base_model or 'its base model'}",
+        "",
+        "Several organs ([not_hub](https://github.com/not-hub/not_hub)) in one repo, grafted together in one call:",
+        "",
+        "```python",
+        "import not_hub",
+        'model, tokenizer = not_hub.load_grafted("<this repo id>")',
+        "```",
+        "",
+        (
+            f"**Routed** ({routing['mode']} mode): each organ is switched on only for text that matches its signature "
+            "(statistics of the hidden states it was trained on), decided from the tokens before the one predicted; "
+            "switched off, an organ is skipped exactly. `not_hub.router_of(model).decisions` shows the gates."
+            if routing
+            else "Not routed: every organ runs on every token."
+        ),
+        "",
+        "| subfolder | source | mode, position | layers | trained on | signature (tokens, threshold) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, (organ, place) in enumerate(zip(organ_set.organs, organ_set.placements, strict=True)):
+        c = organ.config
+        data_desc = ((c.training or {}).get("data") or {}).get("domain") or ((c.training or {}).get("data") or {}).get(
+            "sources"
+        )
+        sig = c.routing_signature
+        lines.append(
+            f"| organ-{i} | {organ.name_or_path or '-'} | {place['mode']}, {place['position']} | {c.num_layers} "
+            f"(copies of {list(c.layer_range)}) | {data_desc or '-'} | "
+            + (f"{sig['tokens']:,} tokens, {sig['threshold']:.3g}" if sig else "none")
+            + " |"
+        )
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + "\n".join(lines) + "\n").content

@@ -43,6 +43,7 @@ from .precision import CHOICES as PRECISIONS
 from .precision import resolve_mixed_precision
 from .prefix_cache import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
+from .signature import SignatureCollector
 from .trainer import finished_checkpoints, process_state, run_trainer
 from .transplant import Transplant, check_compatibility
 
@@ -649,9 +650,13 @@ def train_organ(
                     cache = PrefixCache(donor, start, memory_limit=cache_memory_limit, disk_limit=cache_disk_limit)
                 model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
                 counts = {k: cache.stats()[k] for k in ("hits", "misses", "uncached")}
+            # What the organ trains on, recorded as its routing signature (not_hub.signature): the hidden states
+            # entering its first layer, cached prefix or not.
+            collector = SignatureCollector(transplant.layers[0])
             try:
                 metrics = fit_parameters(model, params, data, args, label)
             finally:
+                signature = collector.finish()
                 if model is not donor:
                     stats = cache.stats()  # lookups: this run's only (a shared cache counts every run's)
                     stats |= {k: stats[k] - v for k, v in counts.items()}
@@ -659,6 +664,8 @@ def train_organ(
                     if prefix_cache is None:
                         cache.close()  # its temporary file goes now, not at garbage collection
             organ.load_state_dict(transplant.to_organ().state_dict())
+        if signature is not None:
+            organ.set_routing_signature(signature)
     organ.eval()
     organ.config.training = {"method": method, "data": data.description, **metrics.to_dict()}
     if method == "in_situ":
@@ -747,7 +754,15 @@ def recover(
                 trained.append(layer)
     params = [p for layer in trained for p in layer.parameters()]
     label = f"recovery (radius {radius}" + (f", {len(transplants)} organs jointly)" if len(transplants) > 1 else ")")
-    metrics = fit_parameters(recipient, params, data, args, label)
+    collectors = [SignatureCollector(t.layers[0]) for t in transplants]  # each organ's routing signature
+    try:
+        metrics = fit_parameters(recipient, params, data, args, label)
+    finally:
+        signatures = [c.finish() for c in collectors]
+    for t, signature in zip(transplants, signatures, strict=True):
+        if signature is not None:  # carried out of the recipient by `transplant.to_organ()`
+            t._routing = {k: v.clone() for k, v in signature.tensors().items()}
+            t._organ_config.routing_signature = signature.summary()
     recipient.eval()
     for t in transplants:
         t.entry["recovery"] = {"radius": radius, "joint": len(transplants), **metrics.to_dict(history=False)}

@@ -163,6 +163,8 @@ class Transplant:
     _neighbour_backup: list[tuple[nn.Module, dict]] = field(default_factory=list)
     # (device, dtype) the incoming layers were placed with at transplant time.
     _placed_as: tuple[torch.device, torch.dtype] | None = None
+    # The organ's routing signature tensors (`not_hub.signature`), carried back out by `to_organ`.
+    _routing: dict[str, torch.Tensor] | None = None
     active: bool = True
 
     @property
@@ -258,6 +260,11 @@ class Transplant:
                 "remove": len(left) + removed + len(right),
             }
             config.neighbours_from = getattr(self.recipient, "name_or_path", None) or None
+        # The signature describes the inputs of the organ's own slot; a block carrying recovered neighbours starts
+        # lower, so it has none until one is computed for it.
+        keep_signature = bool(config.routing_signature) and self._routing is not None and not sources
+        if not keep_signature:
+            config.routing_signature = None
         organ = self._organ_cls(config)
         state = {}
         for i, layer in enumerate(layers):
@@ -267,7 +274,9 @@ class Transplant:
             for name, bridge in zip(("bridge_in", "bridge_out"), self.bridges, strict=True):
                 for key, value in bridge.state_dict().items():
                     state[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
-        organ.to(next(iter(state.values())).dtype)
+        organ.to(next(iter(state.values())).dtype)  # (a layer's dtype: the layers come first)
+        if keep_signature:
+            state |= {f"routing.{n}": t.clone() for n, t in self._routing.items()}
         organ.load_state_dict(state, strict=True)
         organ.name_or_path = self.entry.get("organ") or ""
         return organ.eval()
@@ -283,6 +292,9 @@ class Transplant:
         """
         if not self.active:
             raise TransplantStateError("this transplant was already explanted; explant() can only be called once")
+        router = self.recipient.__dict__.get("_not_hub_router")  # (not_hub.routing) its gates go first
+        if router is not None:
+            router.remove()
         k = len(self.layers)
         if k == 0:  # an excision: nothing of it sits in the stack; it must be the newest surgery still in place
             registry = getattr(self.recipient, _REGISTRY_ATTR)
@@ -559,6 +571,9 @@ def apply_transplant_plan(
         _spec=spec,
         _organ_config=copy.deepcopy(organ.config),
         _organ_cls=type(organ),
+        _routing={n: t.detach().to("cpu", copy=True) for n, t in organ.routing.named_buffers()}
+        if hasattr(organ, "routing")
+        else None,
         _removed=removed,
         _removed_per_layer=removed_per_layer,
         _placed_as=(device, dtype),
