@@ -45,6 +45,7 @@ _LAZY = {
     "data": ("BlockData", "DocumentSplits", "load_documents", "make_blocks", "split_documents", "stream_blocks"),
     "evaluation": ("PerplexityResult", "SweepResult", "perplexity", "position_sweep"),
     "trainer": ("OrganTrainer", "WallClockBudget", "collate_blocks"),
+    "gguf_export": ("export_gguf", "push_gguf"),
     "training": ("DEFAULT_LR", "OrganTrainingArguments", "TrainingMetrics", "recover", "train_bridges", "train_organ"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
@@ -52,6 +53,7 @@ _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names
 if TYPE_CHECKING:
     from .data import BlockData, DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks
     from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
+    from .gguf_export import export_gguf, push_gguf
     from .trainer import OrganTrainer, WallClockBudget, collate_blocks
     from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
 
@@ -102,6 +104,7 @@ __all__ = [
     "default_layer_range",
     "errors",
     "excise",
+    "export_gguf",
     "extract_organ",
     "get_organ_model",
     "grow_organ",
@@ -114,6 +117,7 @@ __all__ = [
     "plan_transplant",
     "position_sweep",
     "push_adapter",
+    "push_gguf",
     "push_recipient",
     "recover",
     "resolve_architecture",

@@ -91,6 +91,14 @@ class ModelLoadError(NotHubError, OSError):
     """A donor or recipient model (or its tokenizer) could not be loaded from the given id, folder or file."""
 
 
+class ExportError(NotHubError, RuntimeError):
+    """Exporting a model to another format failed in the converter (e.g. llama.cpp's `convert_hf_to_gguf.py`)."""
+
+
+class DistributedSetupError(NotHubError, RuntimeError):
+    """The processes of a launch do not see each other (each would train alone and write the same run dir)."""
+
+
 class HubConnectionError(NotHubError, ConnectionError):
     """The Hub could not be reached or a download was interrupted (nothing partial is used)."""
 

@@ -30,6 +30,7 @@ from .atomic import describe_os_error
 from .data import BlockData
 from .errors import (
     CheckpointFormatError,
+    DistributedSetupError,
     IncompatibleOrganError,
     InvalidArgumentError,
     InvalidModeError,
@@ -437,6 +438,26 @@ class _ForwardRestored:
         return False
 
 
+def _check_launch(processes) -> None:
+    """Refuse a launch whose processes do not form one group, and say when accelerate runs something other than the
+    FSDP the launch asked for (accelerate 1.x shards with FSDP only on accelerators: on CPUs it runs DDP)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and processes.num_processes == 1:
+        raise DistributedSetupError(
+            f"this is one of {world} launched processes (WORLD_SIZE={world}), but accelerate sees a single process, so "
+            "each would train alone and write the same run dir. On CPUs, launch with ACCELERATE_USE_CPU=1 "
+            "accelerate launch --multi_gpu --num_processes N (DDP over gloo); an FSDP config without GPUs starts "
+            "processes that never join (accelerate shards with FSDP only on accelerators)"
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and str(processes.distributed_type).split(".")[-1] != "FSDP":
+        logger.warning(
+            "the launch asked for FSDP, but accelerate runs %s: no parameter is sharded (accelerate 1.x uses FSDP "
+            "only on accelerators; on CPUs the model is replicated in every process, as with DDP)",
+            processes.distributed_type,
+        )
+
+
 def _steps(data: BlockData, args: OrganTrainingArguments, num_processes: int) -> tuple[int, int | None]:
     """(optimizer steps the run is laid out for, steps per epoch or None for a stream of unknown length)."""
     per_step = args.batch_size * args.gradient_accumulation_steps * num_processes
@@ -490,6 +511,7 @@ def fit_parameters(
     mixed = resolve_mixed_precision(args.mixed_precision)
     processes = process_state()
     num_processes = processes.num_processes
+    _check_launch(processes)
     total_steps, steps_per_epoch = _steps(data, args, num_processes)
     eval_every = args.eval_every or steps_per_epoch or 100
     output_dir = Path(args.output_dir) if args.output_dir else None

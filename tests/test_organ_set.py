@@ -28,7 +28,12 @@ def test_a_jointly_trained_growth_set_grafts_back_exactly_in_one_call(tmp_path):
         untouched = tiny_model("llama")(ids).logits
     assert not torch.equal(expected, untouched)  # the new blocks trained
     organ_set.save_pretrained(tmp_path / "set")
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["README.md", "organ-0", "organ-1", "organ_set.json"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "README.md",
+        "organ-0",
+        "organ-1",
+        "organ_set.json",
+    ]
 
     fresh = tiny_model("llama")
     transplants = not_hub.OrganSet.from_pretrained(tmp_path / "set").transplant_into(fresh)

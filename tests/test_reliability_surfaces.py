@@ -337,3 +337,19 @@ def test_a_hub_organ_naming_a_local_path_as_base_model_is_not_loaded_from_it(loc
             raise AssertionError("loaded a local path named by a Hub organ")
         """,
     )
+
+
+# ------------------------------------------------------------------------------------------------- launches
+
+
+def test_processes_that_do_not_see_each_other_are_refused_before_the_run_dir_is_written(blocks, monkeypatch, tmp_path):
+    # What `accelerate launch` with an FSDP config gives on a machine without GPUs: torchrun starts the processes,
+    # but accelerate 1.x sets up FSDP only on accelerators, and each process sees itself alone.
+    from not_hub.errors import DistributedSetupError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    with pytest.raises(DistributedSetupError, match="ACCELERATE_USE_CPU=1"):
+        train_organ(organ, donor, blocks, max_steps=1, progress=False, output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and not organ.config.training

@@ -5,6 +5,7 @@
     not-hub grow MODEL --position 10 --num-layers 3 --out DIR   # or --every 6: a growth set (identity layers)
     not-hub inspect ORGAN [--recipient MODEL]
     not-hub transplant --organ ORGAN --recipient MODEL --position 4 --mode insert --save-to DIR
+    not-hub export MODEL --organ ORGAN --out model.gguf --outtype q8_0   # for llama.cpp / ollama
     not-hub push ORGAN_DIR user/my-organ | not-hub pull user/my-organ | not-hub search --base-model MODEL_ID
     not-hub train ORGAN --data TRAIN_FILES --out DIR         # then: sweep, recover, evaluate (see --help of each)
 
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "excise": (organ.excise_arguments, organ.cmd_excise),
     "inspect": (organ.inspect_arguments, organ.cmd_inspect),
     "transplant": (organ.transplant_arguments, organ.cmd_transplant),
+    "export": (organ.export_arguments, organ.cmd_export),
     "push": (hub.push_arguments, hub.cmd_push),
     "pull": (hub.pull_arguments, hub.cmd_pull),
     "search": (hub.search_arguments, hub.cmd_search),

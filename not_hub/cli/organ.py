@@ -83,6 +83,34 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write a model with organs grafted as one GGUF file (llama.cpp, ollama, LM Studio), by llama.cpp's converter."""
+    from ..gguf_export import export_gguf, push_gguf
+    from ..organ_set import OrganSet
+    from .common import organ_or_set_from
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise InvalidArgumentError(f"--out {args.out!r} is a folder; pass the .gguf file to write")
+    organs = [organ_or_set_from(args, ref, args.revision) for ref in args.organ or []]
+    model, tokenizer = load_model(args, args.model, args.recipient_revision)
+    if len(organs) > 1 and all(not isinstance(o, OrganSet) for o in organs):  # deepest first: positions stay valid
+        organs.sort(key=lambda o: -(o.config.default_transplant or {}).get("position", o.layer_range[0]))
+    for organ in organs:
+        organ.transplant_into(model)
+    export_gguf(model, tokenizer, out, outtype=args.outtype)
+    print(
+        f"wrote {out} ({args.outtype}, {out.stat().st_size / 2**20:.1f} MB, {model.config.num_hidden_layers} layers)"
+    )
+    if args.push_to:
+        names = [str(ref) for ref in args.organ or []]
+        base = getattr(model.config, "_name_or_path", None) or args.model
+        print(
+            push_gguf(out, args.push_to, base_model=base if "/" in str(base) else None, organs=names, token=args.token)
+        )
+    return 0
+
+
 def cmd_inspect(args) -> int:
     """Show an organ's metadata and, given a recipient, the compatibility report."""
     organ = organ_from(args, args.organ, args.revision)
@@ -250,6 +278,19 @@ def grow_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="folder to save the growth organ or set into")
     model_options(p, "branch, tag or commit sha of the model repo (recorded in the organ)")
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    from ..gguf_export import OUTTYPES
+
+    p.add_argument("model", help="the recipient: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
+    p.add_argument(
+        "--organ", action="append", help="organ or organ set (folder or repo id) to graft first; repeat for several"
+    )
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type (default f16; q8_0 quantises)")
+    p.add_argument("--push-to", default=None, help="also upload the file, with a card, to this Hub repo")
+    model_options(p, "branch, tag or commit sha of the organ repos", recipient=True)
 
 
 def inspect_arguments(p: argparse.ArgumentParser) -> None:
