@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,49 @@ def check_tags(tags) -> list[str]:
     return list(tags)
 
 
+PRECISION_WORDS = {"no": "float32", "bf16": "bf16 autocast (float32 weights)", "fp16": "fp16 autocast"}
+
+
+def training_rows(training: dict | None) -> list[tuple[str, str]]:
+    """The training record as a reader wants it: named rows in plain words, not raw dicts (the full record, the
+    learning curve included, stays in config.json's `training`)."""
+    if not training:
+        return []
+    t, rows = training, []
+    data = t.get("data") or {}
+    what = data.get("domain") or ", ".join(str(x) for x in data.get("sources") or []) or data.get("dataset")
+    rows.append(("method", str(t.get("method", "-"))))
+    if what:
+        rows.append(("data", str(what)))
+    if data.get("train_tokens"):
+        rows.append(("training split", f"{data['train_tokens']:,} tokens in blocks of {data.get('block_size', '?')}"))
+    if t.get("tokens_seen") is not None:
+        rows.append(("tokens seen", f"{t['tokens_seen']:,} in {t.get('steps', '?')} steps"))
+    if t.get("lr") is not None:
+        rows.append(("learning rate", f"{t['lr']:g} (warmup {t.get('warmup_ratio', 0):g} of the run)"))
+    if t.get("batch_size") is not None:
+        accumulation = t.get("gradient_accumulation_steps", 1)
+        rows.append(("batch", f"{t['batch_size']} blocks" + (f" x {accumulation} accumulated" if accumulation > 1 else "")
+                     + f", {t.get('num_processes', 1)} process(es)"))  # fmt: skip
+    if t.get("mixed_precision"):
+        rows.append(("precision", PRECISION_WORDS.get(t["mixed_precision"], str(t["mixed_precision"]))))
+    if t.get("best_validation_loss") is not None:
+        loss = float(t["best_validation_loss"])
+        rows.append(("best validation", f"loss {loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f}) at step "
+                     f"{t.get('best_step', '?')}"))  # fmt: skip
+    if t.get("wall_clock_s") is not None:
+        rows.append(("wall clock", f"{float(t['wall_clock_s']):,.0f} s ({float(t.get('validation_s') or 0):,.0f} s of it "
+                     "validation)"))  # fmt: skip
+    cache = t.get("prefix_cache")
+    if isinstance(cache, dict) and "layers" in cache:
+        rows.append(("frozen layers cached", f"layers {cache['layers'][0]} to {cache['layers'][1] - 1}, "
+                     f"{cache.get('hits', 0):,} lookups reused"))  # fmt: skip
+    history = t.get("history") or []
+    if history:
+        rows.append(("learning curve", f"{len(history)} validation points (config.json, training.history)"))
+    return rows
+
+
 def render_card(config: Any, repo_id: str | None = None, tags: list[str] | None = None) -> str:
     """Render an organ's README.md from its `OrganConfig` (metadata YAML + body)."""
     donor_type = config.donor_model_type or "unknown"
@@ -113,6 +157,8 @@ def render_card(config: Any, repo_id: str | None = None, tags: list[str] | None 
         signature=config.signature,
         evaluation=evaluation,
         training=config.training or {},
+        training_rows=training_rows(config.training),
+        routing=config.routing_signature or {},
         repo_id=repo_id,
     )
     return str(card)

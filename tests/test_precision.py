@@ -88,7 +88,7 @@ def test_bf16_autocast_learns_what_float32_learns_and_is_recorded(machine, block
     bf16, m16 = _train(blocks)  # "auto" on a bf16 machine
     assert m32.mixed_precision == "no" and m16.mixed_precision == "bf16"
     assert bf16.config.training["mixed_precision"] == "bf16"
-    assert "| mixed_precision | bf16 |" in render_card(bf16.config)
+    assert "| precision | bf16 autocast (float32 weights) |" in render_card(bf16.config)
     # The same 12 steps, same data order: the validation loss within 2% (bf16 rounds activations to 8 mantissa
     # bits; the master weights and optimizer stay float32, so the updates do not drift apart).
     initial = validation_loss(tiny_model("llama"), blocks.validation, 8)

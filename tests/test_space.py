@@ -54,7 +54,7 @@ def offered_folders(assets, monkeypatch):
 
 def test_metadata_and_compatibility(assets):
     meta = engine.organ_metadata(str(assets / "organ"))
-    assert meta["donor layers"] == "[2, 4) of 6" and meta["trained"] == "no"
+    assert meta["donor layers"] == "layers 2 to 3 of 6 (numbered from 0)" and meta["trained"] == "no"
     rows, ok = engine.compatibility(str(assets / "organ"), str(assets / "recipient"))
     assert ok and {r[0] for r in rows} >= {"hidden_size", "num_attention_heads", "decoder_layer_class"}
     rows, ok = engine.compatibility(str(assets / "qwen2-organ"), str(assets / "recipient"))
@@ -228,7 +228,7 @@ def client(app_url):
 def test_app_check_transplant_sweep_explant(client, assets, tmp_path):
     recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
     meta, compat, _slider, status, card = client.predict(recipient, organ, "replace", api_name="/check")
-    assert "Compatible" in status and "[1, 3) of 6" in meta and "<table id='compat'>" in compat
+    assert "Compatible" in status and "layers 1 to 2 of 6" in meta and "<table id='compat'>" in compat
     assert "| card | shown under *Organ card* below |" in meta and card and not card.startswith("---")  # no YAML
     stack, ppl, before, after, status = client.predict(recipient, organ, "insert", 3, "int f(", api_name="/transplant")
     assert "insert at 3" in status and "domain (code)" in ppl and before and after
@@ -626,7 +626,7 @@ def test_an_untrained_growth_organ_changes_nothing_on_the_page(assets, growth_on
     before = hash_state(loaded.working)
     assert engine.CACHE.organ(organ).config.growth and not engine.CACHE.organ(str(assets / "organ")).config.growth
     assert engine.organ_card(organ) == (engine.GROWTH_CARD, None)  # built here, never said to be on the Hub
-    assert "output projections zeroed" in engine.organ_metadata(organ)["growth"]
+    assert "pass their input through unchanged until trained" in engine.organ_metadata(organ)["growth"]
     position = engine.default_position(organ, recipient, "insert")
     assert position == 6 // 3  # where it was grown for
     report = engine.transplant_and_measure(recipient, organ, "insert", position)
@@ -666,3 +666,61 @@ def test_ten_archive_builds_leave_one_archive_with_a_card(assets, tmp_path, monk
     with zipfile.ZipFile(paths[-1]) as zf:
         card = zf.read("README.md").decode()
     assert "bfloat16" in card and "float32" in card and "foreign-organ" in card and str(assets) not in card
+
+
+def test_ten_builds_of_two_transplants_keep_one_archive_on_disk_and_none_after_shutdown(assets, tmp_path):
+    """Archives are served from the export folder (a gradio static path), not copied into gradio's cache per build
+    (273-294 MB each on the real Space, kept an hour), and the folder goes when the server is stopped (SIGTERM)."""
+    import subprocess
+
+    from gradio_client import Client
+
+    port, tmp, gradio_tmp = _free_port(), tmp_path / "tmp", tmp_path / "gradio"
+    tmp.mkdir()
+    gradio_tmp.mkdir()
+    env = {
+        **os.environ,
+        "NOT_HUB_SPACE_RECIPIENT": str(assets / "recipient"),
+        "NOT_HUB_SPACE_ORGAN": str(assets / "organ"),
+        "NOT_HUB_SPACE_FOLDERS": str(assets),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(gradio_tmp),
+        "TMPDIR": str(tmp),  # the export folder's parent (a fresh process: tempfile reads it at first use)
+        "HF_HUB_OFFLINE": "1",
+        "NOT_HUB_SPACE_TOKEN_DELAY": "0",
+    }
+    proc = subprocess.Popen([sys.executable, str(SPACE / "app.py")], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
+        for i in range(10):  # alternating two transplants: every build replaces the archive
+            client.predict(recipient, organ, "insert", 2 + i % 2, "int f(", api_name="/transplant")
+            client.predict(api_name="/download")
+        archives = [p for root in (tmp, gradio_tmp) for p in root.rglob("*.zip")]
+        assert len(archives) == 1, archives  # one archive's worth, anywhere: export folder and gradio's cache
+        assert archives[0].parent.name == f"not-hub-export-{proc.pid}"
+    finally:
+        proc.terminate()  # SIGTERM, as a Space is stopped
+        proc.wait(timeout=60)
+    assert not list(tmp.glob("not-hub-export-*")) and not list(gradio_tmp.rglob("*.zip"))
+
+
+def test_the_page_speaks_plain_words_and_numbers():
+    """No jargon a visitor cannot read (half-open ranges, "residual stream", function names), numbers that fit a cell."""
+    import app
+
+    texts = [engine.GROWTH_CARD, app.EXPLANTED, engine._layers_words(10, 13, 30)]
+    for jargon in ("residual stream", "bit for bit", "train_bridges", "not_hub.train_organ", "[10, 13)"):
+        assert not any(jargon in t for t in texts), jargon
+    assert engine._layers_words(10, 13, 30) == "layers 10 to 12 of 30 (numbered from 0)"
+    assert engine.number(154147.29) == "154,147" and engine.number(11.441) == "11.44"
+    assert engine.ratio(11401.44) == "11,401x" and engine.ratio(0.5912) == "0.59x" and engine.ratio(13.04) == "13.0x"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -40,7 +41,7 @@ GLOSSARY = """- **Organ**: a few consecutive decoder layers cut from one model (
   their own small repo.
 - **Recipient**: the model the organ is grafted into (here SmolLM2-135M-Instruct, 30 layers).
 - **Transplant**: put the organ's layers into the recipient. **Explant** (*Stop and clear*): take them out again;
-  the recipient is then exactly what it was, bit for bit. Every request here explants when it is done.
+  the recipient is then exactly what it was. Every request here explants when it is done.
 - **Position**: the index of the first recipient layer the organ occupies, counting from 0.
 - **Growth organ**: new layers that start as the identity (copies of the recipient's layers with their output
   projections zeroed): inserted untrained they change nothing; trained, they add depth instead of replacing layers.
@@ -126,10 +127,10 @@ def _transplant(recipient, organ, mode, position, prompt, stream):
         return
     table = (
         "| sample | untouched | transplanted | ratio |\n|---|---|---|---|\n"
-        f"| domain (code) | {report.domain_before:.2f} | {report.domain_after:.2f} | "
-        f"{report.domain_after / report.domain_before:.2f}x |\n"
-        f"| general text | {report.general_before:.2f} | {report.general_after:.2f} | "
-        f"{report.general_after / report.general_before:.2f}x |"
+        f"| domain (code) | {engine.number(report.domain_before)} | {engine.number(report.domain_after)} | "
+        f"{engine.ratio(report.domain_after / report.domain_before)} |\n"
+        f"| general text | {engine.number(report.general_before)} | {engine.number(report.general_after)} | "
+        f"{engine.ratio(report.general_after / report.general_before)} |"
     )
     state = {"mode": mode, "position": int(position), "organ": organ, "recipient": recipient}
     status = (
@@ -172,7 +173,7 @@ def on_sweep(recipient, organ, mode, progress=gr.Progress()):  # noqa: B008 (gra
 
 
 EXPLANTED = (
-    "Explanted: the recipient is back to the untouched model, bit for bit. (Every request explants when it is done "
+    "Explanted: the recipient is back to the untouched model, exactly. (Every request explants when it is done "
     "anyway: the shared model never keeps an organ between requests.)"
 )
 
@@ -215,7 +216,8 @@ def on_push(state, repo_id, token):
 
 
 def build() -> gr.Blocks:
-    # delete_cache: gradio's copies of built archives are removed after an hour (checked every 10 minutes).
+    # delete_cache: what gradio still copies into its cache (figures) is removed after an hour (checked every 10
+    # minutes); archives are not copied (served from engine.EXPORT_DIR, a static path).
     with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             f"# {TITLE}\nGraft an *organ* (a few decoder layers trained elsewhere) into a language model, compare "
@@ -330,5 +332,9 @@ def warm_up() -> None:
 
 
 if __name__ == "__main__":
+    # A Space (or a container) is stopped with SIGTERM: exit normally, so that the export folder goes (atexit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Archives are served from the export folder, one at a time, instead of copied into gradio's cache per build.
+    gr.set_static_paths([str(engine.EXPORT_DIR)])
     threading.Thread(target=warm_up, daemon=True).start()
     build().queue(default_concurrency_limit=8).launch(server_name=HOST, server_port=PORT, css=CSS)

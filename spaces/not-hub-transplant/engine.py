@@ -10,6 +10,7 @@ concurrent visitors never see each other's organs; requests for one recipient qu
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import os
@@ -214,10 +215,26 @@ def growth_note(organ_ref: str, mode: str) -> str:
             "to see it change nothing)."
         )
     return (
-        " This growth organ is untrained: its layers' output projections are zero, so each adds exactly 0 to the "
-        "residual stream and the numbers and text are exactly the untouched model's. Training it in situ "
-        "(not_hub.train_organ) adds depth without replacing any layer."
+        " This growth organ is untrained: its new layers pass what they receive through unchanged, so the numbers "
+        "and text are exactly the untouched model's. Trained, it adds layers without replacing any."
     )
+
+
+def _layers_words(start: int, stop: int, total: int | None) -> str:
+    """A layer range in words a visitor reads: "layers 10 to 12 of 30 (numbered from 0)"."""
+    first, last = start, stop - 1
+    span = f"layer {first}" if first == last else f"layers {first} to {last}"
+    return f"{span} of {total} (numbered from 0)" if total else span
+
+
+def number(value: float) -> str:
+    """A perplexity as a visitor reads it: 2 decimals when small, thousands separated and no decimals when large."""
+    return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def ratio(value: float) -> str:
+    """A ratio to the untouched model: "0.59x", "1.3x", "11,401x"."""
+    return f"{value:.2f}x" if abs(value) < 10 else f"{value:,.1f}x" if abs(value) < 1000 else f"{value:,.0f}x"
 
 
 def organ_metadata(organ_ref: str) -> dict:
@@ -231,7 +248,7 @@ def organ_metadata(organ_ref: str) -> dict:
     info = {
         "organ": name,
         "donor (base_model)": c.base_model,
-        "donor layers": f"[{c.layer_range[0]}, {c.layer_range[1]}) of {c.donor_num_hidden_layers}"
+        "donor layers": _layers_words(c.layer_range[0], c.layer_range[1], c.donor_num_hidden_layers)
         + (f" + {c.layer_roles.count('neighbour')} recovered neighbours" if "neighbour" in c.layer_roles else ""),
         "donor model_type": c.donor_model_type,
         "trained": (
@@ -242,7 +259,11 @@ def organ_metadata(organ_ref: str) -> dict:
         else "no",
         "parameters": f"{sum(p.numel() for p in organ.parameters()):,}",
         **(
-            {"growth": f"identity layers copied from layers {c.growth['source_layers']}, output projections zeroed"}
+            {
+                "growth": "new layers copied from layers "
+                f"{c.growth['source_layers'][0]} to {c.growth['source_layers'][1] - 1}, set to pass their input "
+                "through unchanged until trained"
+            }
             if c.growth
             else {}
         ),
@@ -250,8 +271,8 @@ def organ_metadata(organ_ref: str) -> dict:
     }
     if page:
         info["measured on this page"] = (
-            f"code perplexity {page['value']:.2f} with the organ vs {page['baseline']:.2f} untouched "
-            f"({page['value'] / page['baseline']:.2f}x), {page['mode']} at {page['position']}"
+            f"code perplexity {number(page['value'])} with the organ vs {number(page['baseline'])} untouched "
+            f"({ratio(page['value'] / page['baseline'])}), {page['mode']} at {page['position']}"
         )
     return info
 
@@ -259,8 +280,8 @@ def organ_metadata(organ_ref: str) -> dict:
 GROWTH_CARD = (
     f"**An untrained growth organ**, built on this page (not published): {GROWTH_LAYERS} copies of the recipient's "
     "own layers just below where it goes, with the attention output and MLP down projections set to zero (as "
-    "LLaMA-Pro, arXiv 2401.02415, grows a model). Inserted, each layer adds exactly 0 to the residual stream, so the "
-    "model computes bit for bit what it did; trained in situ, the new layers learn a domain while every original "
+    "LLaMA-Pro, arXiv 2401.02415, grows a model). Inserted, each new layer passes what it receives through unchanged, "
+    "so the model computes exactly what it did; trained, the new layers learn a domain while every original "
     "layer stays as it was. Made with `not_hub.grow_organ(model, position, num_layers=3)`."
 )
 
@@ -453,7 +474,7 @@ def bridge_note(organ_ref: str, mode: str) -> str:
         return ""
     return (
         " This organ has no trained bridges, so its bridges start as the identity: the numbers and text are exactly "
-        "those of insert at the same position (train_bridges would train them)."
+        "those of insert at the same position (training would change them)."
     )
 
 
@@ -635,8 +656,8 @@ def sweep_summary(result: dict, mode: str) -> str:
     worst = max(result["rows"], key=lambda r: r["perplexity"])
     return (
         f"Best: position {best['position']}, perplexity {best['perplexity']:.2f}, "
-        f"{best['perplexity'] / result['baseline']:.2f}x the untouched model ({result['baseline']:.2f}). "
-        f"Worst: position {worst['position']}, {worst['perplexity'] / result['baseline']:.2f}x. "
+        f"{ratio(best['perplexity'] / result['baseline'])} the untouched model ({number(result['baseline'])}). "
+        f"Worst: position {worst['position']}, {ratio(worst['perplexity'] / result['baseline'])}. "
         f"{len(result['rows'])} positions, mode {mode}, on the {result.get('sample', 'code')} sample."
     )
 
@@ -658,10 +679,19 @@ def public_model_name(recipient_name: str, model) -> str:
 
 
 # Archives a visitor builds live here, one at a time: building another removes the previous one, and building the
-# same transplant again returns the archive already built. So the disk holds at most one archive (plus what gradio
-# keeps of it, which its own cache cleaning bounds: app.py's delete_cache).
+# same transplant again returns the archive already built. app.py registers this folder with gradio as a static path,
+# so gradio serves the archive from here instead of copying every one into its cache (where copies of 270 MB piled
+# up for an hour); the folder is removed when the server stops (`remove_exports`, run at exit and on SIGTERM).
 EXPORT_DIR = Path(tempfile.gettempdir()) / f"not-hub-export-{os.getpid()}"
 _EXPORT_LOCK = threading.Lock()
+
+
+def remove_exports() -> None:
+    """Delete the export folder and the archive in it (the server is stopping)."""
+    shutil.rmtree(EXPORT_DIR, ignore_errors=True)
+
+
+atexit.register(remove_exports)
 
 ARCHIVE_CARD = """---
 library_name: transformers
