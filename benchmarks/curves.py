@@ -184,19 +184,24 @@ def windowed(preset: dict):
     return measure
 
 
-def train(method: str, lr: float, seed: int, seconds: float, recipient, data, preset: dict, batch: int | None = None):
-    """Train `method` (a variant: a slot, a growth set or block, a LoRA, full_ft) for `seconds` at batch size
-    `batch` (default the preset's); return (artifact, record). The recipient is left untouched."""
+def train(
+    method: str, lr: float, seed: int, seconds: float | None, recipient, data, preset: dict, batch: int | None = None,
+    precision: str = "no", steps: int | None = None,
+):  # fmt: skip
+    """Train `method` (a variant: a slot, a growth set or block, a LoRA, full_ft) for `seconds` (or `steps`) at batch
+    size `batch` (default the preset's), in float32 (`precision` "bf16": the bf16-autocast check only); return
+    (artifact, record). The recipient is left untouched."""
     import torch
 
     import not_hub
     from not_hub.training import OrganTrainingArguments, fit_parameters, train_organ
 
-    marks = [m for m in preset["marks"] if m < seconds]
+    marks = [m for m in preset["marks"] if seconds is not None and m < seconds]
     args = dict(
         epochs=1, lr=lr, warmup_ratio=0.0, batch_size=batch or preset["batch_size"], seed=seed, progress=False,
-        max_seconds=seconds, eval_every=10**9, eval_at_seconds=marks, trainer_args={"lr_scheduler_type": "constant"},
-        mixed_precision="no",  # float32, as every cell on record: the figures stay comparable
+        max_seconds=seconds, max_steps=steps, eval_every=10**9, eval_at_seconds=marks or None,
+        trainer_args={"lr_scheduler_type": "constant"},
+        mixed_precision=precision,  # float32 ("no") for every figure reported: the cells stay comparable
     )  # fmt: skip
     torch.manual_seed(seed)
     params = None
@@ -260,6 +265,7 @@ def train(method: str, lr: float, seed: int, seconds: float, recipient, data, pr
         ],
         "best_validation_ppl": math.exp(metrics.best_validation_loss),
         "batch_size": args["batch_size"],
+        "mixed_precision": metrics.mixed_precision,
         "trainable_parameters": sum(p.numel() for p in (artifact.parameters() if params is None else params)),
     }
     return artifact, record
@@ -504,6 +510,31 @@ class Domain:
             return
         for name in methods:
             self.final(name, chosen[name])
+
+    def bf16_check(self, names=("organ", "lora_r8")) -> dict:
+        """Each method's seed-0 selection run again in bf16 autocast: at equal wall-clock (`select_s`) and at the
+        float32 run's number of steps, scored on validation (in float32, as every figure) beside the float32 run."""
+        out = {}
+        for name in names:
+            choice = self.choose(name)
+            method, lr, batch = choice["method"], choice["chosen_lr"], choice["batch_size"]
+            fp32 = self.short(method, lr, 0, batch)
+            suffix = "" if batch == self.preset["batch_size"] else f"-b{batch}"
+
+            def run(seconds, steps, method=method, lr=lr, batch=batch):
+                data, _, general = self.data
+                artifact, record = train(
+                    method, lr, 0, seconds, self.recipient, data, self.preset, batch, precision="bf16", steps=steps
+                )
+                record["general_ppl"] = score(artifact, self.recipient, general, self.tok)
+                return record
+
+            wall = self.cell(f"bf16-{method}-lr{lr:g}{suffix}-seed0", lambda: run(self.preset["select_s"], None))
+            steps = self.cell(
+                f"bf16-{method}-lr{lr:g}{suffix}-seed0-steps{fp32['steps']}", lambda n=fp32["steps"]: run(None, n)
+            )
+            out[name] = {"float32": fp32, "bf16_equal_wall_clock": wall, "bf16_equal_steps": steps}
+        return out
 
     def test_scores(self, artifact, test: list[str]) -> dict[str, float]:
         """Test in this process: per document, packed as validation is (`packed`), in windows of one block
@@ -809,6 +840,9 @@ def main() -> None:
     parser.add_argument(
         "--stage", choices=["short", "all"], default="all", help="short: selection, seeds and checks, no 20-min runs"
     )
+    parser.add_argument(
+        "--bf16-check", action="store_true", help="only: the organ and LoRA r=8 selection runs again in bf16 autocast"
+    )
     args = parser.parse_args()
     name = "full" if args.full else "quick"
     preset = PRESETS[name]
@@ -827,7 +861,10 @@ def main() -> None:
         recipient, tok = load_smollm2()
         try:
             for d in domains:
-                Domain(d, name, preset, recipient, tok).run_all(methods, args.stage)
+                if args.bf16_check:
+                    Domain(d, name, preset, recipient, tok).bf16_check()
+                else:
+                    Domain(d, name, preset, recipient, tok).run_all(methods, args.stage)
         finally:
             HUB.stop()
     payload = {"preset": name, "settings": preset, "machine": machine(), "domains": collect(name, preset)}

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/speed.py --full     # ~15 min
     .venv/bin/python benchmarks/speed.py --loop     # ~6 min: not_hub's training loop vs a plain transformers.Trainer
     .venv/bin/python benchmarks/speed.py --load     # ~2 min: organ load + graft vs reading its bytes + their sha256
+    .venv/bin/python benchmarks/speed.py --precision  # ~6 min: training tokens/s, float32 against bf16 autocast
 
 Training methods run the same plain loop (forward, backward, AdamW step) at the same batch size and sequence length,
 each in its own process so its peak memory (max RSS) is its own: NOT organ standalone (the paper's wrapper), NOT
@@ -48,7 +49,9 @@ TAIL = (27, 30)  # the last 3 of SmolLM2's 30 layers: in situ there, nothing sit
 # ------------------------------------------------------------------------------------------- one method, one process
 
 
-def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int = 0) -> dict:
+def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int = 0, precision: str = "fp32") -> dict:
+    """One method's training steps; `precision` "bf16": forward and backward under CPU bf16 autocast (float32 master
+    weights and optimizer, as `mixed_precision="bf16"` trains)."""
     import torch
     from common import load_smollm2
 
@@ -98,7 +101,8 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,6 +110,7 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int, seed: int
             times.append(time.perf_counter() - t0)
     return {
         "method": method,
+        "precision": precision,
         "trainable_parameters": sum(p.numel() for p in params),
         "seconds_per_step": sum(times) / len(times),
         "tokens_per_second": batch * seq * len(times) / sum(times),
@@ -260,6 +265,64 @@ def loop_main() -> None:
     print("\n".join(md))
 
 
+PRECISION_METHODS = ("organ_in_situ_cached", "organ_tail_cached", "organ_standalone", "lora_r8")
+
+
+def precision_main(batch: int = 4, seq: int = 256, warmup: int = 2, steps: int = 8) -> None:
+    """Training tokens/s in float32 and in bf16 autocast, each method in its own process, the two precisions
+    interleaved; achieved FLOP/s against each precision's measured matmul peak (2048^3)."""
+    import torch
+    from common import load_smollm2
+
+    from not_hub.precision import cpu_flags, resolve_mixed_precision
+
+    config = load_smollm2()[0].config
+    peaks = {"fp32": matmul_flops(2048), "bf16": matmul_flops(2048, dtype=torch.bfloat16)}
+    rows = []
+    for method in PRECISION_METHODS:
+        for precision in ("fp32", "bf16"):
+            print(f"precision: {method} {precision} ...", flush=True)
+            r = run_worker(method, *(f"--{k}={v}" for k, v in dict(batch=batch, seq=seq, warmup=warmup, steps=steps).items()),
+                           f"--precision={precision}")  # fmt: skip
+            r["achieved_flops"] = flops_per_token(method, config, seq) * r["tokens_per_second"]
+            r["fraction_of_matmul_peak"] = r["achieved_flops"] / peaks[precision]
+            rows.append(r)
+    by = {(r["method"], r["precision"]): r for r in rows}
+    result = {
+        "machine": machine(),
+        "native_bf16_flags": sorted((cpu_flags() or set()) & {"avx512_bf16", "amx_bf16", "bf16"}),
+        "auto_picks": resolve_mixed_precision("auto"),
+        "matmul_flops_per_second": peaks,
+        "settings": dict(batch=batch, seq=seq, warmup=warmup, steps=steps),
+        "runs": rows,
+        "bf16_over_fp32": {
+            m: by[(m, "bf16")]["tokens_per_second"] / by[(m, "fp32")]["tokens_per_second"] for m in PRECISION_METHODS
+        },  # fmt: skip
+        "command": "benchmarks/speed.py --precision",
+    }
+    write_json("speed_precision", result)
+    md = [
+        "### Training in bf16 autocast against float32 (speed.py --precision)",
+        "",
+        f"SmolLM2-135M, batch {batch} x {seq}, {steps} timed steps after {warmup}, each run in its own process. Matmul "
+        f"peak (2048^3): float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
+        f"({peaks['bf16'] / peaks['fp32']:.2f}x). CPU flags: {', '.join(result['native_bf16_flags']) or 'none'}; "
+        f"`mixed_precision='auto'` picks **{result['auto_picks']}** here.",
+        "",
+        "| method | float32 tokens/s | bf16 tokens/s | bf16 / float32 | float32 % of its peak | bf16 % of its peak |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {m} | {by[(m, 'fp32')]['tokens_per_second']:.0f} | {by[(m, 'bf16')]['tokens_per_second']:.0f} | "
+            f"{result['bf16_over_fp32'][m]:.2f}x | {100 * by[(m, 'fp32')]['fraction_of_matmul_peak']:.0f}% | "
+            f"{100 * by[(m, 'bf16')]['fraction_of_matmul_peak']:.0f}% |"
+            for m in PRECISION_METHODS
+        ],
+        "",
+    ]
+    write_markdown("speed_precision", "\n".join(md))
+    print("\n".join(md))
+
+
 def run_worker(*args: str) -> dict:
     """Run `speed.py --worker ...` in a fresh process (its own peak memory) and parse the JSON it prints last."""
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=True)
@@ -293,10 +356,10 @@ def flops_per_token(method: str, config, seq: int) -> float:
     raise ValueError(method)
 
 
-def matmul_flops(n: int, repeats: int = 5) -> float:
+def matmul_flops(n: int, repeats: int = 5, dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
     with Timer() as t:
         for _ in range(repeats):
@@ -466,6 +529,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=[*METHODS, "latency", "inference", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--loop", action="store_true", help="not_hub's training loop vs a plain transformers.Trainer")
     parser.add_argument("--load", action="store_true", help="organ load + graft vs reading its bytes + their sha256")
+    parser.add_argument("--precision", nargs="?", const="compare", default=None,
+                        help="alone: float32 against bf16 autocast, per method (a worker's own precision inside)")  # fmt: skip
     parser.add_argument("--kind", choices=["plain", "not_hub", "first_step"], help=argparse.SUPPRESS)
     parser.add_argument("--what", choices=["organ", "lora"], help=argparse.SUPPRESS)
     for name in ("batch", "seq", "warmup", "steps", "repeats", "gen_tokens", "corpus_tokens"):
@@ -485,7 +550,11 @@ def main() -> None:
         load_main(args.repeats or 20)
         return
     if args.worker in METHODS:
-        print(json.dumps(worker(args.worker, args.batch, args.seq, args.warmup, args.steps)))
+        precision = args.precision if args.precision in ("fp32", "bf16") else "fp32"
+        print(json.dumps(worker(args.worker, args.batch, args.seq, args.warmup, args.steps, precision=precision)))
+        return
+    if args.precision == "compare":
+        precision_main()
         return
     if args.worker == "latency":
         print(json.dumps(latency_worker(args.repeats)))

@@ -131,12 +131,12 @@ class SignatureCollector:
             return
         x = hidden.detach()[:, 1:].float()  # (B, T-1, C): the first token of a block is an attention sink
         if module.training:
-            flat = x.reshape(-1, x.shape[-1]).double()
-            if self.sum is None:
+            flat = x.reshape(-1, x.shape[-1])  # (N, C) float32: one batch's products in float32 (~0.2% of a
+            if self.sum is None:  # training step), summed over the run in float64
                 self.sum = torch.zeros(flat.shape[-1], dtype=torch.float64, device=flat.device)
                 self.outer = torch.zeros(flat.shape[-1], flat.shape[-1], dtype=torch.float64, device=flat.device)
-            self.sum += flat.sum(0)
-            self.outer += flat.T @ flat
+            self.sum += flat.sum(0).double()
+            self.outer += (flat.T @ flat).double()
             self.count += flat.shape[0]
             target = self.fallback
         else:
