@@ -40,7 +40,7 @@ from .architectures import resolve_architecture
 from .atomic import replace_folder
 from .bridges import unwrap
 from .cards import LIBRARY_TAG
-from .errors import CheckpointFormatError, IncompatibleAdapterError, InvalidArgumentError
+from .errors import AdapterNotFoundError, CheckpointFormatError, IncompatibleAdapterError, InvalidArgumentError
 from .hub import hub_errors, prepare_repo, remote_card, repo_file
 from .integrity import tensor_sha256
 from .transplant import transplants_of
@@ -185,6 +185,8 @@ def save_adapter(peft_model, save_directory: str | os.PathLike, **kwargs: Any) -
     target = Path(save_directory)
     existing = target / "README.md"
     card = existing.read_text(encoding="utf-8") if existing.is_file() else None
+    if card is not None:
+        _check_card_yaml(card, existing)
 
     def write(folder: Path) -> None:
         if card is not None:  # peft and not_hub merge into the user's card, as push_adapter does on the Hub
@@ -223,7 +225,25 @@ def push_adapter(
 
 
 def _adapter_file(adapter: str | os.PathLike, name: str, revision: str | None, token) -> Path | None:
+    text = str(adapter)
+    looks_local = isinstance(adapter, os.PathLike) or text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise AdapterNotFoundError(
+            f"adapter folder {text!r} does not exist; pass the folder save_adapter wrote, or a Hub repo id "
+            "'namespace/name'"
+        )
     return repo_file(adapter, name, revision=revision, token=token)
+
+
+def _check_card_yaml(card: str, where: Path) -> None:
+    """Refuse, before anything is written, a card whose YAML header cannot be read (peft would fail half-way)."""
+    try:
+        ModelCard(card)
+    except Exception as err:  # yaml raises its own parser/scanner errors
+        raise CheckpointFormatError(
+            f"{where} has a YAML header that cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "fix or remove the header (between the first two '---' lines), then save again. Nothing was written"
+        ) from None
 
 
 def _same_transplant(a: dict, b: dict) -> bool:

@@ -91,6 +91,14 @@ class ModelLoadError(NotHubError, OSError):
     """A donor or recipient model (or its tokenizer) could not be loaded from the given id, folder or file."""
 
 
+class AdapterNotFoundError(NotHubError, FileNotFoundError):
+    """A local adapter folder does not exist (a path is never taken for a Hub repo id)."""
+
+
+class RunDirInUseError(NotHubError, BlockingIOError):
+    """Another training process is using the same run dir right now."""
+
+
 class ExportError(NotHubError, RuntimeError):
     """Exporting a model to another format failed in the converter (e.g. llama.cpp's `convert_hf_to_gguf.py`)."""
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +383,26 @@ def build_trainer_arguments(args, *, output_dir: str, max_steps: int, eval_every
     return HFTrainingArguments(**fields)
 
 
+def _check_checkpoint_files(checkpoint: Path) -> None:
+    """Read every file of a checkpoint as Trainer will on resume (JSON, safetensors, torch tensors with
+    `weights_only=True`: never code), so a damaged one is a named error before training starts, not a raw one inside
+    it."""
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        elif path.name.startswith("rng_state"):  # numpy's RNG state: Trainer unpickles it; here only its container
+            if not zipfile.is_zipfile(path):
+                raise ValueError(f"{path.name} is not a torch checkpoint file")
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            torch.load(path, map_location="cpu", weights_only=True)
+
+
 def run_trainer(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -409,8 +430,9 @@ def run_trainer(
         checkpoint = finished[-1] if finished else None
         if checkpoint is not None:
             try:
+                _check_checkpoint_files(checkpoint)  # every file Trainer will read on resume, before anything runs
                 best.restore(checkpoint)
-            except Exception as err:  # json and safetensors each raise their own type for a damaged file
+            except Exception as err:  # json, safetensors and torch each raise their own type for a damaged file
                 raise CheckpointFormatError(
                     f"the checkpoint {checkpoint} in run dir {output_dir} cannot be read ({type(err).__name__}: "
                     f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to resume from an earlier "

@@ -11,6 +11,7 @@ is left bit-identical. To train an organ with your own `Trainer` (or TRL's), use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidModeError,
     OutputPathError,
+    RunDirInUseError,
     RunDirMismatchError,
     TransplantStateError,
     UnexpectedArgumentError,
@@ -438,6 +440,36 @@ class _ForwardRestored:
         return False
 
 
+@contextlib.contextmanager
+def _run_dir_lock(output_dir: Path | None, is_main: bool):
+    """Hold the run dir for this run (an OS lock on a file in it, released by the OS even if the process dies): a
+    second run started in the same dir while this one trains is refused at once, instead of both writing it."""
+    if output_dir is None or not is_main:
+        yield
+        return
+    import fcntl
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / ".lock", "a+")  # noqa: SIM115  (held for the run)
+    except OSError as err:
+        raise OutputPathError(
+            f"run dir {str(output_dir)!r} cannot be written: {describe_os_error(err)}; pass another output_dir "
+            "(--run-dir)"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirInUseError(
+                f"run dir {output_dir} is in use by another training process right now; wait for it to finish, or "
+                "pass another output_dir (--run-dir)"
+            ) from None
+        yield
+    finally:
+        handle.close()  # (closing releases the lock)
+
+
 def _check_launch(processes) -> None:
     """Refuse a launch whose processes do not form one group, and say when accelerate runs something other than the
     FSDP the launch asked for (accelerate 1.x shards with FSDP only on accelerators: on CPUs it runs DDP)."""
@@ -515,13 +547,15 @@ def fit_parameters(
     total_steps, steps_per_epoch = _steps(data, args, num_processes)
     eval_every = args.eval_every or steps_per_epoch or 100
     output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None:
-        identity = run_identity(model, params, data, args, label, mixed)
-        _check_run_dir(output_dir, identity, args, processes.is_main_process)
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise OutputPathError(f"run dir {str(output_dir)!r} is an existing file; pass a folder (--run-dir)")
     validate = None
     if data.validation is not None:
         validate = lambda: validation_loss(model, data.validation, args.batch_size)  # noqa: E731
-    with _Frozen(model, params), _ForwardRestored(model):
+    with _run_dir_lock(output_dir, processes.is_main_process), _Frozen(model, params), _ForwardRestored(model):
+        if output_dir is not None:  # (under the lock: a second run never reads or writes the dir meanwhile)
+            identity = run_identity(model, params, data, args, label, mixed)
+            _check_run_dir(output_dir, identity, args, processes.is_main_process)
         model.train()
         state = run_trainer(
             model,

@@ -353,3 +353,68 @@ def test_processes_that_do_not_see_each_other_are_refused_before_the_run_dir_is_
     with pytest.raises(DistributedSetupError, match="ACCELERATE_USE_CPU=1"):
         train_organ(organ, donor, blocks, max_steps=1, progress=False, output_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists() and not organ.config.training
+
+
+# ------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.mark.parametrize("damaged", ["trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_any_damaged_file_of_a_trainer_checkpoint_is_a_named_error_before_training(tmp_path, blocks, damaged):
+    from not_hub.errors import CheckpointFormatError
+
+    donor = tiny_model("llama")
+    common = dict(max_steps=2, batch_size=4, progress=False, save_every=1, output_dir=str(tmp_path / "run"))
+    train_organ(not_hub.extract_organ(donor, layer_range=(2, 4)), donor, blocks, **{**common, "max_steps": 1})
+    checkpoint = next((tmp_path / "run").glob("checkpoint-*"))
+    assert (checkpoint / damaged).is_file(), sorted(p.name for p in checkpoint.iterdir())
+    (checkpoint / damaged).write_bytes(b"\x00garbage{")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    before = {k: v.clone() for k, v in organ.state_dict().items()}
+    with pytest.raises(CheckpointFormatError, match=f"{checkpoint.name}.*cannot be read"):
+        train_organ(organ, donor, blocks, **common)
+    assert all(torch.equal(v, before[k]) for k, v in organ.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- run dirs and adapters
+
+
+def test_a_second_run_in_a_run_dir_in_use_is_refused_at_once(tmp_path, blocks):
+    import fcntl
+
+    from not_hub.errors import RunDirInUseError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = open(run / ".lock", "a+")  # another training process holds the run dir
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    kwargs = dict(max_steps=1, batch_size=4, progress=False, output_dir=str(run))
+    try:
+        with pytest.raises(RunDirInUseError, match="in use by another training process"):
+            train_organ(organ, donor, blocks, **kwargs)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"] and not organ.config.training
+    finally:
+        holder.close()
+    train_organ(organ, donor, blocks, **kwargs)  # released: it trains
+    assert organ.config.training["steps"] == 1
+
+
+def test_a_missing_adapter_folder_is_named_and_a_bad_card_header_writes_nothing(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from not_hub.errors import AdapterNotFoundError
+
+    with pytest.raises(AdapterNotFoundError, match="does not exist"):
+        not_hub.check_adapter(tiny_model("llama"), tmp_path / "no-such-adapter")
+    with pytest.raises(AdapterNotFoundError, match="does not exist"):
+        not_hub.load_adapter(tiny_model("llama"), "./no-such-adapter")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: [apache\n---\nmy notes\n")
+    before = sorted(p.name for p in folder.iterdir())
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(CheckpointFormatError, match="YAML header"):
+        not_hub.save_adapter(peft_model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert (folder / "README.md").read_text() == "---\nlicense: [apache\n---\nmy notes\n"
