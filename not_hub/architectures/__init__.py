@@ -299,6 +299,15 @@ def import_decoder_layer_class(path: str, model_type: str | None) -> type[nn.Mod
         raise UnsafeCheckpointError(
             f"decoder_layer_class={path!r} is not a layer class defined in {expected}; the organ config is corrupt"
         )
+    from transformers import PreTrainedModel
+
+    if issubclass(obj, PreTrainedModel) or not qualname.endswith(("Layer", "Block")):
+        # A whole model (LlamaForCausalLM) or a part that is not a decoder layer (LlamaMLP) built per "layer" would
+        # allocate a model per layer or fail deep inside with a raw error.
+        raise UnsafeCheckpointError(
+            f"decoder_layer_class={path!r} is a {'whole model' if issubclass(obj, PreTrainedModel) else 'module'}, "
+            f"not a decoder layer of {expected}; the organ config is corrupt (re-extract the organ)"
+        )
     return obj
 
 
