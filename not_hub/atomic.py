@@ -54,12 +54,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc (Linux); None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_gone(pid: int, leftover: Path) -> bool:
+    """The process that wrote `leftover` no longer runs: its pid is free, or was reused by a process started after
+    the leftover was made (a pid reused by a later process would otherwise keep the leftover forever)."""
+    if pid == os.getpid():
+        return False
+    if not _pid_alive(pid):
+        return True
+    started = _process_start(pid)
+    try:
+        return started is not None and started > leftover.stat().st_mtime + 1.0
+    except OSError:
+        return False
+
+
 def _remove_stale(target: Path) -> None:
     """Delete leftovers of earlier saves to `target` that were killed mid-way (their process is gone)."""
     for tag in (_TMP_TAG, _OLD_TAG):
         for leftover in target.parent.glob(f".{target.name}{tag}*"):
             pid = leftover.name[len(f".{target.name}{tag}") :].partition("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and _writer_gone(int(pid), leftover):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError, ModelLoadError, OrganNotFoundError
+from .errors import HubRequestError, InvalidArgumentError, ModelLoadError, OrganNotFoundError
 from .modeling_organ import OrganModel
 from .organ_set import OrganSet, is_organ_set
 
@@ -145,7 +145,7 @@ def _load_organ_or_set(ref, revision, hub) -> OrganModel | OrganSet:
     except OrganNotFoundError as err:
         try:  # a Hub repo holding a set has no organ at its root
             return OrganSet.from_pretrained(ref, revision=revision, **hub)
-        except OrganNotFoundError:
+        except (OrganNotFoundError, HubRequestError):  # (a missing revision: the organ's own message says it)
             raise err from None
 
 

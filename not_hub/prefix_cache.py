@@ -195,10 +195,23 @@ class PrefixCache:
             self._memory[key] = hidden.clone()  # a row of a batch tensor would keep the whole batch alive
             self.memory_bytes += size
         elif self.disk_bytes + size <= self.disk_limit:
-            if self._file is None:
-                # No name on disk (O_TMPFILE / unlinked at once): nothing to clean up after a crash.
-                self._file = tempfile.TemporaryFile(prefix="not_hub-prefix-", dir=self.cache_dir)
-            os.pwrite(self._file.fileno(), hidden.contiguous().view(torch.uint8).numpy().tobytes(), self.disk_bytes)
+            try:
+                if self._file is None:
+                    # No name on disk (O_TMPFILE / unlinked at once): nothing to clean up after a crash.
+                    self._file = tempfile.TemporaryFile(prefix="not_hub-prefix-", dir=self.cache_dir)
+                data = hidden.contiguous().view(torch.uint8).numpy().tobytes()
+                if os.pwrite(self._file.fileno(), data, self.disk_bytes) != len(data):
+                    raise OSError(28, "short write")
+            except OSError as err:
+                # A full (or unwritable) cache disk costs speed, not the run: what is cached stays, the rest is
+                # recomputed from here on.
+                logger.warning(
+                    "prefix cache: writing to %s failed (%s); caching no more on disk, the remaining blocks are "
+                    "recomputed", self.cache_dir or tempfile.gettempdir(), err,
+                )  # fmt: skip
+                self.disk_limit = self.disk_bytes
+                self.uncached += 1
+                return
             self._disk[key] = (self.disk_bytes, tuple(hidden.shape))  # (blocks of several sizes may share a cache)
             self.disk_bytes += size
         else:

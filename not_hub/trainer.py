@@ -272,7 +272,9 @@ class OrganTrainer(Trainer):
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
         try:
             super()._maybe_log_save_evaluate(*args, **kwargs)
-        except (OSError, SafetensorError) as err:
+        except (OSError, SafetensorError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not isinstance(err, SafetensorError) and not _write_failure(err):
+                raise  # (torch.save reports a failed write as a RuntimeError; anything else is not a disk problem)
             # A checkpoint write failed (disk full, read-only, ...): the checkpoint it left is incomplete (no
             # completion marker) and would only be skipped on resume; remove it instead of leaving it behind.
             run_dir = Path(self.args.output_dir)
@@ -381,6 +383,11 @@ def build_trainer_arguments(args, *, output_dir: str, max_steps: int, eval_every
         fields[f"{name}_kwargs"] = {"use_reentrant": False}  # frozen embeddings: inputs need no grad
     fields.update(args.trainer_args or {})
     return HFTrainingArguments(**fields)
+
+
+def _write_failure(err: BaseException) -> bool:
+    """torch's own report of a failed write (`torch.save` raises RuntimeError, e.g. on a full disk)."""
+    return "PytorchStreamWriter" in str(err) or "file write failed" in str(err)
 
 
 def _check_checkpoint_files(checkpoint: Path) -> None:

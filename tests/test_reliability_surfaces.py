@@ -3,6 +3,7 @@ unloaded in any order, a prefix cache shared between runs, an organ set's manife
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -450,3 +451,98 @@ def test_an_organ_config_naming_a_model_class_or_a_string_size_is_refused(tmp_pa
     path.write_text(json.dumps(config))
     with pytest.raises(getattr(errors, error), match=words):
         not_hub.OrganModel.from_pretrained(tmp_path / "organ", verify_integrity=False)
+
+
+# ----------------------------------------------------------------------------------------------- full disks, signals
+
+
+def test_a_full_checkpoint_disk_mid_training_is_a_named_error_with_no_half_checkpoint(tmp_path, blocks, monkeypatch):
+    from not_hub.errors import OutputPathError
+
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills while it writes
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")  # fmt: skip
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputPathError, match="could not write a checkpoint"):
+        train_organ(organ, donor, blocks, method="standalone", max_steps=2, save_every=1, batch_size=4,
+                    progress=False, output_dir=str(tmp_path / "run"))  # fmt: skip
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not organ.config.training
+
+
+def test_a_full_cache_disk_costs_speed_not_the_run(blocks, monkeypatch, caplog):
+    import os
+
+    from not_hub import prefix_cache
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefix_cache.os, "pwrite", full)
+    donor = tiny_model("llama")
+    organ = not_hub.extract_organ(donor, layer_range=(2, 4))
+    with caplog.at_level("WARNING", logger="not_hub.prefix_cache"):
+        metrics = train_organ(
+            organ, donor, blocks, max_steps=3, batch_size=8, progress=False, cache_memory_limit=0
+        )  # fmt: skip  (everything would go to disk)
+    assert metrics.steps == 3 and organ.config.training["prefix_cache"]["uncached"] > 0
+    assert any("caching no more on disk" in r.message for r in caplog.records)
+    assert os.pwrite is full
+
+
+def test_a_save_leftover_whose_process_id_was_reused_is_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from not_hub.atomic import _TMP_TAG, replace_folder
+
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        stale = tmp_path / f".organ{_TMP_TAG}{later.pid}-abc"  # left by a killed save whose pid `later` now has
+        stale.mkdir()
+        os.utime(stale, (1_000_000_000, 1_000_000_000))  # made long before that process started
+        fresh = tmp_path / f".organ{_TMP_TAG}{later.pid}-def"  # made by that very process (after it started)
+        fresh.mkdir()
+        replace_folder(tmp_path / "organ", lambda folder: (folder / "x").write_text("x"))
+        assert not stale.exists() and fresh.exists() and (tmp_path / "organ" / "x").is_file()
+    finally:
+        later.kill()
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, not_hub_launcher; sys.exit(not_hub_launcher.main())", "--version"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.4)  # inside the imports of torch and transformers (seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "interrupted" and "Traceback" not in err, (out, err)
+
+
+def test_a_missing_revision_is_said_as_such_not_as_a_missing_organ_set_file(local_hub, tmp_path):  # noqa: F811
+    run_scenario(
+        local_hub,
+        tmp_path,
+        """
+        from not_hub.errors import OrganNotFoundError
+        not_hub.extract_organ(tiny_model("llama"), layer_range=(1, 3)).push_to_hub("user/revisioned-organ")
+        try:
+            not_hub.load_grafted("user/revisioned-organ", revision="no-such-branch", recipient="unused")
+        except OrganNotFoundError as err:
+            assert "no revision 'no-such-branch'" in str(err) and "organ_set" not in str(err), err
+        else:
+            raise AssertionError("a missing revision loaded")
+        """,
+    )

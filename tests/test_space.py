@@ -724,3 +724,11 @@ def test_the_page_speaks_plain_words_and_numbers():
     assert engine._layers_words(10, 13, 30) == "layers 10 to 12 of 30 (numbered from 0)"
     assert engine.number(154147.29) == "154,147" and engine.number(11.441) == "11.44"
     assert engine.ratio(11401.44) == "11,401x" and engine.ratio(0.5912) == "0.59x" and engine.ratio(13.04) == "13.0x"
+
+
+def test_an_organ_card_with_a_malformed_header_is_shown_not_raised(assets):
+    organ = assets / "organ-bad-card"  # (a folder this server offers)
+    shutil.copytree(assets / "organ", organ, dirs_exist_ok=True)
+    (organ / "README.md").write_text("---\nlicense: [apache\n---\n# My organ\nTrained on my data.\n")
+    card, _ = engine.organ_card(str(organ))
+    assert "cannot be read" in card and "Trained on my data." in card and "license" not in card

@@ -294,7 +294,12 @@ def organ_card(organ_ref: str) -> tuple[str, str | None]:
     if (organ_ref or "").strip() == GROWTH_ORGAN_ID:
         return GROWTH_CARD, None
     path = Path(str(organ.name_or_path or "")) / "README.md"
-    text = ModelCard(path.read_text(errors="replace")).text.strip() if path.is_file() else ""
+    raw = path.read_text(errors="replace") if path.is_file() else ""
+    try:
+        text = ModelCard(raw).text.strip() if raw else ""
+    except Exception:  # a card whose YAML header cannot be read: show its body, say so, keep serving
+        body = raw.split("---", 2)[2] if raw.startswith("---") and raw.count("---") >= 2 else raw
+        text = "*(This card's metadata header cannot be read; its text follows.)*\n\n" + body.strip()
     name = public_organ_name(organ_ref)
     ref = (organ_ref or "").strip()
     url = f"{constants.ENDPOINT}/{name}" if ref and name == ref and not Path(ref).exists() else None
