@@ -165,3 +165,16 @@ def test_cli_reports_errors_without_a_traceback(workspace, capsys):
         == 1
     )
     assert "expected 0 <= position <= 4" in capsys.readouterr().err
+
+
+def test_cli_train_says_where_its_wall_time_went_and_can_skip_the_final_scoring(workspace, capsys):
+    w = workspace
+    assert main(["extract", str(w / "model"), "--layer-range", "2", "4", "--out", str(w / "organ")]) == 0
+    argv = ["train", str(w / "organ"), "--donor", str(w / "model"), "--out", str(w / "trained"), "--max-steps", "1"]
+    argv += ["--data", str(w / "train.txt"), "--unit", "line", "--block-size", "32", "--eval-docs", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "validation perplexity" not in out  # the optional part, skipped
+    line = next(line for line in out.splitlines() if line.startswith("wall time"))
+    for part in ("loading", "data", "training", "first step after", "saving and scoring"):
+        assert part in line, line

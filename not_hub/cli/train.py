@@ -276,12 +276,16 @@ def cmd_train(args) -> int:
     """Train an organ (standalone: the paper's wrapper of the donor's frozen embeddings, norm and head; or in situ)."""
 
     output_folder(args.out)
+    clock = {"start": time.perf_counter()}
     organ = organ_or_set_from(args, args.organ, args.revision)
     if isinstance(organ, OrganSet):
         return _train_set(args, organ)
     donor, tokenizer = load_model(args, args.donor or organ.config.base_model, args.donor_revision)
+    clock["loaded"] = time.perf_counter()
     blocks, docs = _training_data(args, tokenizer)
+    clock["data"] = time.perf_counter()
     metrics = train_organ(organ, donor, blocks, method=args.method, **_training_kwargs(args))
+    clock["trained"] = time.perf_counter()
     organ.save_pretrained(args.out)
     loss = f"{metrics.final_train_loss:.4f}" if metrics.final_train_loss is not None else "-"
     print(
@@ -299,6 +303,15 @@ def cmd_train(args) -> int:
             f"validation perplexity ({len(docs)} documents): donor {base.perplexity:.3f}, donor with the organ "
             f"{grafted.perplexity:.3f} ({grafted.perplexity / base.perplexity:.3f}x)"
         )
+    clock["end"] = time.perf_counter()
+    # Where the wall time went: only the training part is bounded by --max-seconds; the rest is listed so it can be
+    # bounded too (--limit-docs, --validation-blocks, --eval-docs 0).
+    print(
+        f"wall time {clock['end'] - clock['start']:.0f}s: loading {clock['loaded'] - clock['start']:.1f}s, data "
+        f"{clock['data'] - clock['loaded']:.1f}s, training {clock['trained'] - clock['data']:.1f}s (of which "
+        f"validation {metrics.validation_s:.1f}s, first step after {metrics.first_step_s}s), saving and scoring "
+        f"{clock['end'] - clock['trained']:.1f}s"
+    )
     return 0
 
 
@@ -483,9 +496,9 @@ def cmd_evaluate(args) -> int:
 def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-docs",
-        type=positive_int,
+        type=non_negative_int,
         default=64,
-        help="validation documents scored after training, donor with and without the organ (default 64)",
+        help="validation documents scored after training, donor with and without the organ (default 64; 0: none)",
     )
     p.add_argument("organ", help="organ folder or Hub repo id to start from (e.g. from `not-hub extract`)")
     p.add_argument("--donor", default=None, help="the donor model (default: the organ's base_model)")
