@@ -46,7 +46,15 @@ _LAZY = {
     "evaluation": ("PerplexityResult", "SweepResult", "perplexity", "position_sweep"),
     "trainer": ("OrganTrainer", "WallClockBudget", "collate_blocks"),
     "gguf_export": ("export_gguf", "push_gguf"),
-    "training": ("DEFAULT_LR", "OrganTrainingArguments", "TrainingMetrics", "recover", "train_bridges", "train_organ"),
+    "training": (
+        "DEFAULT_LR",
+        "OrganTrainingArguments",
+        "TrainingMetrics",
+        "compute_routing_signature",
+        "recover",
+        "train_bridges",
+        "train_organ",
+    ),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -55,7 +63,15 @@ if TYPE_CHECKING:
     from .evaluation import PerplexityResult, SweepResult, perplexity, position_sweep
     from .gguf_export import export_gguf, push_gguf
     from .trainer import OrganTrainer, WallClockBudget, collate_blocks
-    from .training import DEFAULT_LR, OrganTrainingArguments, TrainingMetrics, recover, train_bridges, train_organ
+    from .training import (
+        DEFAULT_LR,
+        OrganTrainingArguments,
+        TrainingMetrics,
+        compute_routing_signature,
+        recover,
+        train_bridges,
+        train_organ,
+    )
 
 
 def __getattr__(name: str):
@@ -101,6 +117,7 @@ __all__ = [
     "__version__",
     "check_adapter",
     "collate_blocks",
+    "compute_routing_signature",
     "default_layer_range",
     "errors",
     "excise",

@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ExportError, InvalidArgumentError, TransplantStateError
+from .hub import hub_errors, prepare_repo
 from .plan import get_mode
 from .transplant import transplants_of
 
@@ -181,8 +182,6 @@ def push_gguf(path: str | os.PathLike, repo_id: str, *, base_model: str | None =
     """Upload a GGUF file to a model repo with a card naming the base model and the organs it carries (Hub tag
     `gguf`, so the Hub shows it to llama.cpp / ollama / LM Studio users); returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, ModelCard, ModelCardData
-
-    from .hub import hub_errors, prepare_repo
 
     path = Path(path)
     if not path.is_file():

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import HubRequestError, InvalidArgumentError, ModelLoadError, OrganNotFoundError
 from .modeling_organ import OrganModel
 from .organ_set import OrganSet, is_organ_set
+from .routing import MODES, route
 
 
 def load_grafted(
@@ -107,8 +108,6 @@ def load_grafted(
             "with OrganModel.from_pretrained(...).transplant_into(model)"
         ) from None
     if routing is not None:
-        from .routing import MODES
-
         if routing not in MODES:
             raise InvalidArgumentError(f"routing={routing!r} is not a routing mode; expected one of {MODES} or None")
     grafted = []
@@ -124,8 +123,6 @@ def load_grafted(
             done = organ.transplant_into(model)
             grafted += done if isinstance(done, list) else [done]
         if routing is not None:
-            from .routing import route
-
             names = [t.entry.get("organ") or f"organ-{i}" for i, t in enumerate(grafted)]
             route(model, grafted, mode=routing, names=names)
     except BaseException:

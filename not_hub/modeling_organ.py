@@ -110,7 +110,7 @@ class OrganModel(PreTrainedModel):
     @property
     def routing_signature(self) -> Signature | None:
         """What the organ was trained on (`not_hub.signature.Signature`), or None for an organ trained before
-        signatures existed, or not in situ (see `compute_routing_signature`)."""
+        signatures existed, or not in situ (see `not_hub.compute_routing_signature`)."""
         if not self.config.routing_signature or not hasattr(self, "routing"):
             return None
         return Signature.from_parts(self.config.routing_signature, dict(self.routing.named_buffers()))
@@ -128,46 +128,6 @@ class OrganModel(PreTrainedModel):
                 getattr(buffers, name).copy_(tensor)
         self.routing = buffers
         self.config.routing_signature = signature.summary()
-
-    def compute_routing_signature(
-        self, model: nn.Module, documents: list[str], *, tokenizer, block_size: int = 256, batch_size: int = 8
-    ) -> Signature:
-        """Give an organ published before signatures existed (or trained standalone) a signature from a few of the
-        documents it was meant for: `model` (its base model) runs them with the organ at its default transplant,
-        the hidden states entering the organ are collected, and the signature is recorded on the organ. Half the
-        documents estimate the statistics, the other half calibrate the threshold.
-
-        Raises:
-            InvalidArgumentError: fewer than 2 documents, or too few tokens for a signature.
-        """
-        from .data import pack_blocks
-        from .signature import SignatureCollector
-
-        if len(documents) < 2:
-            raise InvalidArgumentError(
-                f"compute_routing_signature needs at least 2 documents of the organ's domain (got {len(documents)}): "
-                "half to estimate, half to calibrate"
-            )
-        half = len(documents) // 2
-        with self.transplanted(model) as transplant, torch.no_grad():
-            collector = SignatureCollector(transplant.layers[0])
-            mode = model.training
-            try:
-                for part, training in ((documents[:half], True), (documents[half:], False)):
-                    blocks = pack_blocks(part, tokenizer, block_size)["input_ids"]
-                    transplant.layers[0].train(training)  # the collector sums training-mode inputs
-                    for i in range(0, len(blocks), batch_size):
-                        model(input_ids=torch.as_tensor(blocks[i : i + batch_size]), use_cache=False)
-            finally:
-                transplant.layers[0].train(mode)
-            signature = collector.finish()
-        if signature is None:
-            raise InvalidArgumentError(
-                f"{sum(len(d) for d in documents):,} characters of documents gave too few tokens for a signature; "
-                "pass more documents of the organ's domain"
-            )
-        self.set_routing_signature(signature)
-        return signature
 
     def add_bridges(self) -> None:
         """Give the organ identity-initialised bridges (saved with it; used by `mode="bridge"` transplants)."""

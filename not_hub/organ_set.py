@@ -30,6 +30,7 @@ from .atomic import replace_folder
 from .errors import CheckpointFormatError, InvalidArgumentError, OrganNotFoundError, TransplantStateError
 from .hub import check_revision, hub_errors, prepare_repo, repo_file
 from .modeling_organ import OrganModel
+from .routing import MODES, route
 from .transplant import Transplant, transplants_of
 from .version import __version__
 
@@ -77,7 +78,7 @@ class OrganSet:
             if organs[i].routing_signature is None:
                 raise InvalidArgumentError(
                     f"organ {i} ({organs[i].name_or_path or 'unsaved'}) has no routing signature; compute one with "
-                    "organ.compute_routing_signature(model, docs, tokenizer=tok)"
+                    "not_hub.compute_routing_signature(organ, model, docs, tokenizer=tok)"
                 )
             placements.append({"mode": "insert", "position": place["position"] + shift})
             shift += organs[i].config.num_layers
@@ -117,8 +118,6 @@ class OrganSet:
         """Graft every organ, in order, at its recorded place, and route them if the set is routed
         (`not_hub.router_of(recipient)` then has the gates). All or nothing: on an error the organs already grafted
         are explanted again (newest first) and the error is raised."""
-        from .routing import route
-
         done: list[Transplant] = []
         try:
             for organ, place in zip(self.organs, self.placements, strict=True):
@@ -274,8 +273,6 @@ def _check_manifest(manifest: Any, path: Path) -> None:
 def _check_routing(routing: Any) -> dict[str, Any] | None:
     if routing is None:
         return None
-    from .routing import MODES
-
     if not isinstance(routing, dict) or routing.get("mode") not in MODES or set(routing) - {"mode"}:
         raise InvalidArgumentError(f"routing={routing!r} is not allowed; expected {{'mode': one of {MODES}}} or None")
     return dict(routing)

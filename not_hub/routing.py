@@ -201,8 +201,8 @@ def route(
         if not summary or t._routing is None:
             raise InvalidArgumentError(
                 f"{name} has no routing signature (trained before signatures existed, or not in situ): compute one "
-                "from a few documents of its domain with organ.compute_routing_signature(model, docs, "
-                "tokenizer=tok), then graft it again"
+                "from a few documents of its domain with not_hub.compute_routing_signature(organ, "
+                "model, docs, tokenizer=tok), then graft it again"
             )
         signatures.append(Signature.from_parts(summary, t._routing))
     router = Router(model, {})

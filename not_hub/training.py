@@ -28,7 +28,7 @@ from torch import nn
 
 from .architectures import context_length
 from .atomic import describe_os_error
-from .data import BlockData
+from .data import BlockData, pack_blocks
 from .errors import (
     CheckpointFormatError,
     DistributedSetupError,
@@ -46,7 +46,7 @@ from .precision import CHOICES as PRECISIONS
 from .precision import resolve_mixed_precision
 from .prefix_cache import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT, CachedPrefixModel, PrefixCache, prefix_dropout
 from .shells import standalone_shell
-from .signature import SignatureCollector
+from .signature import Signature, SignatureCollector
 from .trainer import finished_checkpoints, process_state, run_trainer
 from .transplant import Transplant, check_compatibility
 
@@ -845,3 +845,46 @@ def train_bridges(
     recipient.eval()
     transplant.entry["bridge_training"] = metrics.to_dict(history=False)
     return metrics
+
+
+def compute_routing_signature(
+    organ, model: nn.Module, documents: list[str], *, tokenizer, block_size: int = 256, batch_size: int = 8
+) -> Signature:
+    """Give an organ published before signatures existed (or trained standalone) a routing signature
+    (`not_hub.signature`) from a few documents of the domain it was meant for: `model` (its base model) runs them
+    with the organ at its default transplant, the hidden states entering the organ are collected, and the signature
+    is recorded on the organ. Half the documents estimate the statistics, the other half calibrate the threshold.
+
+    Raises:
+        InvalidArgumentError: fewer than 2 documents, or too few tokens for a signature.
+
+    Example:
+        ```python
+        >>> not_hub.compute_routing_signature(organ, base_model, my_domain_docs[:40], tokenizer=tokenizer)
+        ```
+    """
+    if len(documents) < 2:
+        raise InvalidArgumentError(
+            f"compute_routing_signature needs at least 2 documents of the organ's domain (got {len(documents)}): "
+            "half to estimate, half to calibrate"
+        )
+    half = len(documents) // 2
+    with organ.transplanted(model) as transplant, torch.no_grad():
+        collector = SignatureCollector(transplant.layers[0])
+        mode = transplant.layers[0].training
+        try:
+            for part, training in ((documents[:half], True), (documents[half:], False)):
+                blocks = pack_blocks(part, tokenizer, block_size)["input_ids"]
+                transplant.layers[0].train(training)  # the collector sums training-mode inputs, calibrates on eval
+                for i in range(0, len(blocks), batch_size):
+                    model(input_ids=torch.as_tensor(blocks[i : i + batch_size]), use_cache=False)
+        finally:
+            transplant.layers[0].train(mode)
+        signature = collector.finish()
+    if signature is None:
+        raise InvalidArgumentError(
+            f"{sum(len(d) for d in documents):,} characters of documents gave too few tokens for a signature; pass "
+            "more documents of the organ's domain"
+        )
+    organ.set_routing_signature(signature)
+    return signature

@@ -85,13 +85,19 @@ def test_a_deepcopy_of_a_grafted_model_unloads_as_the_original(hash_state):
 
 def test_unloading_after_bf16_prepare_removes_accelerates_autocast_wrapper():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # (a float32 Trainer run may have set it in this worker)
 
     model = tiny_model("llama")
     ids = tiny_input_ids()
     with torch.no_grad():
         expected = model(ids).logits
     not_hub.get_organ_model(not_hub.extract_organ(tiny_model("llama"), layer_range=(2, 4)), model)
-    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)  # what Trainer does with bf16=True
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)  # what Trainer does with bf16=True
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)  # later Trainer runs set their own
     assert "forward" in model.__dict__  # the autocast wrapper
     not_hub.unload_organ(model)
     assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__

@@ -132,7 +132,7 @@ def test_routing_refuses_what_it_cannot_skip_exactly_or_has_no_signature(special
     with pytest.raises(InvalidArgumentError, match="compute_routing_signature"):
         not_hub.route(model)
     t.explant()
-    signature = bare.compute_routing_signature(model, code_documents()[:60], tokenizer=tiny_tokenizer())
+    signature = not_hub.compute_routing_signature(bare, model, code_documents()[:60], tokenizer=tiny_tokenizer())
     assert signature.tokens > 0 and bare.routing_signature is not None
     bare.transplant_into(model)
     router = not_hub.route(model)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import OutputPathError
+from ..grafted import _load_organ_or_set
 from ..loading import load_causal_lm
 from ..modeling_organ import OrganModel
 
@@ -100,8 +101,6 @@ def organ_from(args, ref: str, revision: str | None = None):
 
 def organ_or_set_from(args, ref: str, revision: str | None = None):
     """An organ, or an organ set (`organ_set.json` and one organ per subfolder), by folder or repo id."""
-    from ..grafted import _load_organ_or_set
-
     return _load_organ_or_set(ref, revision, {"token": getattr(args, "token", None)})
 
 

@@ -12,12 +12,16 @@ import torch
 from ..errors import InvalidArgumentError
 from ..evaluation import perplexity
 from ..extraction import excise, extract_organ
+from ..gguf_export import OUTTYPES, export_gguf, push_gguf
+from ..growth import grow_organ
+from ..organ_set import OrganSet
 from .common import (
     format_options,
     load_model,
     model_options,
     non_negative_int,
     organ_from,
+    organ_or_set_from,
     output_folder,
     positive_int,
 )
@@ -48,9 +52,6 @@ def cmd_extract(args) -> int:
 def cmd_grow(args) -> int:
     """Make a growth organ (new identity layers: the model's output is unchanged until they are trained), or a growth
     set (one new layer after every N-th layer), and save it; then `not-hub train` it and `not-hub push` it."""
-    from ..growth import grow_organ
-    from ..organ_set import OrganSet
-
     output_folder(args.out)
     if (args.position is None) == (args.every is None):
         raise InvalidArgumentError(
@@ -85,10 +86,6 @@ def cmd_grow(args) -> int:
 
 def cmd_export(args) -> int:
     """Write a model with organs grafted as one GGUF file (llama.cpp, ollama, LM Studio), by llama.cpp's converter."""
-    from ..gguf_export import export_gguf, push_gguf
-    from ..organ_set import OrganSet
-    from .common import organ_or_set_from
-
     out = Path(args.out)
     if out.is_dir():
         raise InvalidArgumentError(f"--out {args.out!r} is a folder; pass the .gguf file to write")
@@ -281,8 +278,6 @@ def grow_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
-    from ..gguf_export import OUTTYPES
-
     p.add_argument("model", help="the recipient: Hub id, folder, .gguf file, or 'smollm2' (embedded)")
     p.add_argument(
         "--organ", action="append", help="organ or organ set (folder or repo id) to graft first; repeat for several"
