@@ -266,9 +266,17 @@ def train(
         "best_validation_ppl": math.exp(metrics.best_validation_loss),
         "batch_size": args["batch_size"],
         "mixed_precision": metrics.mixed_precision,
+        "cpu": _cpu(),  # (cells before 2026-12-08 did not record it)
         "trainable_parameters": sum(p.numel() for p in (artifact.parameters() if params is None else params)),
     }
     return artifact, record
+
+
+def _cpu() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
 
 
 def score(artifact, recipient, docs, tok, measure=None) -> float:
@@ -534,6 +542,34 @@ class Domain:
                 f"bf16-{method}-lr{lr:g}{suffix}-seed0-steps{fp32['steps']}", lambda n=fp32["steps"]: run(None, n)
             )
             out[name] = {"float32": fp32, "bf16_equal_wall_clock": wall, "bf16_equal_steps": steps}
+        return out
+
+    def machine_check(self, names=("organ", "lora_r8")) -> dict:
+        """The seed-0 selection cells of `names` run again today, on this machine: cells carry no record of the CPU
+        that ran them, and a wall-clock budget depends on it. Tokens seen and validation beside the cell on record
+        tell whether cells of different sessions can be compared at equal wall-clock."""
+        import datetime
+        import platform
+
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        tag = f"{datetime.date.today():%Y%m%d}-{(cpu or platform.processor() or 'cpu').split()[0].lower()}"
+        out = {}
+        for name in names:
+            choice = self.choose(name)
+            method, lr, batch = choice["method"], choice["chosen_lr"], choice["batch_size"]
+            on_record = self.short(method, lr, 0, batch)
+
+            def run(method=method, lr=lr, batch=batch):
+                data, _, general = self.data
+                artifact, record = train(
+                    method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset, batch
+                )
+                record["general_ppl"] = score(artifact, self.recipient, general, self.tok)
+                record["cpu"] = cpu
+                return record
+
+            again = self.cell(f"machinecheck-{method}-lr{lr:g}-seed0-{tag}", run)
+            out[name] = {"on_record": on_record, "again": again}
         return out
 
     def test_scores(self, artifact, test: list[str]) -> dict[str, float]:
@@ -843,6 +879,9 @@ def main() -> None:
     parser.add_argument(
         "--bf16-check", action="store_true", help="only: the organ and LoRA r=8 selection runs again in bf16 autocast"
     )
+    parser.add_argument(
+        "--machine-check", action="store_true", help="only: the organ's and LoRA r=8's seed-0 selection runs again"
+    )
     args = parser.parse_args()
     name = "full" if args.full else "quick"
     preset = PRESETS[name]
@@ -863,6 +902,8 @@ def main() -> None:
             for d in domains:
                 if args.bf16_check:
                     Domain(d, name, preset, recipient, tok).bf16_check()
+                elif args.machine_check:
+                    Domain(d, name, preset, recipient, tok).machine_check()
                 else:
                     Domain(d, name, preset, recipient, tok).run_all(methods, args.stage)
         finally:
