@@ -16,7 +16,8 @@ The registry (choices on validation at the 2-minute budget `select_s`, seed 0):
 - `growth_block`: one block of 3 identity layers grown before layer 10, trained in situ;
 - `lora_r8`, `lora_r64`: peft LoRA on every linear layer, alpha = 2r; `full_ft`: full fine-tuning.
 Then the chosen variant's learning rate from its grid (a choice at the grid's edge extends the grid past it, twice at
-most), then the batch size: 8 at the chosen rate against the 4 the rate was chosen at.
+most), then the batch size: 8 at the chosen rate against the 4 the rate was chosen at (8 replaces 4 only when it is
+better by more than the half-range of the seeds on record at 4).
 
 Then, per method at its chosen rate:
 - the 20-minute run (seed 0): the curve; its artifact pushed to a local Hub-protocol server, pulled by repo id in a
@@ -459,8 +460,23 @@ class Domain:
         except Missing:  # the report: a selection recorded before batch sizes were part of it
             out["batch_selection"] = f"batch {', '.join(map(str, others))} not run yet"
         out["batch_validation_ppl"] = {str(b): v for b, v in batches.items()}
-        out["batch_size"] = min(batches, key=batches.get)
+        # Another batch size replaces the base one only if it is better by more than the base's seed spread (when
+        # seeds are on record): a difference inside the noise does not discard the cells recorded at the base size.
+        seeds = [
+            c["best_validation_ppl"]
+            for c in (self._recorded_short(variant, lr, seed, base) for seed in self.preset["seeds"])
+            if c is not None
+        ]
+        margin = (max(seeds) - min(seeds)) / 2 if len(seeds) > 1 else 0.0
+        best = min(batches, key=batches.get)
+        out["batch_size"] = best if batches[best] < batches[base] - margin else base
+        out["batch_margin"] = margin
         return out
+
+    def _recorded_short(self, method: str, lr: float, seed: int, batch: int) -> dict | None:
+        suffix = "" if batch == self.preset["batch_size"] else f"-b{batch}"
+        path = self.folder / f"short-{method}-lr{lr:g}{suffix}-seed{seed}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def choose_lr(self, method: str, grid_name: str) -> tuple[float, dict]:
         grid = GRIDS[grid_name]
@@ -555,8 +571,13 @@ class Domain:
         tag = f"{datetime.date.today():%Y%m%d}-{(cpu or platform.processor() or 'cpu').split()[0].lower()}"
         out = {}
         for name in names:
-            choice = self.choose(name)
-            method, lr, batch = choice["method"], choice["chosen_lr"], choice["batch_size"]
+            entry = REGISTRY[name]  # the structure and rate on record, at the batch size the old cells used
+            variant = entry.variants[0]
+            if len(entry.variants) > 1:
+                tried = {v: self.short(v, entry.structure_lr, 0)["best_validation_ppl"] for v in entry.variants}
+                variant = min(tried, key=tried.get)
+            lr, _ = self.choose_lr(variant, entry.grid)
+            method, batch = variant, self.preset["batch_size"]
             on_record = self.short(method, lr, 0, batch)
 
             def run(method=method, lr=lr, batch=batch):
