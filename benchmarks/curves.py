@@ -643,6 +643,7 @@ def collect(preset_name: str, preset: dict) -> dict:
             untouched.update({k: v for k, v in cells.get(extra, {}).items() if k != "cell_wall_clock_s"})
         out = {"untouched": untouched, "methods": {}, "incomplete": {}}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
+        out["machine_checks"] = {k: v for k, v in cells.items() if k.startswith("machinecheck-")}
         for name_ in METHODS:
             try:
                 choice = dry.choose(name_)
@@ -654,8 +655,8 @@ def collect(preset_name: str, preset: dict) -> dict:
                 out["slot_selection"], out["slot"] = choice["variant_validation_ppl"], method
             seeds = [
                 c
-                for c in cells.values()
-                if c.get("method") == method and c.get("lr") == lr and c.get("budget_s") == preset["select_s"]
+                for k, c in cells.items()
+                if k.startswith("short-") and c.get("method") == method and c.get("lr") == lr and c.get("budget_s") == preset["select_s"]
                 and c.get("batch_size", preset["batch_size"]) == batch and "general_ppl" in c
             ]  # fmt: skip
             suffix = "" if batch == preset["batch_size"] else f"-b{batch}"
@@ -806,7 +807,7 @@ def report(payload: dict) -> str:
             ]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
-        lines += ratio_lines(d, marks) + protocol_lines(d)
+        lines += ratio_lines(d, marks) + protocol_lines(d) + machine_lines(d)
     if payload.get("missing"):
         lines += ["Not on record yet (rerun the command to add them; nothing on record is rerun):", ""]
         lines += [f"- {m}" for m in payload["missing"]] + [""]
@@ -824,6 +825,33 @@ def ratio_lines(d: dict, marks: list[float]) -> list[str]:
         loras = [v for n, c in curves.items() if n.startswith("lora") and (v := at(c, m)) is not None]
         cells.append(f"{m:g} min {organ / min(loras):.3f}" if organ is not None and loras else f"{m:g} min -")
     return ["Organ / best LoRA, validation perplexity (below 1: the organ ahead): " + ", ".join(cells) + ".", ""]
+
+
+def machine_lines(d: dict) -> list[str]:
+    """The seed-0 cells run again on a later day's machine, beside the cells on record: whether cells of different
+    sessions can be compared at equal wall-clock."""
+    rows = []
+    for key, again in d.get("machine_checks", {}).items():
+        method = again["method"]
+        record = next((r["short"][0] for r in d["methods"].values() if r["method"] == method and r["short"]), None)
+        if record is None:
+            continue
+        rows.append(
+            f"| {method}, lr {again['lr']:g} | {record['tokens_seen']:,} | {again['tokens_seen']:,} "
+            f"({again['tokens_seen'] / record['tokens_seen']:.2f}x) | {record['best_validation_ppl']:.3f} | "
+            f"{again['best_validation_ppl']:.3f} | {key.rsplit('-', 2)[-2]} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Machine check: the same seed-0 cell run again later (wall-clock budgets depend on the CPU, and cells before "
+        "2026-12-08 do not record theirs):",
+        "",
+        "| configuration | tokens in 2 min, on record | again | validation, on record | again | day |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def num(value: float | None) -> str:
