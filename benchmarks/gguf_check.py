@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,11 @@ def ensure_llama_cpp() -> float:
         pass
     start = time.time()
     print(f"building {LLAMA_CPP_PYTHON} (compiles llama.cpp; minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON], check=True)
+    # A native build (GGML_NATIVE, the default) crashed here with a general protection fault inside libggml-cpu on a
+    # VM whose CPU advertises AMX; the portable build runs everywhere. CMAKE_ARGS in the environment overrides it.
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=OFF")}
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP_PYTHON]
+    subprocess.run(cmd, check=True, env=env)
     return time.time() - start
 
 
