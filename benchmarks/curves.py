@@ -543,6 +543,11 @@ class Domain:
             choice = self.choose(name)
             method, lr, batch = choice["method"], choice["chosen_lr"], choice["batch_size"]
             fp32 = self.short(method, lr, 0, batch)
+            # The float32 reference from this machine when there is one (`machine_check`): a wall-clock comparison
+            # across machines would measure the machines.
+            today = sorted(self.folder.glob(f"machinecheck-{method}-lr{lr:g}-seed0-*.json"))
+            if today and batch == self.preset["batch_size"]:
+                fp32 = json.loads(today[-1].read_text())
             suffix = "" if batch == self.preset["batch_size"] else f"-b{batch}"
 
             def run(seconds, steps, method=method, lr=lr, batch=batch):
@@ -644,6 +649,7 @@ def collect(preset_name: str, preset: dict) -> dict:
         out = {"untouched": untouched, "methods": {}, "incomplete": {}}
         out["checks"] = {k.removeprefix("check-"): v for k, v in cells.items() if k.startswith("check-")}
         out["machine_checks"] = {k: v for k, v in cells.items() if k.startswith("machinecheck-")}
+        out["bf16_checks"] = {k: v for k, v in cells.items() if k.startswith("bf16-")}
         for name_ in METHODS:
             try:
                 choice = dry.choose(name_)
@@ -807,7 +813,7 @@ def report(payload: dict) -> str:
             ]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
-        lines += ratio_lines(d, marks) + protocol_lines(d) + machine_lines(d)
+        lines += ratio_lines(d, marks) + protocol_lines(d) + machine_lines(d) + bf16_lines(d)
     if payload.get("missing"):
         lines += ["Not on record yet (rerun the command to add them; nothing on record is rerun):", ""]
         lines += [f"- {m}" for m in payload["missing"]] + [""]
@@ -849,6 +855,35 @@ def machine_lines(d: dict) -> list[str]:
         "",
         "| configuration | tokens in 2 min, on record | again | validation, on record | again | day |",
         "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def bf16_lines(d: dict) -> list[str]:
+    """bf16 autocast against float32 (`--bf16-check`): the same configuration at equal wall-clock and at the float32
+    run's steps, validation (scored in float32) and tokens seen, beside the float32 run on the same machine."""
+    rows = []
+    for key, cell in sorted(d.get("bf16_checks", {}).items()):
+        method, lr = cell["method"], cell["lr"]
+        ref = next(
+            (c for k, c in d.get("machine_checks", {}).items() if c["method"] == method and c["lr"] == lr), None
+        )
+        if ref is None:
+            continue
+        kind = f"equal steps ({cell['steps']})" if "-steps" in key else "equal wall-clock"
+        rows.append(
+            f"| {method}, lr {lr:g} | {kind} | {ref['best_validation_ppl']:.3f} ({ref['tokens_seen']:,} tokens) | "
+            f"{cell['best_validation_ppl']:.3f} ({cell['tokens_seen']:,} tokens, {cell['train_s']:.0f} s) | "
+            f"{cell['best_validation_ppl'] / ref['best_validation_ppl']:.3f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "bf16 autocast against float32 (same machine, seed 0; validation scored in float32):",
+        "",
+        "| configuration | comparison | float32 | bf16 | bf16 / float32 |",
+        "|---|---|---|---|---|",
         *rows,
         "",
     ]
