@@ -537,7 +537,8 @@ class Domain:
 
     def bf16_check(self, names=("organ", "lora_r8")) -> dict:
         """Each method's seed-0 selection run again in bf16 autocast: at equal wall-clock (`select_s`) and at the
-        float32 run's number of steps, scored on validation (in float32, as every figure) beside the float32 run."""
+        float32 run's number of steps, beside the float32 run (validation is scored during training, under the
+        run's own autocast; general text afterwards in float32)."""
         out = {}
         for name in names:
             choice = self.choose(name)
@@ -862,7 +863,7 @@ def machine_lines(d: dict) -> list[str]:
 
 def bf16_lines(d: dict) -> list[str]:
     """bf16 autocast against float32 (`--bf16-check`): the same configuration at equal wall-clock and at the float32
-    run's steps, validation (scored in float32) and tokens seen, beside the float32 run on the same machine."""
+    run's steps, validation and tokens seen, beside the float32 run on the same machine."""
     rows = []
     for key, cell in sorted(d.get("bf16_checks", {}).items()):
         method, lr = cell["method"], cell["lr"]
@@ -880,7 +881,8 @@ def bf16_lines(d: dict) -> list[str]:
     if not rows:
         return []
     return [
-        "bf16 autocast against float32 (same machine, seed 0; validation scored in float32):",
+        "bf16 autocast against float32 (same machine, seed 0; validation is scored during training as each run "
+        "computes, so under bf16 autocast for the bf16 runs; WikiText-2 afterwards in float32 is in the cells):",
         "",
         "| configuration | comparison | float32 | bf16 | bf16 / float32 |",
         "|---|---|---|---|---|",
