@@ -573,7 +573,7 @@ class Domain:
         import datetime
         import platform
 
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        cpu = _cpu()
         tag = f"{datetime.date.today():%Y%m%d}-{(cpu or platform.processor() or 'cpu').split()[0].lower()}"
         out = {}
         for name in names:
@@ -592,7 +592,6 @@ class Domain:
                     method, lr, 0, self.preset["select_s"], self.recipient, data, self.preset, batch
                 )
                 record["general_ppl"] = score(artifact, self.recipient, general, self.tok)
-                record["cpu"] = cpu
                 return record
 
             again = self.cell(f"machinecheck-{method}-lr{lr:g}-seed0-{tag}", run)

@@ -25,26 +25,30 @@ def identity_bridge(
     return bridge
 
 
-class BridgedLayer(nn.Module):
-    """A decoder layer with an optional bridge before it and/or after it.
+class LayerWrapper(nn.Module):
+    """A decoder layer inside a wrapper that sits in the recipient's layer stack in its place (`BridgedLayer`, a
+    routing gate). Attribute lookups the wrapper does not answer (e.g. `attention_type`, read by some families'
+    forward loops) are passed to the wrapped layer, so the model treats it as the layer itself; `unwrap` looks
+    through it."""
 
-    Attribute lookups the wrapper does not answer (e.g. `attention_type`, read by some families' forward loops) are
-    passed to the wrapped layer, so the model treats it as the layer itself.
-    """
-
-    wraps_layer = True  # `unwrap` looks through it
-
-    def __init__(self, layer: nn.Module, bridge_in: nn.Linear | None = None, bridge_out: nn.Linear | None = None):
+    def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.bridge_in = bridge_in
-        self.bridge_out = bridge_out
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("layer"), name)
+
+
+class BridgedLayer(LayerWrapper):
+    """A decoder layer with an optional bridge before it and/or after it."""
+
+    def __init__(self, layer: nn.Module, bridge_in: nn.Linear | None = None, bridge_out: nn.Linear | None = None):
+        super().__init__(layer)
+        self.bridge_in = bridge_in
+        self.bridge_out = bridge_out
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.bridge_in is not None:
@@ -59,6 +63,6 @@ class BridgedLayer(nn.Module):
 
 def unwrap(layer: nn.Module) -> nn.Module:
     """The decoder layer inside a `BridgedLayer` or a routing gate (`not_hub.routing.GatedLayer`), or the layer."""
-    while getattr(type(layer), "wraps_layer", False):
+    while isinstance(layer, LayerWrapper):
         layer = layer.layer
     return layer

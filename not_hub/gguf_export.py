@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import ExportError, InvalidArgumentError, TransplantStateError
 from .hub import hub_errors, prepare_repo
+from .loading import cache_root
 from .plan import get_mode
 from .transplant import transplants_of
 
@@ -44,8 +45,7 @@ _KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("NOT_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface")
-    return Path(root) / ("llama.cpp" if os.environ.get("NOT_HUB_CACHE") else "not_hub/llama.cpp")
+    return cache_root() / "llama.cpp"
 
 
 def converter_path() -> Path | None:
@@ -164,7 +164,7 @@ def export_gguf(
         partial = Path(tmp) / "out.gguf"
         cmd = [sys.executable, str(script), str(folder), "--outfile", str(partial), "--outtype", outtype]
         cmd += ["--metadata", str(Path(tmp) / "metadata.json")]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")} | {"HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:

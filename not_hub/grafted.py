@@ -17,6 +17,7 @@ from .errors import HubRequestError, InvalidArgumentError, ModelLoadError, Organ
 from .modeling_organ import OrganModel
 from .organ_set import OrganSet, is_organ_set
 from .routing import MODES, route
+from .transplant import Transplant
 
 
 def load_grafted(
@@ -110,16 +111,24 @@ def load_grafted(
     if routing is not None:
         if routing not in MODES:
             raise InvalidArgumentError(f"routing={routing!r} is not a routing mode; expected one of {MODES} or None")
-    grafted = []
+    graft_organs(model, loaded, routing=routing)
+    return model.eval(), tokenizer
+
+
+def graft_organs(model, organs: list[OrganModel | OrganSet], *, routing: str | None = None) -> list[Transplant]:
+    """Graft organs (each at its default transplant) and organ sets (at their recorded places) into `model`, and
+    route them all if `routing` names a mode. All or nothing: on an error every graft made here is taken out again.
+
+    Several plain organs are grafted deepest first: each one's default position counts the base model's layers, so
+    an inserted organ never shifts the slot of one still to come."""
+    loaded = list(organs)
     if len(loaded) > 1 and all(isinstance(o, OrganModel) for o in loaded):
-        # Each organ's default position counts the base model's layers: graft the deepest first, so an inserted
-        # organ never shifts the slot of one still to come.
-        loaded = sorted(loaded, key=lambda o: -(o.config.default_transplant or {}).get("position", o.layer_range[0]))
+        loaded.sort(key=lambda o: -(o.config.default_transplant or {}).get("position", o.layer_range[0]))
+    grafted: list[Transplant] = []
     try:
         for organ in loaded:
             if isinstance(organ, OrganSet) and routing is not None:
                 organ.routing = None  # routed below, together with the other organs
-            # an organ at its default transplant, a set at its recorded places
             done = organ.transplant_into(model)
             grafted += done if isinstance(done, list) else [done]
         if routing is not None:
@@ -130,7 +139,7 @@ def load_grafted(
             if t.active:
                 t.explant()
         raise
-    return model.eval(), tokenizer
+    return grafted
 
 
 def _load_organ_or_set(ref, revision, hub) -> OrganModel | OrganSet:

@@ -68,6 +68,8 @@ class PrefixCache:
         disk_limit: bytes kept after that in an anonymous temporary file (in `cache_dir`, default the system's
             temporary folder; it has no name, so nothing is left behind even by a crash).
         cache_dir: where that file lives.
+        shared: record a hash of the frozen weights, so the cache can be checked when another run reuses it
+            (`train_organ(prefix_cache=...)`); a cache used by one run only may skip it.
 
     Attributes:
         hits / misses: block lookups answered from the cache / computed. uncached: computed blocks that did not fit.
@@ -82,6 +84,7 @@ class PrefixCache:
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         disk_limit: int = DEFAULT_DISK_LIMIT,
         cache_dir: str | os.PathLike | None = None,
+        shared: bool = True,
     ):
         for name, value in (("memory_limit", memory_limit), ("disk_limit", disk_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -96,7 +99,9 @@ class PrefixCache:
         self.returns_tuple = False
         self.row_shape: tuple[int, int] | None = None  # (T, C)
         self.dtype: torch.dtype | None = None
-        self.source = _fingerprint(model, start)  # a hash of the frozen weights that produce the states
+        # A hash of the frozen weights that produce the states, checked when the cache is reused; a cache private to
+        # one run (`shared=False`, as train_organ builds its own) skips it: reading every frozen byte costs ~0.3 s.
+        self.source = _fingerprint(model, start) if shared else None
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +131,9 @@ class PrefixCache:
         problems = []
         if start != self.start:
             problems.append(f"it holds the input of layer {self.start}, the organ starts at layer {start}")
-        if model is not self.model or _fingerprint(model, self.start) != self.source:
+        if self.source is None:
+            problems.append("it was built with shared=False, so the weights it came from were not recorded")
+        elif model is not self.model or _fingerprint(model, self.start) != self.source:
             problems.append("it was built from another model, or the frozen weights below the organ changed since")
         if problems:
             raise InvalidArgumentError(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .architectures import get_layer_stack
+from .bridges import LayerWrapper
 from .errors import InvalidArgumentError, TransplantStateError
 from .signature import Signature, running_mean_gate
 from .transplant import Transplant, transplants_of
@@ -52,23 +53,13 @@ class _GateState:
     tokens_seen: int = 0
 
 
-class GatedLayer(nn.Module):
-    """An organ layer inside a routed block: the first computes the gate from its input, the last applies it.
-    Attribute lookups it does not answer go to the wrapped layer (as `BridgedLayer` does)."""
-
-    wraps_layer = True  # `not_hub.bridges.unwrap` looks through it
+class GatedLayer(LayerWrapper):
+    """An organ layer inside a routed block: the first computes the gate from its input, the last applies it."""
 
     def __init__(self, layer: nn.Module, state: _GateState, first: bool, last: bool):
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         self.first, self.last = first, last
         object.__setattr__(self, "state", state)  # shared by the block's first and last layer, not a submodule
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("layer"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         state = self.state
@@ -101,7 +92,7 @@ def _open_gate(state: _GateState, hidden: torch.Tensor, kwargs: dict) -> None:
         state.sums, state.fixed = None, None  # a new sequence
     valid = positions > 0  # the first token is an attention sink: it says nothing about the text
     distance = state.signature.distance(hidden)  # (B, T)
-    gate, _, state.sums = running_mean_gate(distance, valid, state.signature, state.sums)
+    gate, state.sums = running_mean_gate(distance, valid, state.signature, state.sums)
     if state.mode == "sequence":
         if state.fixed is None:  # decided once, from the whole prompt, for the prompt and what follows it
             state.fixed = gate[:, -1]

@@ -100,7 +100,7 @@ def running_mean_gate(distance: torch.Tensor, valid: torch.Tensor, signature: Si
         distance: (B, T) d of each token; valid: (B, T) bool, tokens that count (not the first of a sequence).
 
     Returns:
-        (gate (B, T) bool, running mean (B, T), new sums).
+        (gate (B, T) bool, new sums).
     """
     d = torch.where(valid, distance, torch.zeros_like(distance)).double()
     n = valid.double()
@@ -109,7 +109,7 @@ def running_mean_gate(distance: torch.Tensor, valid: torch.Tensor, signature: Si
         total, count = total + sums[0][:, None], count + sums[1][:, None]
     mean = total / count.clamp(min=1)
     gate = (count >= signature.min_tokens) & (mean <= signature.threshold)
-    return gate, mean.float(), (total[:, -1], count[:, -1])
+    return gate, (total[:, -1], count[:, -1])
 
 
 class SignatureCollector:

@@ -703,7 +703,9 @@ def train_organ(
                     prefix_cache.check_reuse(donor, start)
                     cache = prefix_cache
                 else:
-                    cache = PrefixCache(donor, start, memory_limit=cache_memory_limit, disk_limit=cache_disk_limit)
+                    cache = PrefixCache(
+                        donor, start, memory_limit=cache_memory_limit, disk_limit=cache_disk_limit, shared=False
+                    )
                 model, label = CachedPrefixModel(donor, cache), "organ (in situ, cached prefix)"
                 counts = {k: cache.stats()[k] for k in ("hits", "misses", "uncached")}
             # What the organ trains on, recorded as its routing signature (not_hub.signature): the hidden states

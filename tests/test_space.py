@@ -189,10 +189,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(assets):
-    port = _free_port()
-    env = {
+def _app_env(assets, port: int, **extra: str) -> dict[str, str]:
+    """The Space's environment for a test server on `port`, offering the test assets."""
+    return {
         **os.environ,
         "NOT_HUB_SPACE_RECIPIENT": str(assets / "recipient"),
         "NOT_HUB_SPACE_ORGAN": str(assets / "organ"),
@@ -200,18 +199,30 @@ def app_url(assets):
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
-        "NOT_HUB_SPACE_TOKEN_DELAY": "0.15",  # a stream of 24 tokens lasts ~4 s: long enough to explant during it
+        **extra,
     }
-    proc = warm_python.start([sys.executable, str(SPACE / "app.py")], env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
+
+
+def _wait_for_app(proc, port: int, timeout: float = 120) -> None:
+    """Until the app accepts connections on `port` (its stderr shown if it died first)."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return
         except OSError:
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def app_url(assets):
+    port = _free_port()
+    # a stream of 24 tokens lasts ~4 s: long enough to explant during it
+    env = _app_env(assets, port, NOT_HUB_SPACE_TOKEN_DELAY="0.15")
+    proc = warm_python.start([sys.executable, str(SPACE / "app.py")], env=env)
+    url = f"http://127.0.0.1:{port}/"
+    _wait_for_app(proc, port)
     time.sleep(1.0)
     yield url
     proc.terminate()
@@ -678,28 +689,11 @@ def test_ten_builds_of_two_transplants_keep_one_archive_on_disk_and_none_after_s
     port, tmp, gradio_tmp = _free_port(), tmp_path / "tmp", tmp_path / "gradio"
     tmp.mkdir()
     gradio_tmp.mkdir()
-    env = {
-        **os.environ,
-        "NOT_HUB_SPACE_RECIPIENT": str(assets / "recipient"),
-        "NOT_HUB_SPACE_ORGAN": str(assets / "organ"),
-        "NOT_HUB_SPACE_FOLDERS": str(assets),
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_TEMP_DIR": str(gradio_tmp),
-        "TMPDIR": str(tmp),  # the export folder's parent (a fresh process: tempfile reads it at first use)
-        "HF_HUB_OFFLINE": "1",
-        "NOT_HUB_SPACE_TOKEN_DELAY": "0",
-    }
+    # TMPDIR: the export folder's parent (a fresh process, not the zygote: tempfile reads it at first use)
+    env = _app_env(assets, port, GRADIO_TEMP_DIR=str(gradio_tmp), TMPDIR=str(tmp), NOT_HUB_SPACE_TOKEN_DELAY="0")
     proc = subprocess.Popen([sys.executable, str(SPACE / "app.py")], env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                time.sleep(0.5)
+        _wait_for_app(proc, port)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
         recipient, organ = str(assets / "recipient"), str(assets / "foreign-organ")
         for i in range(10):  # alternating two transplants: every build replaces the archive

@@ -13,6 +13,7 @@ from ..errors import InvalidArgumentError
 from ..evaluation import perplexity
 from ..extraction import excise, extract_organ
 from ..gguf_export import OUTTYPES, export_gguf, push_gguf
+from ..grafted import graft_organs
 from ..growth import grow_organ
 from ..organ_set import OrganSet
 from .common import (
@@ -91,10 +92,7 @@ def cmd_export(args) -> int:
         raise InvalidArgumentError(f"--out {args.out!r} is a folder; pass the .gguf file to write")
     organs = [organ_or_set_from(args, ref, args.revision) for ref in args.organ or []]
     model, tokenizer = load_model(args, args.model, args.recipient_revision)
-    if len(organs) > 1 and all(not isinstance(o, OrganSet) for o in organs):  # deepest first: positions stay valid
-        organs.sort(key=lambda o: -(o.config.default_transplant or {}).get("position", o.layer_range[0]))
-    for organ in organs:
-        organ.transplant_into(model)
+    graft_organs(model, organs)  # as load_grafted grafts them
     export_gguf(model, tokenizer, out, outtype=args.outtype)
     print(
         f"wrote {out} ({args.outtype}, {out.stat().st_size / 2**20:.1f} MB, {model.config.num_hidden_layers} layers)"

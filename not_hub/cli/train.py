@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from ..cards import PRECISION_WORDS
 from ..data import DocumentSplits, load_documents, make_blocks, split_documents, stream_blocks, stream_documents
 from ..errors import InvalidArgumentError
 from ..evaluation import add_evaluation_result, perplexity, position_sweep
@@ -316,7 +317,7 @@ def cmd_train(args) -> int:
 
 
 def _precision(mixed: str) -> str:
-    return {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(mixed, mixed)
+    return PRECISION_WORDS.get(mixed, mixed)
 
 
 def _train_set(args, organ_set: OrganSet) -> int:
